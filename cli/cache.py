@@ -1,0 +1,84 @@
+"""`kd cache build|info|verify`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Optional
+
+import typer
+
+from kd_cli.config import resolve
+
+app = typer.Typer(help="Build, describe and verify teacher caches.", no_args_is_help=True)
+
+
+@app.command()
+def build(
+    teacher: Optional[str] = typer.Option(None, help="Teacher model: local folder or hub id."),
+    data: Optional[str] = typer.Option(None, help="LLaVA-format .json/.jsonl/.parquet file or a saved `datasets` folder."),
+    images: Optional[str] = typer.Option(None, help="Root folder that image paths in the data are relative to."),
+    out: Optional[str] = typer.Option(None, help="Output cache folder (new, or a partial build of the same config to resume)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Top-k ids kept per response row. [default: 64]"),
+    visual_top_k: Optional[int] = typer.Option(None, "--visual-top-k", help="Top-k ids kept per visual row. [default: 64]"),
+    batch_size: Optional[int] = typer.Option(None, help="Samples per teacher forward. [default: 8]"),
+    max_length: Optional[int] = typer.Option(None, help="Max tokens per sample; responses are truncated, visual tokens never. [default: 4096]"),
+    max_images: Optional[int] = typer.Option(None, help="Max images per sample (default: 1 for LLaVA-1.5, else unlimited)."),
+    shard_size: Optional[int] = typer.Option(None, help="Samples per Parquet shard. [default: 1024]"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N. [default: this rank's GPU, else CPU]"),
+    dtype: Optional[str] = typer.Option(None, help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers preparing samples. [default: 0]"),
+    no_gram: Optional[bool] = typer.Option(None, "--no-gram", help="Do not store the visual Gram matrix (RDist target)."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision of the teacher."),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow the teacher's own code from the hub."),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML/JSON file of the same fields; flags override it."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Run the teacher once over a dataset and write a cache. Rerun the same command to resume after a crash;
+    run it under `torchrun`/`accelerate launch` to split the work across processes."""
+    from kd_cache.build import BuildConfig, build as run_build
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    flags = dict(teacher=teacher, data=data, images=images, out=out, top_k=top_k, visual_top_k=visual_top_k,
+                 batch_size=batch_size, max_length=max_length, max_images=max_images, shard_size=shard_size,
+                 device=device, dtype=dtype, num_workers=num_workers, revision=revision,
+                 trust_remote_code=trust_remote_code, gram=False if no_gram else None,
+                 progress=False if quiet else None)
+    try:
+        cfg = resolve(BuildConfig, config, flags)
+        manifest = run_build(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    if manifest is not None:
+        sk = manifest["skipped"]
+        typer.echo(f"cache complete: {manifest['num_samples']} samples in {len(manifest['shards'])} shards at {cfg.out}"
+                   f" ({sk['total']} skipped{': ' + json.dumps(sk['by_reason']) if sk['total'] else ''})")
+
+
+@app.command()
+def info(path: str = typer.Argument(..., help="Cache folder or URL."),
+         as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Samples, rows, bytes per text row / visual row / Gram, shards and skipped samples by reason."""
+    from kd_cache.verify import format_info, info as cache_info
+
+    try:
+        d = cache_info(path)
+    except (ValueError, FileNotFoundError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(d, indent=1) if as_json else format_info(d))
+
+
+@app.command()
+def verify(path: str = typer.Argument(..., help="Cache folder or URL."),
+           no_checksums: bool = typer.Option(False, "--no-checksums", help="Skip sha256 (faster on remote caches).")) -> None:
+    """Check checksums, schema, row counts and versions. Exits 1 naming every problem found."""
+    from kd_cache.verify import verify as cache_verify
+
+    problems = cache_verify(path, checksums=not no_checksums)
+    if problems:
+        for p in problems:
+            typer.secho(f"FAIL {p}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    typer.echo(f"OK {path}")

@@ -1,0 +1,285 @@
+"""`kd cache build`: run the teacher once over a dataset and write the cache (resumable, multi-process)."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kd_cache import format as fmt
+from kd_cache.data import Encoder, RecordSource, SkipSample, sample_id_of
+from kd_cache.manifest import done_path, try_finalize
+from kd_cache.writer import ShardWriter, atomic_write_text, journal_path, read_journal
+
+log = logging.getLogger("kd_cache")
+
+
+@dataclass
+class BuildConfig:
+    """Configuration of `kd cache build`. Fields marked `semantic` decide the cache's content."""
+
+    teacher: str
+    data: str
+    out: str
+    images: str | None = None
+    top_k: int = 64
+    visual_top_k: int = 64
+    max_length: int | None = 4096
+    max_images: int | None = None
+    shard_size: int = 1024
+    gram: bool = True
+    dtype: str = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    # not semantic: may change between a crash and its resume
+    batch_size: int = 8
+    device: str | None = None
+    num_workers: int = 0
+    compression_level: int = 3
+    progress: bool = True
+
+    NON_SEMANTIC = ("batch_size", "device", "num_workers", "progress", "out")
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "visual_top_k", "shard_size", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2 or None, got {self.max_length!r}")
+        if self.max_images is not None and self.max_images < 0:
+            raise ValueError(f"max_images must be >= 0 or None, got {self.max_images!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers!r}")
+        if not 1 <= self.compression_level <= 22:
+            raise ValueError(f"compression_level must be in 1..22, got {self.compression_level!r}")
+        if self.images is not None and not os.path.isdir(self.images):
+            raise ValueError(f"images must be an existing folder, got {self.images!r}")
+        if not self.out:
+            raise ValueError("out must be a folder path, got an empty string")
+
+    def semantic(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items() if k not in self.NON_SEMANTIC}
+
+
+def dist_env() -> tuple[int, int]:
+    """(rank, world_size) from torchrun / accelerate launch environment variables."""
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK must be in [0, WORLD_SIZE), got RANK={rank} WORLD_SIZE={world}")
+    return rank, world
+
+
+def _check_out_dir(cfg: BuildConfig, world_size: int) -> str:
+    """'new' | 'resume' | 'complete'. Refuses folders holding something else, before any work starts."""
+    out = cfg.out
+    if not os.path.exists(out) or not os.listdir(out):
+        return "new"
+    cfg_path = os.path.join(out, fmt.CONFIG_NAME)
+    if not os.path.exists(cfg_path):
+        raise ValueError(f"output folder {out} is not empty and holds no kd cache; choose an empty folder")
+    with open(cfg_path) as f:
+        saved = json.load(f)
+    want = {"format_version": fmt.FORMAT_VERSION, "world_size": world_size, **cfg.semantic()}
+    have = {k: saved.get(k) for k in want}
+    diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+    if diff:
+        lines = ", ".join(f"{k}: cache has {a!r}, this run asks {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"output folder {out} holds a cache built with a different configuration ({lines}); "
+                         "use another --out or the original settings")
+    return "complete" if os.path.exists(os.path.join(out, fmt.MANIFEST_NAME)) else "resume"
+
+
+def build(cfg: BuildConfig) -> dict | None:
+    """Build (or resume) the cache. Returns the manifest when this rank completed it, else None."""
+    from kd_cache.teacher import Teacher, load_processor_and_config, tokenizer_fingerprint, weights_fingerprint
+
+    t_start = time.time()
+    rank, world = dist_env()
+    # ---- everything that can be wrong with the arguments fails here, before the teacher is loaded
+    records = RecordSource(cfg.data)
+    state = _check_out_dir(cfg, world)
+    if state == "complete":
+        log.info("cache at %s is already complete", cfg.out)
+        with open(os.path.join(cfg.out, fmt.MANIFEST_NAME)) as f:
+            return json.load(f)
+    config, processor, multimodal = load_processor_and_config(
+        cfg.teacher, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    os.makedirs(os.path.join(cfg.out, fmt.PROGRESS_DIR), exist_ok=True)
+    os.makedirs(os.path.join(cfg.out, fmt.SHARD_DIR), exist_ok=True)
+    cfg_path = os.path.join(cfg.out, fmt.CONFIG_NAME)
+    if not os.path.exists(cfg_path):  # identical content from every rank, atomic: no race to guard
+        atomic_write_text(cfg_path, json.dumps(
+            {"format_version": fmt.FORMAT_VERSION, "world_size": world, **cfg.semantic()}, indent=1, sort_keys=True))
+
+    # ---- resume point: after the last shard recorded in this rank's journal
+    jpath = journal_path(cfg.out, rank, world)
+    entries = read_journal(jpath)
+    atomic_write_text(jpath, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))  # drop a torn tail
+    for tmp in glob.glob(os.path.join(cfg.out, fmt.SHARD_DIR, f"shard-r{rank:05d}-*.tmp")):
+        os.remove(tmp)
+    start = entries[-1]["end"] if entries else 0
+    n_local = len(range(rank, len(records), world))
+    if os.path.exists(done_path(cfg.out, rank, world)) and start >= n_local:
+        log.info("rank %d already finished; finalizing", rank)
+        return try_finalize(cfg.out, world, _header(cfg, config, processor, None, records, multimodal))
+    if start:
+        log.info("rank %d resuming at local sample %d of %d", rank, start, n_local)
+
+    t_load = time.perf_counter()
+    teacher = Teacher(cfg.teacher, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                      revision=cfg.revision)
+    load_seconds = time.perf_counter() - t_load
+    vocab = teacher.model.get_output_embeddings().weight.shape[0]
+    k_text, k_vis = min(cfg.top_k, vocab), min(cfg.visual_top_k, vocab)
+    teacher_id = weights_fingerprint(cfg.teacher, cfg.revision or getattr(config, "_commit_hash", None))
+    header = _header(cfg, config, processor, teacher_id, records, multimodal, k_text, k_vis, teacher.dtype, vocab)
+    max_images = cfg.max_images
+    if max_images is None and config.model_type == "llava":
+        max_images = 1  # LLaVA-1.5 was trained on one image per sample
+    encoder = Encoder(processor, teacher.image_token_id, image_root=cfg.images, max_length=cfg.max_length,
+                      max_images=max_images)
+
+    writer = ShardWriter(cfg.out, rank, world, start=start, shard_size=cfg.shard_size,
+                         teacher_fingerprint=header["teacher"]["fingerprint"], targets=header["targets"],
+                         compression_level=cfg.compression_level)
+    timings = {"load_seconds": round(load_seconds, 3), "prepare_seconds": 0.0, "teacher_seconds": 0.0,
+               "writer_wait_seconds": 0.0}
+    loader = _loader(records, encoder, rank, world, start, n_local, cfg)
+    bar = _progress(cfg.progress and rank == 0, n_local, start, rank)
+    done_samples = skipped_here = 0
+    try:
+        t_prep = time.perf_counter()
+        for chunk in loader:
+            timings["prepare_seconds"] += time.perf_counter() - t_prep
+            ok = [(pos * world + rank, enc) for pos, enc, _ in chunk if enc is not None]
+            t0 = time.perf_counter()
+            results = {}
+            if ok:
+                for r in teacher.targets(ok, top_k=k_text, visual_top_k=k_vis, with_gram=cfg.gram):
+                    results[r.sample_index] = r
+            timings["teacher_seconds"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for pos, enc, skip in chunk:
+                if skip is not None:
+                    skipped_here += 1
+                    log.warning("skipped sample %s (index %d): %s", skip["sample_id"], skip["index"],
+                                skip["reason"] + (f" ({skip['detail']})" if skip.get("detail") else ""))
+                    writer.add(pos, skip=skip)
+                else:
+                    writer.add(pos, result=results[pos * world + rank])
+            timings["writer_wait_seconds"] += time.perf_counter() - t0
+            done_samples += len(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+                bar.set_postfix(skipped=skipped_here)
+            t_prep = time.perf_counter()
+        t0 = time.perf_counter()
+        writer.close()
+        timings["writer_wait_seconds"] += time.perf_counter() - t0
+    finally:
+        if bar is not None:
+            bar.close()
+    wall = time.time() - t_start
+    timings = {k: round(v, 3) for k, v in timings.items()}
+    done = {"rank": rank, "samples_this_run": done_samples, "wall_seconds": round(wall, 3),
+            "samples_per_second": round(done_samples / wall, 3) if wall > 0 else None,
+            "writer_encode_seconds": round(writer.encode_seconds, 3), "device": str(teacher.device),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **timings}
+    atomic_write_text(done_path(cfg.out, rank, world), json.dumps(done, indent=1, sort_keys=True))
+    manifest = try_finalize(cfg.out, world, header)
+    if manifest is None:
+        log.info("rank %d finished; the last rank to finish writes the manifest", rank)
+    return manifest
+
+
+def _header(cfg: BuildConfig, config, processor, teacher_id, records, multimodal, k_text=None, k_vis=None,
+            dtype=None, vocab=None) -> dict:
+    """Manifest fields that describe the build (identical on every rank)."""
+    from kd_cache.teacher import tokenizer_fingerprint, weights_fingerprint
+
+    if teacher_id is None:
+        teacher_id = weights_fingerprint(cfg.teacher, cfg.revision or getattr(config, "_commit_hash", None))
+    teacher_id = dict(teacher_id)
+    teacher_id.setdefault("fingerprint", _fp(teacher_id))
+    teacher_id["model_type"] = config.model_type
+    teacher_id["multimodal"] = multimodal
+    if vocab is None:
+        text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+        vocab = text_cfg.vocab_size
+    k_text = k_text or min(cfg.top_k, vocab)
+    k_vis = k_vis or min(cfg.visual_top_k, vocab)
+    image_processor = getattr(processor, "image_processor", None)
+    return {
+        "teacher": teacher_id,
+        "backend": "transformers",
+        "vocab_size": vocab,
+        "tokenizer": tokenizer_fingerprint(processor),
+        "image_processor": image_processor.to_dict() if image_processor is not None else None,
+        "targets": {
+            "text": fmt.TargetSpec("topk", k_text).to_dict(),
+            "visual": fmt.TargetSpec("topk", k_vis).to_dict(),
+            "gram": {"enabled": cfg.gram, "encoding": fmt.GRAM_ENCODING},
+            "dtypes": {"input_ids": "int32", "positions": "int32", "topk_ids": "int32",
+                       "topk_logprobs": f"uint16 codes, step 1/{int(fmt.LOGPROB_SCALE)} nat",
+                       "tail_logprob": "float32", "logsumexp": "float32", "gram": "float32"},
+            "logprob_max_abs_error": fmt.LOGPROB_MAX_ABS_ERROR,
+            "teacher_dtype": str(dtype or cfg.dtype).replace("torch.", ""),
+        },
+        "data": {"source": records.description, "fingerprint": records.fingerprint,
+                 "images": os.path.abspath(cfg.images) if cfg.images else None, "num_records": len(records)},
+        "config": cfg.semantic(),
+    }
+
+
+def _fp(d: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps({k: d.get(k) for k in ("id", "revision", "weights_sha256")},
+                                     sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Prepared(torch.utils.data.Dataset):
+    """Local position -> (position, EncodedSample | None, skip | None). Runs in DataLoader workers."""
+
+    def __init__(self, records: RecordSource, encoder: Encoder, rank: int, world: int, start: int, stop: int):
+        self.records, self.encoder, self.rank, self.world = records, encoder, rank, world
+        self.start, self.stop = start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int):
+        pos = self.start + i
+        index = pos * self.world + self.rank
+        sid = f"#{index}"
+        try:
+            record = self.records[index]
+            sid = sample_id_of(record, index)
+            return pos, self.encoder.encode(record, index), None
+        except SkipSample as e:
+            return pos, None, {"index": index, "sample_id": sid, "reason": e.reason, "detail": e.detail[:300]}
+
+
+def _loader(records, encoder, rank, world, start, n_local, cfg: BuildConfig):
+    ds = _Prepared(records, encoder, rank, world, start, n_local)
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
+                                       collate_fn=list, prefetch_factor=4 if cfg.num_workers else None,
+                                       persistent_workers=False)
+
+
+def _progress(enabled: bool, total: int, initial: int, rank: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="sample", desc="kd cache build", dynamic_ncols=True)

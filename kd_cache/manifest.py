@@ -1,0 +1,97 @@
+"""The manifest: merged from every rank's progress journal, written last. Its presence means complete."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from typing import Any
+
+from kd_cache import format as fmt
+from kd_cache.writer import atomic_write_text, journal_path, read_journal
+
+
+def done_path(out_dir: str, rank: int, world_size: int) -> str:
+    return os.path.join(out_dir, fmt.PROGRESS_DIR, f"rank-{rank:05d}-of-{world_size:05d}.done.json")
+
+
+def try_finalize(out_dir: str, world_size: int, header: dict) -> dict | None:
+    """Write the manifest if every rank is done; return it, or None while some rank is still running.
+
+    Every finishing rank calls this; the content is a pure function of the journals, so two ranks finishing
+    at once write the same bytes through an atomic rename and no lock is needed.
+    """
+    dones = []
+    for r in range(world_size):
+        p = done_path(out_dir, r, world_size)
+        if not os.path.exists(p):
+            return None
+        with open(p) as f:
+            dones.append(json.load(f))
+    shards, skipped = [], []
+    totals = Counter()
+    for r in range(world_size):
+        entries = read_journal(journal_path(out_dir, r, world_size))
+        for e in entries:
+            skipped.extend(e["skipped"])
+            if e["shard"] is None:
+                continue
+            if not os.path.exists(os.path.join(out_dir, e["shard"])):
+                raise RuntimeError(f"rank {r} recorded shard {e['shard']} but the file is missing; rerun the build")
+            shards.append({k: e[k] for k in ("rows", "bytes", "sha256", "text_rows", "visual_rows", "gram_samples")}
+                          | {"name": e["shard"], "rank": r})
+            for k in ("rows", "text_rows", "visual_rows", "gram_samples", "bytes"):
+                totals[k] += e[k]
+    skipped.sort(key=lambda s: s["index"])
+    manifest: dict[str, Any] = {
+        "format_version": fmt.FORMAT_VERSION,
+        **header,
+        "num_samples": totals["rows"],
+        "num_text_rows": totals["text_rows"],
+        "num_visual_rows": totals["visual_rows"],
+        "num_gram_samples": totals["gram_samples"],
+        "total_bytes": totals["bytes"],
+        "shards": shards,
+        "skipped": {"total": len(skipped), "by_reason": dict(sorted(Counter(s["reason"] for s in skipped).items())),
+                    "samples": skipped},
+        "build": {
+            "world_size": world_size,
+            "ranks": dones,
+            "wall_seconds": max(d["wall_seconds"] for d in dones),
+            "finished_at": max(d["finished_at"] for d in dones),
+        },
+    }
+    atomic_write_text(os.path.join(out_dir, fmt.CARD_NAME), dataset_card(manifest))
+    atomic_write_text(os.path.join(out_dir, fmt.MANIFEST_NAME), json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+def dataset_card(m: dict) -> str:
+    """A Hugging Face dataset card, so the folder can be published as it is."""
+    t = m["teacher"]
+    return f"""---
+license: other
+tags: [knowledge-distillation, kd-cache, llava-kd]
+configs:
+- config_name: default
+  data_files: "{fmt.SHARD_DIR}/*.parquet"
+---
+# kd teacher cache: {t['id']}
+
+Offline LLaVA-KD targets written by `kd cache build` (cache format v{m['format_version']}, see
+`docs/cache-format.md` in the kd repository). One Parquet row per sample: the teacher's `input_ids`,
+top-k log-probs, tail mass and logsumexp at the response rows (k={m['targets']['text']['k']}) and at the
+visual rows (k={m['targets']['visual']['k']}), and the Gram matrix R = Z Zᵀ of the raw logits at the
+visual rows.
+
+| | |
+|---|---|
+| teacher | `{t['id']}` (revision `{t.get('revision')}`) |
+| samples | {m['num_samples']} ({m['skipped']['total']} skipped) |
+| text rows | {m['num_text_rows']} |
+| visual rows | {m['num_visual_rows']} |
+| shards | {len(m['shards'])} ({m['total_bytes']} bytes) |
+
+Read it with `kd_cache.open_cache(path_or_url)`, or as plain Parquet (pandas, duckdb, `datasets`).
+`manifest.json` lists every shard with its sha256; `kd cache verify` checks them.
+"""

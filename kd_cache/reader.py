@@ -1,0 +1,141 @@
+"""Public reader API: `open_cache(path_or_url)`.
+
+Reads local folders or any fsspec URL (http://, s3://, ...). Samples are decoded one Parquet row group at
+a time, so memory is bounded by the row-group size, never by the shard or the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from kd_cache import format as fmt
+
+
+def _fs_and_root(path_or_url: str):
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(path_or_url))
+    return fs, root.rstrip("/")
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a sample sits in the cache: the resume state a trainer saves."""
+
+    shard: int
+    row_group: int
+    offset: int
+
+
+class Cache:
+    """A complete cache (its manifest exists). `len()` is the number of cached samples."""
+
+    def __init__(self, path_or_url: str):
+        self.url = str(path_or_url)
+        self.fs, self.root = _fs_and_root(self.url)
+        manifest_path = f"{self.root}/{fmt.MANIFEST_NAME}"
+        if not self.fs.exists(manifest_path):
+            raise FileNotFoundError(
+                f"{self.url} is not a complete kd cache: {fmt.MANIFEST_NAME} is missing "
+                "(the build may still be running or was interrupted; rerun `kd cache build` to finish it)"
+            )
+        with self.fs.open(manifest_path, "rb") as f:
+            self.manifest: dict = json.load(f)
+        fmt.check_version(self.manifest.get("format_version"), f"{self.url}/{fmt.MANIFEST_NAME}")
+        targets = self.manifest["targets"]
+        self.text_spec = fmt.TargetSpec.from_dict(targets["text"])
+        self.visual_spec = fmt.TargetSpec.from_dict(targets["visual"])
+        for name, spec in (("text", self.text_spec), ("visual", self.visual_spec)):
+            if spec.kind not in fmt.KNOWN_TARGET_KINDS:
+                raise ValueError(
+                    f"{self.url}: {name} target kind {spec.kind!r} is not known to this kd "
+                    f"(known: {list(fmt.KNOWN_TARGET_KINDS)}); upgrade kd"
+                )
+        self.shards: list[dict] = self.manifest["shards"]
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_samples"])
+
+    def __iter__(self) -> Iterator[dict]:
+        for _, sample in self.iter_with_positions():
+            yield sample
+
+    def __repr__(self) -> str:
+        return f"Cache({self.url!r}, samples={len(self)}, shards={len(self.shards)})"
+
+    def shard_url(self, i: int) -> str:
+        return f"{self.root}/{self.shards[i]['name']}"
+
+    @contextlib.contextmanager
+    def open_shard(self, i: int) -> Iterator[pq.ParquetFile]:
+        """The shard as a ParquetFile over a (range-reading) file handle, closed on exit."""
+        with self.fs.open(self.shard_url(i), "rb") as fh:
+            yield pq.ParquetFile(fh)
+
+    def iter_with_positions(self, start: Position | None = None,
+                            shards: list[int] | None = None) -> Iterator[tuple[Position, dict]]:
+        """Yield (position, sample) from `start` on, over `shards` (default all, in manifest order)."""
+        order = list(range(len(self.shards))) if shards is None else list(shards)
+        for si in order:
+            if start is not None and si < start.shard:
+                continue
+            with self.open_shard(si) as pf:
+                for rg in range(pf.num_row_groups):
+                    if start is not None and (si, rg) < (start.shard, start.row_group):
+                        continue
+                    table = pf.read_row_group(rg)
+                    first = start.offset if start is not None and (si, rg) == (start.shard, start.row_group) else 0
+                    for off in range(first, table.num_rows):
+                        yield Position(si, rg, off), self.decode(_row(table, off))
+
+    def decode(self, row: dict[str, Any]) -> dict:
+        """One stored row -> the documented sample dict of numpy arrays (dequantized)."""
+        kt, kv = self.text_spec.k, self.visual_spec.k
+        tpos = np.asarray(row["text_positions"], dtype=np.int64)
+        vpos = np.asarray(row["visual_positions"], dtype=np.int64)
+        nt, nv = len(tpos), len(vpos)
+        gram_flat = np.asarray(row["gram"], dtype=np.float32)
+        return {
+            "sample_id": row["sample_id"],
+            "sample_index": int(row["sample_index"]),
+            "input_ids": np.asarray(row["input_ids"], dtype=np.int64),
+            "text_positions": tpos,
+            "visual_positions": vpos,
+            "text_topk_ids": np.asarray(row["text_topk_ids"], dtype=np.int64).reshape(nt, kt),
+            "text_topk_logprobs": fmt.decode_logprobs(np.asarray(row["text_topk_logprobs"])).reshape(nt, kt),
+            "text_tail_logprob": np.asarray(row["text_tail_logprob"], dtype=np.float32),
+            "text_logsumexp": np.asarray(row["text_logsumexp"], dtype=np.float32),
+            "visual_topk_ids": np.asarray(row["visual_topk_ids"], dtype=np.int64).reshape(nv, kv),
+            "visual_topk_logprobs": fmt.decode_logprobs(np.asarray(row["visual_topk_logprobs"])).reshape(nv, kv),
+            "visual_tail_logprob": np.asarray(row["visual_tail_logprob"], dtype=np.float32),
+            "visual_logsumexp": np.asarray(row["visual_logsumexp"], dtype=np.float32),
+            "gram": fmt.gram_from_upper(gram_flat, nv) if nv else np.zeros((0, 0), np.float32),
+        }
+
+
+def _row(table, i: int) -> dict:
+    """Row i of an Arrow table as numpy-backed values (no per-element Python objects for list columns)."""
+    out = {}
+    for name in table.column_names:
+        col = table.column(name)
+        if col.num_chunks != 1:
+            col = col.combine_chunks()
+        else:
+            col = col.chunk(0)
+        if hasattr(col, "value_offsets"):  # list column
+            start, end = col.offsets[i].as_py(), col.offsets[i + 1].as_py()
+            out[name] = col.values.slice(start, end - start).to_numpy(zero_copy_only=False)
+        else:
+            out[name] = col[i].as_py()
+    return out
+
+
+def open_cache(path_or_url: str) -> Cache:
+    """Open a complete kd cache from a folder or an fsspec URL. See docs/cache-format.md."""
+    return Cache(path_or_url)

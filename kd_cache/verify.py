@@ -1,0 +1,140 @@
+"""`kd cache info` and `kd cache verify`: describe a cache and check it byte for byte."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+
+import pyarrow.parquet as pq
+
+from kd_cache import format as fmt
+from kd_cache.reader import _fs_and_root
+
+
+def _load_manifest(fs, root: str) -> dict:
+    path = f"{root}/{fmt.MANIFEST_NAME}"
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{root}: no {fmt.MANIFEST_NAME}; the cache is incomplete or this is not a kd cache")
+    with fs.open(path, "rb") as f:
+        m = json.load(f)
+    fmt.check_version(m.get("format_version"), path)
+    return m
+
+
+def info(path_or_url: str) -> dict:
+    """Sizes and counts of a cache, with bytes per text row, per visual row and per Gram from Parquet metadata."""
+    fs, root = _fs_and_root(path_or_url)
+    m = _load_manifest(fs, root)
+    groups = {**{c: "common" for c in fmt.COMMON_COLUMNS}, **{c: "text" for c in fmt.TEXT_COLUMNS},
+              **{c: "visual" for c in fmt.VISUAL_COLUMNS}, **{c: "gram" for c in fmt.GRAM_COLUMNS}}
+    col_bytes: dict[str, int] = defaultdict(int)
+    shards = []
+    for s in m["shards"]:
+        with fs.open(f"{root}/{s['name']}", "rb") as f:
+            md = pq.ParquetFile(f).metadata
+        for rg in range(md.num_row_groups):
+            g = md.row_group(rg)
+            for c in range(g.num_columns):
+                col = g.column(c)
+                col_bytes[col.path_in_schema.split(".")[0]] += col.total_compressed_size
+        shards.append({"name": s["name"], "rows": s["rows"], "bytes": s["bytes"], "row_groups": md.num_row_groups})
+    by_group: dict[str, int] = defaultdict(int)
+    for c, b in col_bytes.items():
+        by_group[groups.get(c, "other")] += b
+
+    def per(n_bytes: int, n: int):
+        return round(n_bytes / n, 2) if n else None
+
+    return {
+        "path": str(path_or_url),
+        "format_version": m["format_version"],
+        "teacher": m["teacher"]["id"],
+        "backend": m.get("backend"),
+        "samples": m["num_samples"],
+        "text_rows": m["num_text_rows"],
+        "visual_rows": m["num_visual_rows"],
+        "gram_samples": m["num_gram_samples"],
+        "k": {"text": m["targets"]["text"]["k"], "visual": m["targets"]["visual"]["k"]},
+        "total_bytes": m["total_bytes"],
+        "bytes_per_text_row": per(by_group["text"], m["num_text_rows"]),
+        "bytes_per_visual_row": per(by_group["visual"], m["num_visual_rows"]),
+        "bytes_per_gram": per(by_group["gram"], m["num_gram_samples"]),
+        "bytes_per_sample_common": per(by_group["common"], m["num_samples"]),
+        "column_bytes": dict(sorted(col_bytes.items())),
+        "shards": shards,
+        "skipped": {"total": m["skipped"]["total"], "by_reason": m["skipped"]["by_reason"]},
+        "build": {k: m["build"].get(k) for k in ("world_size", "wall_seconds", "finished_at")},
+    }
+
+
+def format_info(d: dict) -> str:
+    """Human-readable `kd cache info`."""
+    def fmt_b(x):
+        return "n/a" if x is None else f"{x:,.1f} B"
+
+    lines = [
+        f"cache        {d['path']}  (format v{d['format_version']}, {d['backend']} backend)",
+        f"teacher      {d['teacher']}",
+        f"samples      {d['samples']:,}   shards {len(d['shards'])}   total {d['total_bytes']:,} bytes",
+        f"rows         text {d['text_rows']:,} (k={d['k']['text']})   visual {d['visual_rows']:,} "
+        f"(k={d['k']['visual']})   grams {d['gram_samples']:,}",
+        f"bytes/row    text {fmt_b(d['bytes_per_text_row'])}   visual {fmt_b(d['bytes_per_visual_row'])}   "
+        f"gram {fmt_b(d['bytes_per_gram'])} per sample   common {fmt_b(d['bytes_per_sample_common'])} per sample",
+        f"skipped      {d['skipped']['total']}" + "".join(f"\n  {r:<28} {n}" for r, n in d["skipped"]["by_reason"].items()),
+        "shards:",
+    ]
+    lines += [f"  {s['name']:<48} {s['rows']:>7} rows {s['bytes']:>12,} B  {s['row_groups']} row groups"
+              for s in d["shards"]]
+    return "\n".join(lines)
+
+
+def verify(path_or_url: str, *, checksums: bool = True) -> list[str]:
+    """Every problem found, as messages naming the shard; an empty list means the cache is intact."""
+    fs, root = _fs_and_root(path_or_url)
+    try:
+        m = _load_manifest(fs, root)
+    except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
+        return [str(e)]
+    problems = []
+    expected_schema = fmt.schema()
+    total = 0
+    for s in m["shards"]:
+        name = s["name"]
+        path = f"{root}/{name}"
+        if not fs.exists(path):
+            problems.append(f"{name}: missing")
+            continue
+        size = fs.size(path)
+        if size != s["bytes"]:
+            problems.append(f"{name}: size {size} bytes, manifest says {s['bytes']} (truncated or replaced)")
+        if checksums:
+            h = hashlib.sha256()
+            with fs.open(path, "rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
+            if h.hexdigest() != s["sha256"]:
+                problems.append(f"{name}: sha256 mismatch (content changed since the build)")
+        try:
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                schema = pf.schema_arrow
+                rows = pf.metadata.num_rows
+                kv = pf.metadata.metadata or {}
+        except Exception as e:  # noqa: BLE001 - any parse failure is a finding, not a crash
+            problems.append(f"{name}: not a readable Parquet file ({type(e).__name__}: {e})")
+            continue
+        if not schema.remove_metadata().equals(expected_schema):
+            problems.append(f"{name}: schema differs from format v{fmt.FORMAT_VERSION}")
+        if rows != s["rows"]:
+            problems.append(f"{name}: {rows} rows, manifest says {s['rows']}")
+        version = kv.get(b"kd.format_version", b"").decode() or None
+        if version != str(m["format_version"]):
+            problems.append(f"{name}: format version {version!r} in the shard, manifest says {m['format_version']}")
+        fp = kv.get(b"kd.teacher_fingerprint", b"").decode()
+        if fp != m["teacher"]["fingerprint"]:
+            problems.append(f"{name}: teacher fingerprint {fp!r} differs from the manifest's")
+        total += rows
+    if total != m["num_samples"] and not any("missing" in p for p in problems):
+        problems.append(f"shards hold {total} samples, manifest says {m['num_samples']}")
+    return problems

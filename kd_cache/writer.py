@@ -1,0 +1,253 @@
+"""Shard writer: encodes targets and writes zstd Parquet shards in a background thread.
+
+A shard is written to `<name>.tmp`, fsynced and renamed, and only then recorded in this rank's progress
+journal, so a crash at any point leaves either a complete, recorded shard or nothing that counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kd_cache import format as fmt
+from kd_cache.teacher import SampleTargets
+
+
+def _list_array(chunks: list[np.ndarray], dtype: pa.DataType) -> pa.ListArray:
+    """Arrow list column from per-sample 1-D arrays without a Python loop over elements."""
+    lengths = np.fromiter((len(c) for c in chunks), dtype=np.int64, count=len(chunks))
+    offsets = np.zeros(len(chunks) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(chunks) if chunks else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, type=dtype))
+
+
+def encode_table(samples: list[SampleTargets]) -> pa.Table:
+    """Samples -> one Arrow table in the v1 schema (log-probs quantized, Gram stored as its upper triangle)."""
+    cols: dict[str, Any] = {
+        "sample_id": pa.array([s.sample_id for s in samples], pa.string()),
+        "sample_index": pa.array([s.sample_index for s in samples], pa.int64()),
+        "input_ids": _list_array([s.input_ids.astype(np.int32) for s in samples], pa.int32()),
+    }
+    for prefix, pos_attr in (("text", "text_positions"), ("visual", "visual_positions")):
+        t = [getattr(s, prefix) for s in samples]
+        cols[f"{prefix}_positions"] = _list_array([getattr(s, pos_attr).astype(np.int32) for s in samples], pa.int32())
+        cols[f"{prefix}_topk_ids"] = _list_array([d["topk_ids"].astype(np.int32).ravel() for d in t], pa.int32())
+        cols[f"{prefix}_topk_logprobs"] = _list_array(
+            [fmt.encode_logprobs(d["topk_logprobs"]).ravel() for d in t], pa.uint16()
+        )
+        cols[f"{prefix}_tail_logprob"] = _list_array([d["tail_logprob"].astype(np.float32) for d in t], pa.float32())
+        cols[f"{prefix}_logsumexp"] = _list_array([d["logsumexp"].astype(np.float32) for d in t], pa.float32())
+    cols["gram"] = _list_array(
+        [fmt.gram_to_upper(s.gram) if s.gram is not None else np.zeros(0, np.float32) for s in samples], pa.float32()
+    )
+    return pa.table(cols, schema=fmt.schema())
+
+
+def _sample_bytes_estimate(s: SampleTargets) -> int:
+    n = s.input_ids.nbytes + s.text["topk_ids"].nbytes + s.visual["topk_ids"].nbytes
+    return n + (s.gram.nbytes // 2 if s.gram is not None else 0)
+
+
+def sha256_of(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+@dataclass
+class _Pending:
+    """A shard being filled: the local positions it covers, its samples and the skips among them."""
+
+    start: int
+    end: int = -1
+    samples: list[SampleTargets] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.end < 0:
+            self.end = self.start
+
+
+class ShardWriter:
+    """Collects results in local order and writes shards of `shard_size` positions from a background thread.
+
+    A shard covers a contiguous range of this rank's sample sequence (skipped samples included), so a resumed
+    build restarts exactly after the last recorded range.
+    """
+
+    def __init__(self, out_dir: str, rank: int, world_size: int, *, start: int, shard_size: int,
+                 teacher_fingerprint: str, targets: dict, row_group_bytes: int = 32 << 20,
+                 compression_level: int = 3, max_queue: int = 4):
+        self.out_dir = out_dir
+        self.rank, self.world_size = rank, world_size
+        self.shard_size = shard_size
+        self.row_group_bytes = row_group_bytes
+        self.compression_level = compression_level
+        self.metadata = fmt.shard_metadata(teacher_fingerprint, targets)
+        self.journal_path = journal_path(out_dir, rank, world_size)
+        os.makedirs(os.path.join(out_dir, fmt.SHARD_DIR), exist_ok=True)
+        self._pending = _Pending(start=start)
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._error: BaseException | None = None
+        self.encode_seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name=f"kd-shard-writer-{rank}", daemon=True)
+        self._thread.start()
+
+    # ---- called from the main thread
+    def add(self, local_pos: int, result: SampleTargets | None = None, skip: dict | None = None) -> None:
+        """Record local position `local_pos` (which must be the next one) as a result or a skip."""
+        self._raise_if_failed()
+        p = self._pending
+        if local_pos != p.end:
+            raise RuntimeError(f"shard writer got local position {local_pos}, expected {p.end}")
+        if result is not None:
+            p.samples.append(result)
+        if skip is not None:
+            p.skipped.append(skip)
+        p.end += 1
+        if p.end - p.start >= self.shard_size:
+            self._submit()
+
+    def close(self) -> None:
+        """Flush the last partial shard and wait until everything is on disk."""
+        if self._pending.end > self._pending.start:
+            self._submit()
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def _submit(self) -> None:
+        p = self._pending
+        self._pending = _Pending(start=p.end)
+        while True:  # put with a timeout so a dead writer thread surfaces instead of blocking forever
+            self._raise_if_failed()
+            try:
+                self._queue.put(p, timeout=1.0)
+                return
+            except queue.Full:
+                continue
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"shard writer failed: {self._error}") from self._error
+
+    # ---- background thread
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue
+            try:
+                self._write(item)
+            except BaseException as e:  # noqa: BLE001 - surfaced on the main thread
+                self._error = e
+
+    def _write(self, p: _Pending) -> None:
+        t0 = time.perf_counter()
+        entry: dict[str, Any] = {"start": p.start, "end": p.end, "skipped": p.skipped, "shard": None}
+        if p.samples:
+            name = shard_name(self.rank, self.world_size, p.start // self.shard_size)
+            rel = f"{fmt.SHARD_DIR}/{name}"
+            path = os.path.join(self.out_dir, rel)
+            tmp = path + ".tmp"
+            writer = pq.ParquetWriter(tmp, fmt.schema(), **fmt.parquet_write_options(self.compression_level))
+            try:
+                group: list[SampleTargets] = []
+                size = 0
+                for s in p.samples:
+                    group.append(s)
+                    size += _sample_bytes_estimate(s)
+                    if size >= self.row_group_bytes:
+                        writer.write_table(encode_table(group), row_group_size=len(group))
+                        group, size = [], 0
+                if group:
+                    writer.write_table(encode_table(group), row_group_size=len(group))
+                writer.add_key_value_metadata(self.metadata)
+            finally:
+                writer.close()
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fsync_dir(os.path.dirname(path))
+            entry.update(
+                shard=rel,
+                rows=len(p.samples),
+                bytes=os.path.getsize(path),
+                sha256=sha256_of(path),
+                text_rows=int(sum(len(s.text_positions) for s in p.samples)),
+                visual_rows=int(sum(len(s.visual_positions) for s in p.samples)),
+                gram_samples=int(sum(s.gram is not None for s in p.samples)),
+            )
+        self.encode_seconds += time.perf_counter() - t0
+        entry["write_seconds"] = round(time.perf_counter() - t0, 4)
+        with open(self.journal_path, "a") as f:
+            f.write(json.dumps(entry, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def shard_name(rank: int, world_size: int, index: int) -> str:
+    return f"shard-r{rank:05d}-of-{world_size:05d}-{index:06d}.parquet"
+
+
+def journal_path(out_dir: str, rank: int, world_size: int) -> str:
+    return os.path.join(out_dir, fmt.PROGRESS_DIR, f"rank-{rank:05d}-of-{world_size:05d}.jsonl")
+
+
+def read_journal(path: str) -> list[dict]:
+    """Entries of a progress journal; a torn last line (crash mid-append) is ignored."""
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    # keep only the contiguous prefix: entries must chain start -> end
+    chained, pos = [], out[0]["start"] if out else 0
+    for e in out:
+        if e["start"] != pos:
+            break
+        chained.append(e)
+        pos = e["end"]
+    return chained
