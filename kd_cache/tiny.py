@@ -73,6 +73,21 @@ _GENERAL_TEXT = (
     "A triangle has three sides, a square has four sides and a circle has none.",
     "Mixing red and blue gives purple; mixing red and yellow gives orange.",
 )
+_COMMON_WORDS = (
+    "the of and to in is you that it he was for on are as with his they at be this have from or one "
+    "had by word but not what all were we when your can said there use an each which she do how their "
+    "if will up other about out many then them these so some her would make like him into time has look "
+    "two more write go see number no way could people my than first water been call who oil its now find "
+    "long down day did get come made may part over new sound take only little work know place year live "
+    "me back give most very after thing our just name good sentence man think say great where help through "
+    "much before line right too mean old any same tell boy follow came want show also around form three "
+    "small set put end does another well large must big even such because turn here why ask went men read "
+    "need land different home us move try kind hand picture again change off play spell air away animal "
+    "house point page letter mother answer found study still learn should world high every near add food "
+    "between own below country plant last school father keep tree never start city earth eye light thought "
+    "head under story saw left right few while along might close something seem next hard open example begin "
+    "life always those both paper together got group often run important until children side feet car mile"
+)
 _TEXT_ONLY_QA = (
     ("How many sides does a triangle have?", "three"),
     ("How many sides does a square have?", "four"),
@@ -82,7 +97,9 @@ _TEXT_ONLY_QA = (
 
 
 def _position_phrase(position: str) -> str:
-    return "in the centre" if position == "centre" else f"on the {position}"
+    if position == "centre":
+        return "in the centre"
+    return f"{'on' if position in ('left', 'right') else 'at'} the {position}"
 
 
 def _caption(size: str, colour: str, shape: str, position: str) -> str:
@@ -106,6 +123,9 @@ def _corpus() -> list[str]:
     lines += [f"{q} {a}" for q, a in _TEXT_ONLY_QA]
     lines += ["Describe the image briefly.", "Is the shape large or small?", "Where is the shape?"]
     lines += ["user", "assistant", "system"]
+    words = _COMMON_WORDS.split()
+    lines += [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
+    lines += [" ".join(f"{i} {i * 7 % 100}" for i in range(j, j + 10)) for j in range(0, 100, 10)]
     return lines
 
 
@@ -153,9 +173,12 @@ def train_tiny_tokenizer(
 ) -> transformers.PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on a built-in corpus (deterministic, offline).
 
-    Byte-level BPE means any text round-trips, like the real Qwen2 tokenizer. The image
-    placeholder in the chat template is inferred from ``extra_special_tokens``: ``<|image_pad|>``
-    selects the Qwen2-VL form, ``<image>`` the LLaVA form, neither makes image items an error.
+    Byte-level BPE means any text round-trips, like the real Qwen2 tokenizer. Special tokens get
+    the first ids (``<|endoftext|>`` 0, ``<|im_start|>`` 1, ``<|im_end|>`` 2, then the extras in
+    order); ``vocab_size`` is an upper bound that the built-in corpus reaches at the default.
+    The image placeholder in the chat template is inferred from ``extra_special_tokens``:
+    ``<|image_pad|>`` selects the Qwen2-VL form, ``<image>`` the LLaVA form, neither makes image
+    items an error.
     """
     base_special = [ENDOFTEXT, IM_START, IM_END]
     special = base_special + [t for t in dict.fromkeys(extra_special_tokens) if t not in base_special]
@@ -225,7 +248,9 @@ def _text_kwargs(tokenizer: transformers.PreTrainedTokenizerBase, hidden_size: i
     )
 
 
-def _siglip_config(hidden_size: int, num_layers: int, image_size: int, patch_size: int) -> transformers.PretrainedConfig:
+def _siglip_config(
+    hidden_size: int, num_layers: int, image_size: int, patch_size: int
+) -> transformers.PreTrainedConfig:
     return transformers.SiglipVisionConfig(
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -256,8 +281,9 @@ def make_tiny_teacher(
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    if hidden_size <= 0 or hidden_size % 4:
-        raise ValueError(f"hidden_size must be a positive multiple of 4, got {hidden_size}")
+    if hidden_size <= 0 or hidden_size % 8:
+        # 2 heads, and Qwen2-VL's 2D vision rotary embedding splits each head dim in quarters.
+        raise ValueError(f"hidden_size must be a positive multiple of 8, got {hidden_size}")
     if num_layers <= 0:
         raise ValueError(f"num_layers must be positive, got {num_layers}")
     if patch_size <= 0 or image_size <= 0 or image_size % patch_size:
@@ -377,3 +403,99 @@ def make_tiny_teacher(
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def _draw_shape(
+    size_px: int, background: str, colour: str, shape: str, position: str, size: str, rng: random.Random
+) -> Image.Image:
+    img = Image.new("RGB", (size_px, size_px), _BACKGROUNDS[background])
+    half = size_px * (0.12 if size == "small" else 0.22)
+    cx, cy = {
+        "left": (0.27, 0.5),
+        "right": (0.73, 0.5),
+        "top": (0.5, 0.27),
+        "bottom": (0.5, 0.73),
+        "centre": (0.5, 0.5),
+    }[position]
+    jitter = size_px / 24
+    cx = cx * size_px + rng.uniform(-jitter, jitter)
+    cy = cy * size_px + rng.uniform(-jitter, jitter)
+    box = (cx - half, cy - half, cx + half, cy + half)
+    draw = ImageDraw.Draw(img)
+    fill = _COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
+    return img
+
+
+def make_tiny_dataset(
+    out_dir: str | Path,
+    n: int = 16,
+    *,
+    seed: int = 0,
+    image_size: int = 48,
+    kind: str = "instruct",
+) -> tuple[Path, Path]:
+    """Write a LLaVA-format JSON file plus PNG images of coloured shapes; returns (json, image_dir).
+
+    Answers are exact functions of the drawn attributes, so a model trained on it can in principle
+    learn them. ``kind="instruct"`` deliberately includes the awkward cases real LLaVA mixes
+    contain: text-only samples (no ``"image"`` key, indices ``i % 8 == 3``) and one sample
+    (index 1) that has an image but no ``<image>`` placeholder in its human turn.
+    ``"image"`` paths are relative to ``image_dir``. Output depends only on the arguments.
+    """
+    if kind not in ("instruct", "caption"):
+        raise ValueError(f"kind must be 'instruct' or 'caption', got {kind!r}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if image_size < 16:
+        raise ValueError(f"image_size must be >= 16, got {image_size}")
+
+    out = Path(out_dir)
+    image_dir = out / "images"
+    (image_dir / kind).mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    records: list[dict] = []
+    for i in range(n):
+        sample_id = f"{kind}-{i:05d}"
+        if kind == "instruct" and i % 8 == 3:
+            qa = rng.sample(_TEXT_ONLY_QA, k=rng.randint(1, 2))
+            turns = [t for q, a in qa for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
+            records.append({"id": sample_id, "conversations": turns})
+            continue
+
+        colour = rng.choice(list(_COLOURS))
+        background = rng.choice(list(_BACKGROUNDS))
+        shape = rng.choice(_SHAPES)
+        position = rng.choice(_POSITIONS)
+        size = rng.choice(_SIZES)
+        rel_path = f"{kind}/{i:05d}.png"
+        _draw_shape(image_size, background, colour, shape, position, size, rng).save(image_dir / rel_path)
+
+        caption = _caption(size, colour, shape, position)
+        if kind == "caption":
+            qa = [("Describe the image briefly.", caption)]
+        else:
+            pool = [
+                ("What colour is the shape?", colour),
+                ("What shape is in the image?", f"a {shape}"),
+                ("Where is the shape?", _position_phrase(position)),
+                ("Is the shape large or small?", size),
+                ("What colour is the background?", background),
+                ("Describe the image briefly.", caption),
+            ]
+            qa = rng.sample(pool, k=rng.randint(1, 3))
+        turns = []
+        for j, (q, a) in enumerate(qa):
+            with_placeholder = j == 0 and not (kind == "instruct" and i == 1)
+            turns.append({"from": "human", "value": f"<image>\n{q}" if with_placeholder else q})
+            turns.append({"from": "gpt", "value": a})
+        records.append({"id": sample_id, "image": rel_path, "conversations": turns})
+
+    json_path = out / f"{kind}.json"
+    json_path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+    return json_path, image_dir

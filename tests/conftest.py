@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny teachers built from config (no hub), tiny LLaVA-format datasets, built caches."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from transformers.utils import is_torchvision_available
+
+# transformers' LLaVA-OneVision and Qwen2-VL processors need torchvision (a video processor). The CPU torch wheel
+# has no matching torchvision, so scripts/test.sh runs these tests again in a second venv that has one.
+needs_torchvision = [
+    pytest.mark.vision,
+    pytest.mark.skipif(not is_torchvision_available(), reason="needs torchvision (run by scripts/test.sh in .venv-vision)"),
+]
+ALL_FAMILIES = [
+    pytest.param("llava"),
+    pytest.param("llava-onevision", marks=needs_torchvision),
+    pytest.param("qwen2-vl", marks=needs_torchvision),
+    pytest.param("causal-lm"),
+]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def teacher_factory(tmp_path_factory):
+    """family -> saved tiny teacher folder (built once per session)."""
+    from kd_cache.tiny import make_tiny_teacher
+
+    made: dict[str, Path] = {}
+
+    def make(family: str = "llava") -> Path:
+        if family not in made:
+            made[family] = make_tiny_teacher(tmp_path_factory.mktemp(f"teacher-{family}"), family)
+        return made[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def llava_teacher(teacher_factory) -> Path:
+    return teacher_factory("llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
+    """(json, image folder) of the built-in tiny instruction dataset."""
+    from kd_cache.tiny import make_tiny_dataset
+
+    return make_tiny_dataset(tmp_path_factory.mktemp("data"), n=12, seed=0, kind="instruct")
+
+
+def write_records(folder: Path, records: list[dict], name: str = "data.json") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    if name.endswith(".jsonl"):
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        path.write_text(json.dumps(records))
+    return path
+
+
+def save_image(path: Path, seed: int = 0, size: int = 40) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = (np.random.default_rng(seed).random((size, size, 3)) * 255).astype("uint8")
+    Image.fromarray(arr).save(path)
+
+
+@pytest.fixture(scope="session")
+def llava_cache(tmp_path_factory, llava_teacher, tiny_data) -> Path:
+    """A complete cache of the tiny dataset built by the llava teacher (small shards: several files)."""
+    from kd_cache.build import BuildConfig, build
+
+    out = tmp_path_factory.mktemp("cache") / "llava"
+    data, images = tiny_data
+    build(BuildConfig(teacher=str(llava_teacher), data=str(data), images=str(images), out=str(out), batch_size=3,
+                      shard_size=5, progress=False))
+    return out

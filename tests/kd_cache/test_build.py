@@ -1,0 +1,198 @@
+"""Cached targets against a direct full-logit forward pass, for every teacher family, plus skips and refusals."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kd_cache import format as fmt
+from kd_cache import open_cache
+from kd_cache.build import BuildConfig, build
+from kd_cache.data import Encoder, RecordSource
+from kd_cache.teacher import load_processor_and_config
+from kd_cache.data import image_token_id_of
+from kd_cache.verify import info, verify
+from tests.conftest import ALL_FAMILIES, save_image, write_records
+
+# fp32 on CPU: batched (right-padded) forwards differ from a single forward by float rounding only.
+LOGIT_ATOL = 1e-4
+GRAM_RTOL = 1e-5
+
+
+@functools.lru_cache(maxsize=4)
+def _reference_model(teacher_dir: str):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config, processor, multimodal = load_processor_and_config(teacher_dir)
+    cls = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+    tok = getattr(processor, "tokenizer", processor)
+    return cls.from_pretrained(teacher_dir).eval(), processor, image_token_id_of(config, tok) if multimodal else None
+
+
+def reference_forward(teacher_dir, record, index, images_root):
+    """Full logits of one sample from a plain transformers forward (no kd code on the model path)."""
+    model, processor, image_token_id = _reference_model(str(teacher_dir))
+    s = Encoder(processor, image_token_id, image_root=str(images_root)).encode(record, index)
+    inputs = {k: torch.from_numpy(v) for k, v in s.model_inputs.items()}
+    inputs["input_ids"] = torch.from_numpy(s.input_ids)[None]
+    with torch.no_grad():
+        return s, model(**inputs).logits[0].float()
+
+
+def assert_targets_match(sample, ref_sample, logits, k_text, k_vis):
+    assert np.array_equal(sample["input_ids"], ref_sample.input_ids)
+    assert np.array_equal(sample["text_positions"], ref_sample.text_positions)
+    assert np.array_equal(sample["visual_positions"], ref_sample.visual_positions)
+    for prefix, k in (("text", k_text), ("visual", k_vis)):
+        rows = torch.from_numpy(sample[f"{prefix}_positions"])
+        if len(rows) == 0:
+            assert sample[f"{prefix}_topk_ids"].shape == (0, k)
+            continue
+        z = logits[rows]
+        lp = torch.log_softmax(z, -1)
+        ids = torch.from_numpy(sample[f"{prefix}_topk_ids"])
+        assert ids.shape == (len(rows), k)
+        got_lp = torch.from_numpy(sample[f"{prefix}_topk_logprobs"])
+        # ids are the top-k up to ties: the cached ids' true log-probs equal the true k best values
+        true_top = torch.topk(lp, k, dim=-1).values
+        assert torch.allclose(lp.gather(1, ids), true_top, atol=LOGIT_ATOL)
+        # quantization bound of the format
+        assert (got_lp - lp.gather(1, ids)).abs().max() <= fmt.LOGPROB_MAX_ABS_ERROR + LOGIT_ATOL
+        lse = torch.logsumexp(z, -1)
+        assert torch.allclose(torch.from_numpy(sample[f"{prefix}_logsumexp"]), lse, atol=LOGIT_ATOL)
+        tail = torch.log1p(-lp.gather(1, ids).exp().sum(-1).clamp(max=1 - 1e-7))
+        got_tail = torch.from_numpy(sample[f"{prefix}_tail_logprob"])
+        finite = torch.isfinite(tail) & (tail > -15)  # beyond that, the naive 1 - sum reference itself cancels
+        assert torch.allclose(got_tail[finite], tail[finite], atol=1e-3)
+    zv = logits[torch.from_numpy(sample["visual_positions"])]
+    g = (zv @ zv.T).numpy()
+    assert sample["gram"].shape == g.shape
+    if g.size:
+        assert np.abs(sample["gram"] - g).max() <= GRAM_RTOL * np.abs(g).max()
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_cached_targets_equal_direct_forward(tmp_path, teacher_factory, tiny_data, family):
+    teacher = teacher_factory(family)
+    data, images = tiny_data
+    out = tmp_path / "cache"
+    m = build(BuildConfig(teacher=str(teacher), data=str(data), images=str(images), out=str(out), top_k=8,
+                          visual_top_k=5, batch_size=4, shard_size=4, progress=False))
+    assert m is not None and m["num_samples"] > 0
+    assert verify(str(out)) == []
+    records = RecordSource(str(data))
+    cache = open_cache(str(out))
+    assert len(cache) == m["num_samples"]
+    seen = []
+    for sample in cache:
+        idx = sample["sample_index"]
+        ref, logits = reference_forward(teacher, records[idx], idx, images)
+        assert sample["sample_id"] == ref.sample_id
+        assert_targets_match(sample, ref, logits, 8, 5)
+        seen.append(idx)
+    skipped = [s["index"] for s in m["skipped"]["samples"]]
+    assert sorted(seen + skipped) == list(range(len(records)))
+    if family == "causal-lm":  # a text-only teacher skips the image samples, with the reason counted
+        assert set(m["skipped"]["by_reason"]) == {"model takes no images"}
+        assert all(len(s["visual_positions"]) == 0 for s in cache)
+    else:
+        assert m["num_visual_rows"] > 0 and m["skipped"]["total"] == 0
+
+
+def test_bad_inputs_are_counted_skips(tmp_path, llava_teacher):
+    root = tmp_path / "img"
+    for i in range(3):
+        save_image(root / f"{i}.png", i)
+    (root / "corrupt.png").write_bytes(b"\x89PNG broken")
+    c = lambda q, a: [{"from": "human", "value": q}, {"from": "gpt", "value": a}]  # noqa: E731
+    recs = [
+        {"id": "ok-image", "image": "0.png", "conversations": c("<image>\nWhat?", "a red square")},
+        {"id": "ok-text", "conversations": c("How many sides has a triangle?", "three")},
+        {"id": "ok-noplaceholder", "image": "1.png", "conversations": c("What colour?", "blue")},
+        {"id": "missing", "image": "nope.png", "conversations": c("<image>\nWhat?", "x")},
+        {"id": "corrupt", "image": "corrupt.png", "conversations": c("<image>\nWhat?", "x")},
+        {"id": "placeholders", "image": "0.png", "conversations": c("<image><image>\nWhat?", "x")},
+        {"id": "two-images", "image": ["0.png", "1.png"], "conversations": c("<image><image>\nWhat?", "x")},
+        {"id": "long", "image": "2.png", "conversations": c("<image>\n" + "why " * 200, "x")},
+        {"id": "empty", "image": "0.png", "conversations": c("<image>\nWhat?", "")},
+        {"id": "escape", "image": "../../etc/x.png", "conversations": c("<image>\nWhat?", "x")},
+        {"id": "ok-truncated", "image": "2.png", "conversations": c("<image>\nSay.", "go " * 200)},
+    ]
+    data = write_records(tmp_path, recs, "d.jsonl")
+    out = tmp_path / "cache"
+    m = build(BuildConfig(teacher=str(llava_teacher), data=str(data), images=str(root), out=str(out), max_length=120,
+                          batch_size=4, shard_size=3, progress=False))
+    assert m["skipped"]["by_reason"] == {
+        "corrupt image": 1, "empty answer": 1, "image path escapes image root": 1, "image placeholder mismatch": 1,
+        "missing image": 1, "over max length": 1, "too many images": 1,
+    }
+    cache = open_cache(str(out))
+    ids = {s["sample_id"]: s for s in cache}
+    assert set(ids) == {"ok-image", "ok-text", "ok-noplaceholder", "ok-truncated"}
+    assert len(ids["ok-truncated"]["input_ids"]) == 120 and len(ids["ok-truncated"]["visual_positions"]) == 16
+    assert len(ids["ok-text"]["visual_positions"]) == 0 and ids["ok-text"]["gram"].shape == (0, 0)
+    assert len(ids["ok-noplaceholder"]["visual_positions"]) == 16
+    assert {s["sample_id"] for s in m["skipped"]["samples"]} == {
+        "missing", "corrupt", "placeholders", "two-images", "long", "empty", "escape"}
+    assert verify(str(out)) == []
+
+
+def test_bad_arguments_fail_before_work(tmp_path, llava_teacher, tiny_data):
+    data, images = tiny_data
+    base = dict(teacher=str(llava_teacher), data=str(data), images=str(images), progress=False)
+    with pytest.raises(ValueError, match="cannot load model"):
+        build(BuildConfig(**{**base, "teacher": str(tmp_path / "no-such-model")}, out=str(tmp_path / "a")))
+    with pytest.raises(FileNotFoundError, match="data file not found"):
+        build(BuildConfig(**{**base, "data": str(tmp_path / "none.json")}, out=str(tmp_path / "b")))
+    with pytest.raises(ValueError, match="top_k must be a positive integer, got 0"):
+        BuildConfig(**base, out=str(tmp_path / "c"), top_k=0)
+    with pytest.raises(ValueError, match="images must be an existing folder"):
+        BuildConfig(**{**base, "images": str(tmp_path / "nope")}, out=str(tmp_path / "c"))
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "file.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty and holds no kd cache"):
+        build(BuildConfig(**base, out=str(junk)))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_rerun_same_config_is_a_no_op_and_other_config_is_refused(tmp_path, llava_cache, llava_teacher, tiny_data):
+    data, images = tiny_data
+    cfg = json.loads((llava_cache / fmt.CONFIG_NAME).read_text())
+    before = (llava_cache / fmt.MANIFEST_NAME).read_bytes()
+    same = BuildConfig(teacher=str(llava_teacher), data=str(data), images=str(images), out=str(llava_cache),
+                       batch_size=1, shard_size=cfg["shard_size"], progress=False)
+    assert build(same)["num_samples"] == json.loads(before)["num_samples"]
+    assert (llava_cache / fmt.MANIFEST_NAME).read_bytes() == before
+    other = BuildConfig(teacher=str(llava_teacher), data=str(data), images=str(images), out=str(llava_cache),
+                        top_k=3, shard_size=cfg["shard_size"], progress=False)
+    with pytest.raises(ValueError, match="top_k: cache has 64, this run asks 3"):
+        build(other)
+
+
+def test_info_reports_bytes_per_row(llava_cache):
+    d = info(str(llava_cache))
+    m = open_cache(str(llava_cache)).manifest
+    assert d["samples"] == m["num_samples"] and d["text_rows"] == m["num_text_rows"]
+    assert d["bytes_per_text_row"] > 0 and d["bytes_per_visual_row"] > 0 and d["bytes_per_gram"] > 0
+    # column bytes add up to (less than) the files: the rest is Parquet footers and page headers
+    assert sum(d["column_bytes"].values()) <= m["total_bytes"]
+    assert len(d["shards"]) == len(m["shards"]) > 1
+
+
+def test_manifest_records_what_a_consumer_must_check(llava_cache):
+    m = open_cache(str(llava_cache)).manifest
+    assert m["format_version"] == fmt.FORMAT_VERSION
+    assert m["teacher"]["weights_sha256"] and m["teacher"]["fingerprint"]
+    assert set(m["tokenizer"]) >= {"vocab_size", "vocab_sha256", "special_tokens", "chat_template_sha256", "fingerprint"}
+    assert m["image_processor"]["size"] == {"height": 32, "width": 32}
+    assert m["targets"]["text"] == {"kind": "topk", "k": 64, "logprob_encoding": "uint16-neg-scaled-256"}
+    assert m["data"]["fingerprint"].startswith("sha256:")
+    assert "teacher_seconds" in m["build"]["ranks"][0]
+    for s in m["shards"]:
+        assert set(s) >= {"name", "rows", "bytes", "sha256"}
+    assert (llava_cache / fmt.CARD_NAME).read_text().startswith("---\n")
