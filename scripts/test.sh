@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test command: sets everything up from nothing, then runs the whole suite.
+#   1. .venv (CPU torch 2.13): every test; the LLaVA-OneVision / Qwen2-VL ones skip there (no torchvision).
+#   2. .venv-vision (torch 2.14.1 + torchvision): the tests marked `vision`, so all three families run.
+# Extra arguments go to the first pytest run. KD_SKIP_VISION=1 skips step 2 (local quick runs only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+bash scripts/setup.sh base
+.venv/bin/python -m pytest tests -q "$@"
+if [ "${KD_SKIP_VISION:-0}" != "1" ]; then
+  bash scripts/setup.sh vision
+  .venv-vision/bin/python -m pytest tests -q -m vision
+fi
