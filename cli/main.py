@@ -7,10 +7,12 @@ from typing import Optional
 import typer
 
 from kd_cli import cache
+from kd_cli.train import train
 
 app = typer.Typer(help="kd: offline LLaVA-KD distillation. Cache a multimodal teacher once, train small students "
                        "from the cache.", no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(cache.app, name="cache")
+app.command(name="train")(train)
 
 
 @app.command()

@@ -1,0 +1,192 @@
+"""Can this student learn from this cache? Every way the two can disagree, named before training starts.
+
+The cache stores the teacher's token ids, its top-k ids and the positions of visual tokens. A student
+that tokenizes differently, has fewer vocabulary rows than the cached ids reach, or expands an image
+to a different number of visual tokens would train on misaligned targets without any error, so the
+trainer refuses such a pair up front (`require_compatible`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "IncompatibleCacheError",
+    "cached_visual_tokens_per_image",
+    "check_compatibility",
+    "max_cached_topk_id",
+    "require_compatible",
+]
+
+
+class IncompatibleCacheError(ValueError):
+    """The student cannot train on the cache; `problems` lists every difference found."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("student is incompatible with the cache:\n- " + "\n- ".join(self.problems))
+
+
+def _first_visual_sample(cache: Any) -> tuple[int, int, str] | None:
+    """(visual tokens per image, image token id, sample id) of the first cached sample with visual positions."""
+    for sample in cache:
+        vpos = sample["visual_positions"]
+        if len(vpos) == 0:
+            continue
+        # One contiguous run of image tokens per image (LLaVA-1.5 caches hold one image per sample).
+        runs = np.split(vpos, np.flatnonzero(np.diff(vpos) != 1) + 1)
+        lengths = sorted({len(r) for r in runs})
+        if len(lengths) > 1:
+            raise ValueError(f"cache sample {sample['sample_id']} has images of different visual token counts "
+                             f"(got {lengths}): the teacher's count depends on the image, so no single count applies")
+        return lengths[0], int(sample["input_ids"][vpos[0]]), sample["sample_id"]
+    return None
+
+
+def cached_visual_tokens_per_image(cache: Any) -> int | None:
+    """Visual tokens per image the teacher used: from the first cached sample that has any; None if none has."""
+    if cache.manifest.get("num_visual_rows", 1) == 0:
+        return None  # text-only cache: no need to read it through
+    first = _first_visual_sample(cache)
+    return None if first is None else first[0]
+
+
+def max_cached_topk_id(cache: Any) -> int:
+    """Largest top-k token id anywhere in the cache (text and visual rows). Reads only the two id columns."""
+    import pyarrow.compute as pc
+
+    best = -1
+    for i in range(len(cache.shards)):
+        with cache.open_shard(i) as pf:
+            for rg in range(pf.num_row_groups):
+                table = pf.read_row_group(rg, columns=["text_topk_ids", "visual_topk_ids"])
+                for name in table.column_names:
+                    m = pc.max(pc.list_flatten(table.column(name))).as_py()
+                    if m is not None:
+                        best = max(best, int(m))
+    return best
+
+
+def _default_image(manifest: dict):
+    """A neutral image at the teacher's image-processor size (fixed-resolution processors resize anyway)."""
+    from PIL import Image
+
+    ip = manifest.get("image_processor") or {}
+    size = ip.get("crop_size") or ip.get("size") or {}
+    h = size.get("height") or size.get("shortest_edge") or 336
+    w = size.get("width") or size.get("shortest_edge") or 336
+    return Image.new("RGB", (int(w), int(h)), (128, 128, 128))
+
+
+def _describe(image: Any) -> str:
+    if hasattr(image, "width") and hasattr(image, "height"):
+        return f"{image.width}x{image.height}"
+    return f"shape {tuple(getattr(image, 'shape', ()))}"
+
+
+def check_compatibility(manifest: Any, processor: Any, model_config: Any, *, sample_image: Any = None,
+                        cached_visual_tokens: int | None = None, cached_image_token_id: int | None = None,
+                        max_topk_id: int | None = None) -> list[str]:
+    """Every mismatch between a cache and a student, as messages naming the difference ([] = compatible).
+
+    `manifest` is the cache's manifest dict, or the opened `kd_cache.Cache`, from which the cache-derived
+    facts (visual tokens per image, the teacher's image token id, and — only when the student's vocabulary
+    is smaller than the teacher's LM head — the largest cached top-k id) are read. With a bare manifest dict
+    pass them as `cached_visual_tokens` / `cached_image_token_id` / `max_topk_id`: a check that cannot be made
+    is reported as a problem, never skipped. `sample_image` is the image the visual-token counts are compared
+    on (default: a blank image at the teacher's image size; pass a cached sample's image for processors whose
+    count depends on the image size).
+    """
+    from kd_cache.teacher import tokenizer_fingerprint
+
+    from kd_train.student import visual_tokens_per_image
+
+    cache = None
+    if not isinstance(manifest, dict):
+        if not hasattr(manifest, "manifest"):
+            raise ValueError(f"manifest must be a cache manifest dict or a kd_cache.Cache, got {type(manifest).__name__}")
+        cache, manifest = manifest, manifest.manifest
+    for key in ("teacher", "tokenizer", "vocab_size"):
+        if key not in manifest:
+            raise ValueError(f"manifest must hold {key!r} (a kd cache manifest), got keys {sorted(manifest)}")
+    teacher = f"teacher {manifest['teacher'].get('id')}"
+    problems: list[str] = []
+
+    # ---- tokenizer: the cached input ids and top-k ids are ids of the teacher's tokenizer
+    want, have = manifest["tokenizer"], tokenizer_fingerprint(processor)
+    if have["vocab_sha256"] != want.get("vocab_sha256"):
+        problems.append(f"student tokenizer vocabulary differs from the cache's ({teacher}): student has "
+                        f"{have['vocab_size']} tokens (sha256 {have['vocab_sha256'][:12]}), the cache "
+                        f"{want.get('vocab_size')} (sha256 {str(want.get('vocab_sha256'))[:12]})")
+    want_sp, have_sp = want.get("special_tokens") or {}, have["special_tokens"]
+    for name in sorted(set(want_sp) | set(have_sp)):
+        if want_sp.get(name) != have_sp.get(name):
+            problems.append(f"special token {name} differs: student has {have_sp.get(name)!r}, "
+                            f"the cache's ({teacher}) has {want_sp.get(name)!r}")
+    if have["chat_template_sha256"] != want.get("chat_template_sha256"):
+        problems.append(f"student chat template differs from the cache's ({teacher}): sha256 "
+                        f"{have['chat_template_sha256'][:12]} vs {str(want.get('chat_template_sha256'))[:12]}")
+    if not problems and want.get("fingerprint") not in (None, have["fingerprint"]):
+        problems.append(f"student tokenizer fingerprint {have['fingerprint']} differs from the cache's "
+                        f"{want['fingerprint']} ({teacher})")
+
+    # ---- vocabulary rows: every cached id must index a row of the student's LM head
+    text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    rows, head, n_tok = int(text_cfg.vocab_size), int(manifest["vocab_size"]), int(want.get("vocab_size") or 0)
+    if rows < n_tok:
+        problems.append(f"student LM vocabulary has {rows} rows, fewer than the cache's tokenizer ({n_tok} tokens): "
+                        "cached input ids would index past the student's embeddings")
+    elif rows < head:
+        if max_topk_id is None and cache is not None:
+            max_topk_id = max_cached_topk_id(cache)
+        if max_topk_id is None:
+            problems.append(f"student LM vocabulary has {rows} rows, fewer than the {teacher} LM head ({head} rows): "
+                            "cached top-k ids may reach past it; pass the Cache or max_topk_id=max_cached_topk_id(cache)")
+        elif max_topk_id >= rows:
+            problems.append(f"cache holds top-k id {max_topk_id} but the student LM vocabulary has only {rows} rows")
+
+    # ---- images: the cached visual positions are where the teacher put its image tokens
+    student_mm = getattr(processor, "image_processor", None) is not None
+    has_visual = manifest.get("num_visual_rows", 1 if manifest["teacher"].get("multimodal") else 0) > 0
+    if has_visual and not student_mm:
+        problems.append(f"cache holds visual targets from the multimodal {teacher} but the student is text-only "
+                        f"(got a {type(processor).__name__} without an image processor)")
+    elif has_visual:
+        if cache is not None and (cached_visual_tokens is None or cached_image_token_id is None):
+            first = _first_visual_sample(cache)
+            if first is not None:
+                cached_visual_tokens = cached_visual_tokens if cached_visual_tokens is not None else first[0]
+                cached_image_token_id = cached_image_token_id if cached_image_token_id is not None else first[1]
+        tokenizer = getattr(processor, "tokenizer", processor)
+        image_token = getattr(processor, "image_token", None)
+        proc_id = tokenizer.convert_tokens_to_ids(image_token) if image_token is not None else None
+        cfg_id = getattr(model_config, "image_token_id", None)
+        if cfg_id is None:
+            cfg_id = getattr(model_config, "image_token_index", None)
+        if proc_id is None:
+            problems.append(f"student processor {type(processor).__name__} has no image token")
+        elif cfg_id is not None and cfg_id != proc_id:
+            problems.append(f"student processor's image token {image_token!r} has id {proc_id} but the student "
+                            f"model's image_token_id is {cfg_id}")
+        if cached_image_token_id is not None and proc_id is not None and proc_id != cached_image_token_id:
+            problems.append(f"student image token {image_token!r} (id {proc_id}) differs from the cache's visual token "
+                            f"id {cached_image_token_id} ({teacher})")
+        if cached_visual_tokens is None:
+            problems.append("cannot check visual tokens per image: pass the Cache or "
+                            "cached_visual_tokens=cached_visual_tokens_per_image(cache)")
+        elif proc_id is not None:
+            image = sample_image if sample_image is not None else _default_image(manifest)
+            n = visual_tokens_per_image(processor, image)
+            if n != cached_visual_tokens:
+                problems.append(f"student processor expands an image ({_describe(image)}) to {n} visual "
+                                f"tokens, the cache's {teacher} used {cached_visual_tokens} visual tokens per image")
+    return problems
+
+
+def require_compatible(manifest: Any, processor: Any, model_config: Any, **kwargs: Any) -> None:
+    """`check_compatibility`, raising `IncompatibleCacheError` (a ValueError) listing every problem."""
+    problems = check_compatibility(manifest, processor, model_config, **kwargs)
+    if problems:
+        raise IncompatibleCacheError(problems)

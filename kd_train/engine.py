@@ -1,0 +1,377 @@
+"""The training loop of one stage on accelerate: data, optimizer step, metrics, checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+import torch
+
+from kd_train.batch import Batch, encoder_for, features, make_batch
+from kd_train.objective import TERMS, RowLogits, StepCounts, micro_batch_loss
+from kd_train.stages import StagePreset
+from kd_train.train import (CHECKPOINT_DIR, STATE_NAME, TrainConfig, cosine_with_warmup, latest_checkpoint,
+                            prune_checkpoints, save_json)
+
+log = logging.getLogger("kd_train")
+
+
+class JsonlTracker:
+    """accelerate tracker writing one JSON object per logged step to `<out>/metrics.jsonl` (main process only)."""
+
+    name = "jsonl"
+    requires_logging_directory = True
+    main_process_only = True
+
+    def __init__(self, run_name: str, logging_dir: str):
+        os.makedirs(logging_dir, exist_ok=True)
+        self.path = os.path.join(logging_dir, "metrics.jsonl")
+        self.run_name = run_name
+        self._f = open(self.path, "a")
+
+    @property
+    def tracker(self):
+        return self._f
+
+    def start(self) -> None:  # accelerate >= 1.2 calls this lazily
+        pass
+
+    def store_init_configuration(self, values: dict) -> None:
+        self._f.write(json.dumps({"run": self.run_name, "config": values}, default=str) + "\n")
+        self._f.flush()
+
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        self._f.write(json.dumps({"step": step, **values}, default=float) + "\n")
+        self._f.flush()
+
+    def finish(self) -> None:
+        self._f.close()
+
+
+def _make_tracker_class():
+    from accelerate.tracking import GeneralTracker
+
+    return type("KdJsonlTracker", (JsonlTracker, GeneralTracker), {})
+
+
+class _CacheData:
+    """KD stages: the cache stream joined with the data's records and images."""
+
+    def __init__(self, cfg: TrainConfig, encoder, acc, pad_id: int):
+        from kd_cache.data import RecordSource
+        from kd_train.stream import CacheStream, collate_tags, ensure_nonempty
+
+        self.cache = ensure_nonempty(cfg.cache)
+        self.records = RecordSource(cfg.data)
+        self._collate_tags = collate_tags
+        records, pad = self.records, pad_id
+
+        def transform(s: dict) -> dict:
+            index = int(s["sample_index"])
+            feats = features(encoder.encode(records[index], index, images=s["images"]), s)
+            feats.update({k: s[k] for k in s if k in _TAGS})
+            return feats
+
+        kw = dict(records=self.records, image_root=cfg.images, world_size=acc.num_processes, seed=cfg.seed,
+                  shuffle_buffer=cfg.shuffle_buffer, skip_missing_images=cfg.skip_missing_images,
+                  skip_corrupt_shards=cfg.skip_corrupt_shards)
+        self.stream = CacheStream(cfg.cache, rank=acc.process_index, transform=transform, **kw)
+        # Shares differ by up to a shard: every rank takes the smallest share's number of steps.
+        self.per_rank = min(CacheStream(cfg.cache, rank=r, **kw).num_samples() for r in range(acc.num_processes))
+        self.cfg, self.pad = cfg, pad
+
+    def loader(self, epoch: int):
+        self.stream.set_epoch(epoch)
+        return torch.utils.data.DataLoader(self.stream, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
+                                           collate_fn=self._collate, persistent_workers=False)
+
+    def _collate(self, items: list[dict]):
+        return make_batch(items, self.pad), self._collate_tags(items)
+
+    def mark(self, tags) -> None:
+        self.stream.mark_consumed(tags)
+
+    def state(self) -> dict:
+        return self.stream.state_dict()
+
+    def load(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+    def stats(self) -> dict:
+        return self.stream.stats
+
+
+class _RecordData:
+    """Stages without a cache (SFT, baseline): the data file itself, a seeded permutation per epoch."""
+
+    def __init__(self, cfg: TrainConfig, encoder, acc, pad_id: int):
+        from kd_cache.data import RecordSource
+        from kd_train.records import RecordDataset, per_rank_count
+
+        self.records = RecordSource(cfg.data)
+        if len(self.records) == 0:
+            raise ValueError(f"data {cfg.data} holds no samples")
+        self.dataset = RecordDataset(self.records, encoder)
+        self.per_rank = per_rank_count(len(self.records), acc.num_processes)
+        self.cfg, self.acc, self.pad = cfg, acc, pad_id
+        self.epoch, self.consumed, self.skipped = 0, 0, 0
+
+    def loader(self, epoch: int):
+        from kd_train.records import EpochSampler
+
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+        sampler = EpochSampler(len(self.records), seed=self.cfg.seed, epoch=epoch, rank=self.acc.process_index,
+                               world_size=self.acc.num_processes, consumed=self.consumed, per_rank=self.per_rank)
+        return torch.utils.data.DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=sampler,
+                                           num_workers=self.cfg.num_workers, collate_fn=self._collate)
+
+    def _collate(self, items: list[dict]):
+        good = [it for it in items if "skip" not in it]
+        return (make_batch(good, self.pad) if good else None), {"n": len(items), "skipped": len(items) - len(good)}
+
+    def mark(self, tags) -> None:
+        self.consumed += tags["n"]
+        self.skipped += tags["skipped"]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "skipped": self.skipped}
+
+    def load(self, state: dict) -> None:
+        self.epoch, self.consumed, self.skipped = state["epoch"], state["consumed"], state.get("skipped", 0)
+
+    def stats(self) -> dict:
+        return {"skipped_samples": self.skipped}
+
+
+_TAGS = ("position", "next_position", "stream_index", "worker_id", "num_workers", "stream_stats")
+
+
+class StageRunner:
+    """Everything one stage needs; `fit()` trains it and writes `<out>/final`."""
+
+    def __init__(self, cfg: TrainConfig, preset: StagePreset, student: str, out: str):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from kd_train.student import load_student, set_trainable
+
+        self.cfg, self.preset, self.out = cfg, preset, out
+        self.loss_cfg = cfg.loss_config(preset)
+        self.uses_cache = preset.uses_cache and any(
+            (self.loss_cfg.mdist_text_weight, self.loss_cfg.mdist_visual_weight, self.loss_cfg.rdist_weight))
+        mp = cfg.mixed_precision
+        if mp == "auto":
+            mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        trackers: list[Any] = []
+        if "jsonl" in cfg.tracker_list():
+            trackers.append(_make_tracker_class()(run_name=preset.name, logging_dir=out))
+        if "tensorboard" in cfg.tracker_list():
+            trackers.append("tensorboard")
+        self.acc = Accelerator(mixed_precision=mp, log_with=trackers or None, project_dir=out)
+        set_seed(cfg.seed)
+        self.model, self.processor = load_student(student)
+        counts = set_trainable(self.model, vision=preset.train_vision, projector=preset.train_projector,
+                               llm=preset.train_llm)
+        log.info("stage %s: trainable parameters %s", preset.name, counts)
+
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        max_length = cfg.max_length
+        self.teacher_vocab = None
+        if self.uses_cache:
+            from kd_cache import open_cache
+            from kd_train.compat import require_compatible
+
+            cache = open_cache(cfg.cache)
+            manifest = cache.manifest
+            require_compatible(cache, self.processor, self.model.config)
+            max_length = manifest["config"].get("max_length")
+            self.teacher_vocab = manifest["vocab_size"]
+        encoder = encoder_for(self.processor, self.model.config, image_root=cfg.images, max_length=max_length)
+        data_cls = _CacheData if self.uses_cache else _RecordData
+        self.data = data_cls(cfg, encoder, self.acc, pad)
+        per_step = cfg.batch_size * cfg.grad_accum
+        self.steps_per_epoch = self.data.per_rank // per_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"each of {self.acc.num_processes} process(es) gets {self.data.per_rank} samples, fewer than "
+                             f"one optimizer step (batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum}); "
+                             "lower them or add data")
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"stage {preset.name} trains no parameter: check the student's module names")
+        lr = cfg.lr if cfg.lr is not None else preset.lr
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        warmup = int(round(cfg.warmup_ratio * self.total_steps))
+        total = self.total_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda s: cosine_with_warmup(s, total, warmup))
+        self.wrapped, self.optimizer, self.scheduler = self.acc.prepare(RowLogits(self.model), self.optimizer,
+                                                                        self.scheduler)
+        self.step = 0
+        self.epoch = 0
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        root = os.path.join(self.out, CHECKPOINT_DIR)
+        final = os.path.join(root, f"step-{self.step:08d}")
+        tmp = final + ".tmp"
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(tmp)
+        # every rank's data position: gathered so that any rank can resume its own
+        states = _gather_objects(self.acc, self.data.state())
+        if self.acc.is_main_process:
+            save_json(os.path.join(tmp, STATE_NAME), {"step": self.step, "epoch": self.epoch, "data": states,
+                                                      "total_steps": self.total_steps})
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            prune_checkpoints(self.out, self.cfg.keep_checkpoints)
+        self.acc.wait_for_everyone()
+
+    def maybe_resume(self) -> None:
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            return
+        with open(os.path.join(ckpt, STATE_NAME)) as f:
+            state = json.load(f)
+        if state["total_steps"] != self.total_steps:
+            raise ValueError(f"checkpoint {ckpt} belongs to a run of {state['total_steps']} steps, this one has "
+                             f"{self.total_steps}; use another --out or the original settings")
+        self.acc.load_state(ckpt)
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.data.load(state["data"][self.acc.process_index])
+        log.info("resumed stage %s from %s (step %d)", self.preset.name, ckpt, self.step)
+
+    # ------------------------------------------------------------------------------------------ loop
+    def fit(self) -> None:
+        cfg, acc = self.cfg, self.acc
+        os.makedirs(self.out, exist_ok=True)
+        if acc.is_main_process:
+            save_json(os.path.join(self.out, "train_config.json"),
+                      {"stage": self.preset.name, "preset": self.preset.__dict__, "config": cfg.__dict__,
+                       "loss": self.loss_cfg.__dict__, "total_steps": self.total_steps})
+        acc.init_trackers(f"kd-{self.preset.name}", config={"stage": self.preset.name, **{
+            k: v for k, v in cfg.__dict__.items() if isinstance(v, (int, float, str, bool))}})
+        self.maybe_resume()
+        bar = None
+        if cfg.progress and acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"kd train {self.preset.name}", unit="step",
+                       dynamic_ncols=True)
+        self.wrapped.train()
+        while self.step < self.total_steps and self.epoch < cfg.epochs:
+            batches = iter(self.data.loader(self.epoch))
+            epoch_end = min(self.total_steps, (self.epoch + 1) * self.steps_per_epoch)
+            while self.step < epoch_end:
+                t0 = time.perf_counter()
+                group = list(itertools.islice(batches, cfg.grad_accum))
+                full = torch.tensor([1.0 if len(group) == cfg.grad_accum else 0.0], device=acc.device)
+                if acc.reduce(full, reduction="min").item() < 1:
+                    log.warning("epoch %d ran short of samples on some rank (skips); next epoch", self.epoch)
+                    break
+                metrics = self._optimizer_step(group)
+                self.step += 1
+                metrics.update(lr=self.scheduler.get_last_lr()[0], epoch=self.epoch,
+                               step_seconds=time.perf_counter() - t0)
+                metrics["tokens_per_second"] = metrics.pop("tokens") / max(metrics["step_seconds"], 1e-9)
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    acc.log(metrics, step=self.step)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", *TERMS) if k in metrics})
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+            del batches
+            self.epoch += 1
+        if bar is not None:
+            bar.close()
+        self._finish()
+
+    def _optimizer_step(self, group: list) -> dict[str, float]:
+        acc = self.acc
+        device = acc.device
+        local = torch.tensor([[b.n_text, b.n_visual, b.n_gram, b.n_tokens] if b is not None else [0, 0, 0, 0]
+                              for b, _ in group], dtype=torch.float64, device=device).sum(0)
+        total = acc.reduce(local, reduction="sum")
+        counts = StepCounts(text=int(total[0]), visual=int(total[1]), gram=int(total[2]))
+        sums = {name: 0.0 for name in TERMS}
+        loss_value = 0.0
+        for i, (batch, tags) in enumerate(group):
+            last = i == len(group) - 1
+            ctx = acc.no_sync(self.wrapped) if not last else _nullcontext()
+            with ctx:
+                if batch is None:  # every sample of this micro-batch was skipped: keep DDP in step with a zero loss
+                    loss = sum(p.sum() * 0.0 for p in self.wrapped.parameters() if p.requires_grad)
+                    parts = {}
+                else:
+                    batch = batch.to(device)
+                    with acc.autocast():
+                        zt, zv = self.wrapped(batch.model_inputs, batch.text_rows, batch.visual_rows)
+                    loss, parts = micro_batch_loss(zt.float(), zv.float(), batch, self.loss_cfg, counts,
+                                                   acc.num_processes, self.teacher_vocab)
+                acc.backward(loss)
+            loss_value += float(loss.detach()) / acc.num_processes
+            for k, v in parts.items():
+                sums[k] += v
+            self.data.mark(tags)
+        if self.cfg.max_grad_norm:
+            acc.clip_grad_norm_([p for p in self.wrapped.parameters() if p.requires_grad], self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # term means over the global step, for logging
+        vec = acc.reduce(torch.tensor([sums[k] for k in TERMS] + [loss_value], dtype=torch.float64, device=device),
+                         reduction="sum")
+        denom = {"ce": counts.text, "mdist_text": counts.text, "mdist_visual": counts.visual, "rdist": counts.gram}
+        metrics = {k: float(vec[i]) / max(denom[k], 1) for i, k in enumerate(TERMS) if vec[i] != 0 or k == "ce"}
+        metrics["loss"] = float(vec[-1])
+        metrics["tokens"] = float(total[3])
+        metrics["text_rows"], metrics["visual_rows"] = counts.text, counts.visual
+        return metrics
+
+    def _finish(self) -> None:
+        from kd_train.student import save_student
+
+        acc = self.acc
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            final = os.path.join(self.out, "final")
+            tmp = final + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model = acc.unwrap_model(self.wrapped).model
+            save_student(model, self.processor, tmp)
+            save_json(os.path.join(tmp, "kd_stage.json"), {"stage": self.preset.name, "steps": self.step,
+                                                            "data_stats": self.data.stats()})
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        acc.wait_for_everyone()
+        acc.end_training()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _gather_objects(acc, obj) -> list:
+    if acc.num_processes == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * acc.num_processes
+    dist.all_gather_object(out, obj)
+    return out
