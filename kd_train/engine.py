@@ -32,7 +32,13 @@ class JsonlTracker:
         os.makedirs(logging_dir, exist_ok=True)
         self.path = os.path.join(logging_dir, "metrics.jsonl")
         self.run_name = run_name
-        self._f = open(self.path, "a")
+        self._file = None  # opened on first write: a run refused before training leaves no log behind
+
+    @property
+    def _f(self):
+        if self._file is None:
+            self._file = open(self.path, "a")
+        return self._file
 
     @property
     def tracker(self):
@@ -50,7 +56,8 @@ class JsonlTracker:
         self._f.flush()
 
     def finish(self) -> None:
-        self._f.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def _make_tracker_class():
@@ -173,7 +180,9 @@ class StageRunner:
             trackers.append(_make_tracker_class()(run_name=preset.name, logging_dir=out))
         if "tensorboard" in cfg.tracker_list():
             trackers.append("tensorboard")
-        self.acc = Accelerator(mixed_precision=mp, log_with=trackers or None, project_dir=out)
+        # cpu=True is what makes accelerate form a gloo process group from torchrun-style env on GPU-less hosts
+        self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp, log_with=trackers or None,
+                               project_dir=out)
         set_seed(cfg.seed)
         self.model, self.processor = load_student(student)
         counts = set_trainable(self.model, vision=preset.train_vision, projector=preset.train_projector,
