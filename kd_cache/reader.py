@@ -76,7 +76,7 @@ class Cache:
     def open_shard(self, i: int) -> Iterator[pq.ParquetFile]:
         """The shard as a ParquetFile over a (range-reading) file handle, closed on exit."""
         with self.fs.open(self.shard_url(i), "rb") as fh:
-            yield pq.ParquetFile(fh)
+            yield pq.ParquetFile(fh, **fmt.READ_OPTIONS)
 
     def iter_with_positions(self, start: Position | None = None,
                             shards: list[int] | None = None) -> Iterator[tuple[Position, dict]]:

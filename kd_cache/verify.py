@@ -117,7 +117,7 @@ def verify(path_or_url: str, *, checksums: bool = True) -> list[str]:
                 problems.append(f"{name}: sha256 mismatch (content changed since the build)")
         try:
             with fs.open(path, "rb") as f:
-                pf = pq.ParquetFile(f)
+                pf = pq.ParquetFile(f, **fmt.READ_OPTIONS)
                 schema = pf.schema_arrow
                 rows = pf.metadata.num_rows
                 kv = pf.metadata.metadata or {}

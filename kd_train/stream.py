@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from kd_cache import format as fmt
 from kd_cache.reader import Cache, Position, open_cache
 
 log = logging.getLogger("kd_train.stream")
@@ -282,11 +283,12 @@ def _owned(sample: dict) -> dict:
 class _ShardReader:
     """One open shard and one row group's columns at a time: memory is bounded by a row group."""
 
-    def __init__(self, cache: Cache, skip_corrupt: bool, counters: _Counters):
+    def __init__(self, cache: Cache, skip_corrupt: bool, counters: _Counters, verify_checksums: bool = False):
         self.cache = cache
         self.skip_corrupt = skip_corrupt
+        self.verify_checksums = verify_checksums
+        self._verified: dict[int, str | None] = {}
         self.counters = counters
-        self.row_groups_read = 0
         self._errors = _corrupt_error_types()
         self._rg_rows: dict[int, list[int] | None] = {}
         self._bad: set[tuple[int, int]] = set()
@@ -332,7 +334,7 @@ class _ShardReader:
         url = self.cache.shard_url(shard)
         fh = pa.BufferReader(self.cache.fs.cat_file(url)) if self._whole_file else self.cache.fs.open(url, "rb")
         try:
-            pf = pq.ParquetFile(fh)
+            pf = pq.ParquetFile(fh, **fmt.READ_OPTIONS)
         except BaseException:
             fh.close()
             raise
@@ -392,16 +394,36 @@ class _ShardReader:
                     rg += 1
                 yield Position(sl.shard, rg, k - (ends[rg - 1] if rg else 0))
 
+    def _verify(self, shard: int) -> None:
+        """Compare the shard's sha256 with the manifest's, once per shard: a few corruptions (in dictionary
+        pages, in zstd literals) still decode, to wrong targets, and only a checksum sees them."""
+        if shard not in self._verified:
+            want = self.cache.shards[shard].get("sha256")
+            url = self.cache.shard_url(shard)
+            h = hashlib.sha256()
+            if self._whole_file:
+                h.update(self.cache.fs.cat_file(url))
+            else:
+                with self.cache.fs.open(url, "rb") as f:
+                    while block := f.read(8 << 20):
+                        h.update(block)
+            got = h.hexdigest()
+            ok = not want or got == want
+            self._verified[shard] = None if ok else f"sha256 {got} differs from the manifest's {want}"
+        if self._verified[shard] is not None:
+            raise ValueError(self._verified[shard])
+
     def _load(self, shard: int, rg: int) -> None:
         import pyarrow as pa
 
         def read():
+            if self.verify_checksums:
+                self._verify(shard)
             if self._shard != shard:
                 self._open(shard)
             return self._pf.read_row_group(rg)
 
         table = self._ranged(read)
-        self.row_groups_read += 1
         counts = self._rg_rows.get(shard)
         if counts is not None and table.num_rows != counts[rg]:
             raise ValueError(f"row group {rg} holds {table.num_rows} rows, its metadata says {counts[rg]}")
@@ -457,6 +479,9 @@ class CacheStream(torch.utils.data.IterableDataset):
     Yields the cache sample dict (numpy arrays, see `kd_cache.reader.Cache.decode`) plus `images` (PIL) and
     the tags in `TAG_KEYS`, passed through `transform` (run in the DataLoader worker) if given.
     The loop must call `mark_consumed(batch)` for what it used; `state_dict()` is built from those reports.
+    Corruption is found where it breaks decoding or contradicts the manifest (footer, row counts, kd metadata);
+    `verify_checksums=True` also hashes each shard before its first row group is read (one more sequential read
+    per shard and epoch) and catches the rest.
     With DataLoader workers use `persistent_workers=False`, so each epoch's workers see `set_epoch` and the
     resume point (workers hold a copy of the stream made when the loader is iterated).
     """
@@ -465,7 +490,7 @@ class CacheStream(torch.utils.data.IterableDataset):
                  image_root: str | os.PathLike | None = None, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle_buffer: int = 64, shuffle_shards: bool = True, epoch: int = 0,
                  skip_missing_images: bool = False, skip_corrupt_shards: bool = False,
-                 transform: Callable[[dict], dict] | None = None):
+                 transform: Callable[[dict], dict] | None = None, verify_checksums: bool = False):
         super().__init__()
         for name, v, lo in (("world_size", world_size, 1), ("rank", rank, 0), ("seed", seed, 0),
                             ("shuffle_buffer", shuffle_buffer, 0), ("epoch", epoch, 0)):
@@ -480,6 +505,7 @@ class CacheStream(torch.utils.data.IterableDataset):
         self.shuffle_buffer, self.shuffle_shards = shuffle_buffer, bool(shuffle_shards)
         self.skip_missing_images, self.skip_corrupt_shards = bool(skip_missing_images), bool(skip_corrupt_shards)
         self.transform = transform
+        self.verify_checksums = bool(verify_checksums)
         self.image_root = None if image_root is None else str(image_root)
         self._cache: Cache | None = open_cache(self.cache_url)
         self._cache_pid = os.getpid()
@@ -643,7 +669,7 @@ class CacheStream(torch.utils.data.IterableDataset):
         cache = self.cache
         rows = [int(s["rows"]) for s in cache.shards]
         slices = split(self.rank_slices(), rows, nw, worker)
-        reader = _ShardReader(cache, self.skip_corrupt_shards, counters)
+        reader = _ShardReader(cache, self.skip_corrupt_shards, counters, self.verify_checksums)
         store: dict[Position, Any] = {}
         decoding = skip == 0
 
