@@ -354,12 +354,15 @@ class StageRunner:
 
         acc = self.acc
         acc.wait_for_everyone()
+        # a collective: gathers sharded weights under FSDP / ZeRO-3, a plain state_dict otherwise
+        full = acc.get_state_dict(self.wrapped)
         if acc.is_main_process:
             final = os.path.join(self.out, "final")
             tmp = final + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             model = acc.unwrap_model(self.wrapped).model
-            save_student(model, self.processor, tmp)
+            state = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+            save_student(model, self.processor, tmp, state_dict=state)
             save_json(os.path.join(tmp, "kd_stage.json"), {"stage": self.preset.name, "steps": self.step,
                                                             "data_stats": self.data.stats()})
             shutil.rmtree(final, ignore_errors=True)

@@ -310,14 +310,17 @@ def _unwrap(model: Any) -> Any:
         model = inner
 
 
-def save_student(model: Any, processor: Any, out_dir: str | Path) -> Path:
-    """Save model, processor (or tokenizer) and generation config so plain transformers loads the folder."""
+def save_student(model: Any, processor: Any, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """Save model, processor (or tokenizer) and generation config so plain transformers loads the folder.
+
+    `state_dict`: the full weights when they are sharded across ranks (FSDP / ZeRO-3), gathered by the caller.
+    """
     model = _unwrap(model)
     if not hasattr(model, "save_pretrained"):
         raise ValueError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=state_dict)
     gen = getattr(model, "generation_config", None)
     if gen is not None:  # save_pretrained skips it for some models; the stop ids matter for `generate`
         gen.save_pretrained(out)

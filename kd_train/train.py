@@ -99,6 +99,12 @@ class TrainConfig:
         unknown = set(self.tracker_list()) - {"jsonl", "tensorboard"}
         if unknown:
             raise ValueError(f"trackers must be a comma list of jsonl, tensorboard; got {sorted(unknown)}")
+        if "tensorboard" in self.tracker_list():
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+                raise ValueError("trackers includes tensorboard, got neither tensorboard nor tensorboardX installed "
+                                 "(pip install tensorboard)")
         if self.data is None and self.dpt_data is None:
             raise ValueError("data is required: the LLaVA-format file the cache was built from (or SFT data)")
         if self.stage in ("dpt", "dft") and self.cache is None:

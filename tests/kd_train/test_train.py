@@ -103,7 +103,9 @@ def test_dpt_trains_only_the_projector(tmp_path, student, caption):
     data, images, cache = caption
     out = tmp_path / "dpt"
     [final] = run(TrainConfig(student=str(student), out=str(out), stage="dpt", cache=str(cache), data=str(data),
-                              images=str(images), batch_size=4, max_steps=2, progress=False))
+                              images=str(images), batch_size=4, max_steps=2, progress=False,
+                              trackers="jsonl,tensorboard"))
+    assert list(out.rglob("events.out.tfevents*")), "tensorboard tracker wrote no event file"
     before, after = weights(student), weights(Path(final))
     for key in ("vision_tower", "language_model", "lm_head"):
         for k in part(before, key):
