@@ -45,6 +45,9 @@ def train(
     trackers: Optional[str] = typer.Option(None, help="Comma list: jsonl, tensorboard. [default: jsonl]"),
     skip_corrupt_shards: Optional[bool] = typer.Option(None, "--skip-corrupt-shards", help="Skip (and count) unreadable shards instead of stopping."),
     skip_missing_images: Optional[bool] = typer.Option(None, "--skip-missing-images", help="Skip (and count) cached samples whose image is gone."),
+    online_teacher: Optional[str] = typer.Option(None, help="Reference mode: run this teacher every step instead of reading a cache."),
+    online_top_k: Optional[int] = typer.Option(None, help="Online mode: top-k per response row, 0 = full vocabulary. [default: 64]"),
+    online_visual_top_k: Optional[int] = typer.Option(None, help="Online mode: top-k per visual row, 0 = full vocabulary. [default: 64]"),
     config: Optional[str] = typer.Option(None, "--config", help="YAML/JSON file of the same fields; flags override it."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -63,6 +66,7 @@ def train(
                  max_length=max_length, seed=seed, shuffle_buffer=shuffle_buffer, num_workers=num_workers,
                  checkpoint_every=checkpoint_every, mixed_precision=mixed_precision, trackers=trackers,
                  skip_corrupt_shards=skip_corrupt_shards, skip_missing_images=skip_missing_images,
+                 online_teacher=online_teacher, online_top_k=online_top_k, online_visual_top_k=online_visual_top_k,
                  progress=False if quiet else None)
     try:
         cfg = resolve(TrainConfig, config, flags)

@@ -156,6 +156,39 @@ class _RecordData:
         return {"skipped_samples": self.skipped}
 
 
+class _OnlineData(_RecordData):
+    """The online reference: the teacher runs on every micro-batch (in the training process, like the paper's
+    code) and its targets are computed exactly as the cache builder computes them, minus quantization."""
+
+    def __init__(self, cfg: TrainConfig, encoder, acc, pad_id: int, teacher, teacher_encoder):
+        super().__init__(cfg, encoder, acc, pad_id)
+        self.dataset.teacher_encoder = teacher_encoder
+        self.teacher = teacher
+        vocab = teacher.model.get_output_embeddings().weight.shape[0]
+        self.k = cfg.online_top_k or vocab
+        self.kv = cfg.online_visual_top_k or vocab
+
+    def _collate(self, items: list[dict]):
+        good = [it for it in items if "skip" not in it]
+        return (good or None), {"n": len(items), "skipped": len(items) - len(good)}
+
+    def materialize(self, items: list[dict]) -> Batch:
+        """Teacher forward on the micro-batch -> the same targets a cache row would hold -> a Batch."""
+        results = self.teacher.targets([(i, it["teacher"]) for i, it in enumerate(items)], top_k=self.k,
+                                       visual_top_k=self.kv)
+        feats = []
+        for it, r in zip(items, results):
+            nv = len(r.visual_positions)
+            target = {"sample_id": r.sample_id, "input_ids": r.input_ids, "text_positions": r.text_positions,
+                      "visual_positions": r.visual_positions,
+                      "gram": r.gram if r.gram is not None else torch.zeros((nv, nv)).numpy()}
+            for prefix, d in (("text", r.text), ("visual", r.visual)):
+                for key, v in d.items():
+                    target[f"{prefix}_{key}"] = v
+            feats.append(features(it["encoded"], target))
+        return make_batch(feats, self.pad)
+
+
 _TAGS = ("position", "next_position", "stream_index", "worker_id", "num_workers", "stream_stats")
 
 
@@ -193,7 +226,7 @@ class StageRunner:
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         max_length = cfg.max_length
         self.teacher_vocab = None
-        if self.uses_cache:
+        if self.uses_cache and cfg.online_teacher is None:
             from kd_cache import open_cache
             from kd_train.compat import require_compatible
 
@@ -203,8 +236,12 @@ class StageRunner:
             max_length = manifest["config"].get("max_length")
             self.teacher_vocab = manifest["vocab_size"]
         encoder = encoder_for(self.processor, self.model.config, image_root=cfg.images, max_length=max_length)
-        data_cls = _CacheData if self.uses_cache else _RecordData
-        self.data = data_cls(cfg, encoder, self.acc, pad)
+        if self.uses_cache and cfg.online_teacher is not None:
+            self.data = self._online_data(cfg, encoder, pad, max_length)
+        elif self.uses_cache:
+            self.data = _CacheData(cfg, encoder, self.acc, pad)
+        else:
+            self.data = _RecordData(cfg, encoder, self.acc, pad)
         per_step = cfg.batch_size * cfg.grad_accum
         self.steps_per_epoch = self.data.per_rank // per_step
         if self.steps_per_epoch == 0:
@@ -227,6 +264,20 @@ class StageRunner:
                                                                         self.scheduler)
         self.step = 0
         self.epoch = 0
+
+    def _online_data(self, cfg: TrainConfig, encoder, pad: int, max_length):
+        from kd_cache.teacher import Teacher, tokenizer_fingerprint
+
+        teacher = Teacher(cfg.online_teacher, device=str(self.acc.device), dtype="float32"
+                          if self.acc.mixed_precision == "no" else "bfloat16")
+        teacher.model.requires_grad_(False)
+        have, want = tokenizer_fingerprint(self.processor), tokenizer_fingerprint(teacher.processor)
+        if have["fingerprint"] != want["fingerprint"]:
+            raise ValueError(f"online teacher {cfg.online_teacher} and the student tokenize differently "
+                             f"(fingerprints {want['fingerprint']} vs {have['fingerprint']})")
+        self.teacher_vocab = teacher.model.get_output_embeddings().weight.shape[0]
+        t_encoder = encoder_for(teacher.processor, teacher.config, image_root=cfg.images, max_length=max_length)
+        return _OnlineData(cfg, encoder, self.acc, pad, teacher, t_encoder)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
@@ -310,6 +361,8 @@ class StageRunner:
     def _optimizer_step(self, group: list) -> dict[str, float]:
         acc = self.acc
         device = acc.device
+        if isinstance(self.data, _OnlineData):
+            group = [(None if b is None else self.data.materialize(b), t) for b, t in group]
         local = torch.tensor([[b.n_text, b.n_visual, b.n_gram, b.n_tokens] if b is not None else [0, 0, 0, 0]
                               for b, _ in group], dtype=torch.float64, device=device).sum(0)
         total = acc.reduce(local, reduction="sum")

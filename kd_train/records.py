@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import torch
 
-from kd_cache.data import Encoder, RecordSource, SkipSample
+from kd_cache.data import Encoder, RecordSource, SkipSample, load_images
 from kd_train.batch import features
 
 log = logging.getLogger("kd_train")
@@ -22,13 +22,20 @@ class RecordDataset(torch.utils.data.Dataset):
 
     def __init__(self, records: RecordSource, encoder: Encoder):
         self.records, self.encoder = records, encoder
+        self.teacher_encoder: Encoder | None = None  # set in the online-teacher reference mode
+
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int):
         try:
-            return features(self.encoder.encode(self.records[index], index))
+            record = self.records[index]
+            images = load_images(record, self.encoder.image_root)
+            out = features(self.encoder.encode(record, index, images=images))
+            if self.teacher_encoder is not None:
+                out["teacher"] = self.teacher_encoder.encode(record, index, images=images)
+            return out
         except SkipSample as e:
             return {"skip": e.reason, "index": index}
 

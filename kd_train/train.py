@@ -70,6 +70,10 @@ class TrainConfig:
     trackers: str = "jsonl"
     skip_corrupt_shards: bool = False
     skip_missing_images: bool = False
+    # reference mode: run this teacher every step instead of reading a cache (the paper's online way)
+    online_teacher: str | None = None
+    online_top_k: int = 64  # 0: the full vocabulary (exact dense KL)
+    online_visual_top_k: int = 64
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -107,9 +111,16 @@ class TrainConfig:
                                  "(pip install tensorboard)")
         if self.data is None and self.dpt_data is None:
             raise ValueError("data is required: the LLaVA-format file the cache was built from (or SFT data)")
-        if self.stage in ("dpt", "dft") and self.cache is None:
+        for name in ("online_top_k", "online_visual_top_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0: full vocabulary), got {v!r}")
+        if self.online_teacher is not None:
+            if self.cache is not None or self.dpt_cache is not None:
+                raise ValueError("give either a cache or online_teacher (the online reference), got both")
+        elif self.stage in ("dpt", "dft") and self.cache is None:
             raise ValueError(f"stage {self.stage} distils from a cache; pass cache (a folder or URL)")
-        if self.recipe == "llava-kd" and self.cache is None and self.dpt_cache is None:
+        if self.recipe == "llava-kd" and self.cache is None and self.dpt_cache is None and self.online_teacher is None:
             raise ValueError("recipe llava-kd needs cache (and optionally dpt_cache for caption data)")
         self.loss_config(PRESETS[self.stage or "dft"])  # validates kind/temperature/weights early
 
