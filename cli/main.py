@@ -6,14 +6,17 @@ from typing import Optional
 
 import typer
 
-from kd_cli import cache, student
+from kd_cli import cache, data, student
+from kd_cli.eval import eval_command
 from kd_cli.train import train
 
 app = typer.Typer(help="kd: offline LLaVA-KD distillation. Cache a multimodal teacher once, train small students "
                        "from the cache.", no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(cache.app, name="cache")
 app.add_typer(student.app, name="student")
+app.add_typer(data.app, name="data")
 app.command(name="train")(train)
+app.command(name="eval")(eval_command)
 
 
 @app.command()

@@ -22,6 +22,9 @@ def train(
     dpt_data: Optional[str] = typer.Option(None, help="Recipe only: caption data for DPT [default: --data]."),
     dpt_images: Optional[str] = typer.Option(None, help="Recipe only: image root of the DPT data [default: --images]."),
     lr: Optional[float] = typer.Option(None, help="Learning rate [default: 1e-3 DPT, 2e-5 SFT/DFT]."),
+    train_vision: Optional[bool] = typer.Option(None, "--train-vision/--freeze-vision", help="Override the stage: train or freeze the vision tower."),
+    train_projector: Optional[bool] = typer.Option(None, "--train-projector/--freeze-projector", help="Override the stage: train or freeze the projector."),
+    train_llm: Optional[bool] = typer.Option(None, "--train-llm/--freeze-llm", help="Override the stage: train or freeze the LLM."),
     epochs: Optional[int] = typer.Option(None, help="Epochs per stage. [default: 1]"),
     max_steps: Optional[int] = typer.Option(None, help="Stop each stage after this many optimizer steps."),
     batch_size: Optional[int] = typer.Option(None, help="Micro-batch size per process. [default: 4]"),
@@ -59,6 +62,7 @@ def train(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     flags = dict(student=student, out=out, stage=stage, recipe=recipe, cache=cache, data=data, images=images,
                  dpt_cache=dpt_cache, dpt_data=dpt_data, dpt_images=dpt_images, lr=lr, epochs=epochs,
+                 train_vision=train_vision, train_projector=train_projector, train_llm=train_llm,
                  max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, warmup_ratio=warmup_ratio,
                  weight_decay=weight_decay, ce_weight=ce_weight, mdist_text_weight=mdist_text_weight,
                  mdist_visual_weight=mdist_visual_weight, rdist_weight=rdist_weight, kind=kind,

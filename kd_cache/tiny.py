@@ -169,9 +169,9 @@ def _placeholder_for(extra_special_tokens: list[str]) -> str | None:
 
 
 def train_tiny_tokenizer(
-    extra_special_tokens: list[str], vocab_size: int = 512
+    extra_special_tokens: list[str], vocab_size: int = 512, corpus: list[str] | None = None
 ) -> transformers.PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on a built-in corpus (deterministic, offline).
+    """Train a byte-level BPE tokenizer on a built-in corpus plus `corpus` (deterministic, offline).
 
     Byte-level BPE means any text round-trips, like the real Qwen2 tokenizer. Special tokens get
     the first ids (``<|endoftext|>`` 0, ``<|im_start|>`` 1, ``<|im_end|>`` 2, then the extras in
@@ -197,7 +197,7 @@ def train_tiny_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(_corpus() + list(corpus or ()), trainer=trainer)
 
     hf_tok = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -272,6 +272,7 @@ def make_tiny_teacher(
     patch_size: int = 8,
     seed: int = 0,
     vocab_size: int = 512,
+    corpus: list[str] | None = None,
 ) -> Path:
     """Build and save a random tiny model + processor of ``family``; returns ``out_dir``.
 
@@ -296,7 +297,7 @@ def make_tiny_teacher(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tiny_tokenizer(_FAMILY_SPECIAL_TOKENS[family], vocab_size=vocab_size)
+    tokenizer = train_tiny_tokenizer(_FAMILY_SPECIAL_TOKENS[family], vocab_size=vocab_size, corpus=corpus)
     text_kwargs = _text_kwargs(tokenizer, hidden_size, num_layers)
     tid = tokenizer.convert_tokens_to_ids
     processor: object

@@ -218,8 +218,9 @@ class StageRunner:
                                project_dir=out)
         set_seed(cfg.seed)
         self.model, self.processor = load_student(student)
-        counts = set_trainable(self.model, vision=preset.train_vision, projector=preset.train_projector,
-                               llm=preset.train_llm)
+        pick = lambda name: getattr(preset, name) if getattr(cfg, name) is None else getattr(cfg, name)  # noqa: E731
+        counts = set_trainable(self.model, vision=pick("train_vision"), projector=pick("train_projector"),
+                               llm=pick("train_llm"))
         log.info("stage %s: trainable parameters %s", preset.name, counts)
 
         tok = getattr(self.processor, "tokenizer", self.processor)

@@ -44,6 +44,10 @@ class TrainConfig:
     dpt_images: str | None = None
     dpt_cache: str | None = None
     lr: float | None = None
+    # override which parts a stage trains (None: the stage's preset); e.g. a teacher trained from scratch
+    train_vision: bool | None = None
+    train_projector: bool | None = None
+    train_llm: bool | None = None
     epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 4

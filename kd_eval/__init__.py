@@ -1,0 +1,1 @@
+"""Evaluation data and tools for distilled students (procedural datasets, scoring)."""
