@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from kd_train.batch import Batch, encoder_for, features, make_batch
-from kd_train.objective import TERMS, RowLogits, StepCounts, micro_batch_loss
+from kd_train.objective import TERMS, RowLogits, StepCounts, StudentGram, micro_batch_loss
 from kd_train.stages import StagePreset
 from kd_train.train import (CHECKPOINT_DIR, STATE_NAME, TrainConfig, cosine_with_warmup, latest_checkpoint,
                             prune_checkpoints, save_json)
@@ -263,6 +263,7 @@ class StageRunner:
                                                            lambda s: cosine_with_warmup(s, total, warmup))
         self.wrapped, self.optimizer, self.scheduler = self.acc.prepare(RowLogits(self.model), self.optimizer,
                                                                         self.scheduler)
+        self.student_gram = StudentGram(self.model)
         self.step = 0
         self.epoch = 0
 
@@ -380,9 +381,10 @@ class StageRunner:
                 else:
                     batch = batch.to(device)
                     with acc.autocast():
-                        zt, zv = self.wrapped(batch.model_inputs, batch.text_rows, batch.visual_rows)
+                        zt, zv, hv = self.wrapped(batch.model_inputs, batch.text_rows, batch.visual_rows)
                     loss, parts = micro_batch_loss(zt.float(), zv.float(), batch, self.loss_cfg, counts,
-                                                   acc.num_processes, self.teacher_vocab)
+                                                   acc.num_processes, self.teacher_vocab, hv=hv,
+                                                   student_gram=self.student_gram)
                 acc.backward(loss)
             loss_value += float(loss.detach()) / acc.num_processes
             for k, v in parts.items():

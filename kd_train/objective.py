@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kd_train.batch import Batch
-from kd_train.losses import KDLossConfig, ce_loss, gram, mdist_loss, rdist_loss
+from kd_train.losses import KDLossConfig, ce_loss, gram, gram_from_hidden, mdist_loss, rdist_loss
 
 TERMS = ("ce", "mdist_text", "mdist_visual", "rdist")
 
@@ -24,12 +24,44 @@ class RowLogits(torch.nn.Module):
         self.model = model
 
     def forward(self, model_inputs: dict, text_rows: torch.Tensor, visual_rows: torch.Tensor):
+        """-> (text-row logits (Nt, V), visual-row logits (Nv, V), visual-row final hidden states (Nv, D))."""
         out = self.model.model(**model_inputs, use_cache=False, return_dict=True)
         hidden = out.last_hidden_state
         head = self.model.get_output_embeddings()
-        zt = head(hidden[text_rows[0], text_rows[1]])
-        zv = head(hidden[visual_rows[0], visual_rows[1]])
-        return zt, zv
+        hv = hidden[visual_rows[0], visual_rows[1]]
+        return head(hidden[text_rows[0], text_rows[1]]), head(hv), hv
+
+
+class StudentGram:
+    """R_S = Z Zᵀ of the student's visual logits in the exact cheaper form H (WᵀW) Hᵀ (Z = H Wᵀ).
+
+    Z Zᵀ costs Nv²·V per sample (~80 GFLOP at Nv=728, V=152K); H (WᵀW) Hᵀ costs Nv·D² + Nv²·D once WᵀW (V·D²)
+    exists. WᵀW is formed once per micro-batch while the LM head trains (so gradients reach W), and once per run
+    while it is frozen (DPT). Heads with a bias or logit soft-capping fall back to Z Zᵀ.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        head = model.get_output_embeddings()
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.exact_form = getattr(head, "bias", None) is None and not getattr(cfg, "final_logit_softcapping", None)
+        self.weight = head.weight
+        self._frozen_wtw: torch.Tensor | None = None
+
+    def wtw(self) -> torch.Tensor:
+        w = self.weight
+        if w.requires_grad:
+            return w.float().T @ w.float()
+        if self._frozen_wtw is None or self._frozen_wtw.device != w.device:
+            with torch.no_grad():
+                self._frozen_wtw = w.float().T @ w.float()
+        return self._frozen_wtw
+
+    def grams(self, zv: torch.Tensor, hv: torch.Tensor, splits: list[int]) -> list[torch.Tensor]:
+        """One (Nv_i, Nv_i) Gram per sample with visual rows."""
+        if not self.exact_form:
+            return [gram(z) for z in torch.split(zv, splits) if z.shape[0]]
+        wtw = self.wtw()
+        return [gram_from_hidden(h, self.weight, wtw) for h in torch.split(hv, splits) if h.shape[0]]
 
 
 @dataclass
@@ -42,7 +74,8 @@ class StepCounts:
 
 
 def micro_batch_loss(zt: torch.Tensor, zv: torch.Tensor, batch: Batch, cfg: KDLossConfig, counts: StepCounts,
-                     world_size: int, teacher_vocab: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                     world_size: int, teacher_vocab: int | None = None, hv: torch.Tensor | None = None,
+                     student_gram: StudentGram | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum of the terms for one micro-batch, each normalised by its step-wide row count.
 
     Summing these over the step's micro-batches gives per-row means over the global batch; multiplying by
@@ -60,8 +93,12 @@ def micro_batch_loss(zt: torch.Tensor, zv: torch.Tensor, batch: Batch, cfg: KDLo
             sums["mdist_visual"] = mdist_loss(zv, t["visual_topk_ids"], t["visual_topk_logprobs"],
                                               t["visual_tail_logprob"], **kw)
         if cfg.rdist_weight and batch.n_visual:
-            terms = [rdist_loss(gram(z), g) for z, g in zip(torch.split(zv, batch.visual_splits), batch.grams)
-                     if z.shape[0] > 0]
+            if student_gram is not None and hv is not None:
+                grams_s = student_gram.grams(zv, hv, batch.visual_splits)
+            else:
+                grams_s = [gram(z) for z in torch.split(zv, batch.visual_splits) if z.shape[0]]
+            grams_t = [g for g, n in zip(batch.grams, batch.visual_splits) if n]
+            terms = [rdist_loss(rs, rt, is_gram=True) for rs, rt in zip(grams_s, grams_t)]
             sums["rdist"] = torch.stack(terms).sum()
     weights = {"ce": cfg.ce_weight, "mdist_text": cfg.mdist_text_weight, "mdist_visual": cfg.mdist_visual_weight,
                "rdist": cfg.rdist_weight}
