@@ -79,7 +79,7 @@ class RecordSource(Sequence):
                 self.fingerprint = f"datasets:{self._records._fingerprint}"
                 return
             raise FileNotFoundError(f"data file not found: {path}")
-        self.fingerprint = f"sha256:{_sha256_file(p)}"
+        self.fingerprint = f"sha256:{sha256_file(p)}"
         suffix = p.suffix.lower()
         if suffix == ".jsonl":
             self._jsonl = (str(p), _line_offsets(p))
@@ -136,7 +136,8 @@ def _line_offsets(path: Path) -> np.ndarray:
     return np.asarray(offsets, dtype=np.int64)
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Streaming sha256 of a local file (data fingerprints, shard checksums)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

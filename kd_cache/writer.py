@@ -6,7 +6,6 @@ journal, so a crash at any point leaves either a complete, recorded shard or not
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -20,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kd_cache import format as fmt
+from kd_cache.data import sha256_file
 from kd_cache.teacher import SampleTargets
 
 
@@ -57,14 +57,6 @@ def encode_table(samples: list[SampleTargets]) -> pa.Table:
 def _sample_bytes_estimate(s: SampleTargets) -> int:
     n = s.input_ids.nbytes + s.text["topk_ids"].nbytes + s.visual["topk_ids"].nbytes
     return n + (s.gram.nbytes // 2 if s.gram is not None else 0)
-
-
-def sha256_of(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fsync_dir(path: str) -> None:
@@ -211,7 +203,7 @@ class ShardWriter:
                 shard=rel,
                 rows=len(p.samples),
                 bytes=os.path.getsize(path),
-                sha256=sha256_of(path),
+                sha256=sha256_file(path),
                 text_rows=int(sum(len(s.text_positions) for s in p.samples)),
                 visual_rows=int(sum(len(s.visual_positions) for s in p.samples)),
                 gram_samples=int(sum(s.gram is not None for s in p.samples)),
