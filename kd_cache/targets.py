@@ -55,3 +55,46 @@ def gram(logits: torch.Tensor) -> torch.Tensor:
     """R = Z Zᵀ of raw logits Z (Nv, V), accumulated in float32. Returns (Nv, Nv) float32."""
     z = logits.float()
     return z @ z.T
+
+
+@dataclass
+class SampledTargets:
+    """Random-sampling KD targets (Anshumann et al. 2025) for N rows: `n_draws` ids drawn from the teacher
+    distribution per row, stored as the unique ids with their counts. counts / n_draws is an unbiased estimate
+    of the teacher distribution, so a cross-entropy against it has the full forward-KL gradient in expectation."""
+
+    ids: torch.Tensor  # (M,) int64: unique sampled ids, rows concatenated, ascending within a row
+    counts: torch.Tensor  # (M,) int64: how often each id was drawn (sums to n_draws per row)
+    row_lengths: torch.Tensor  # (N,) int64: unique ids per row
+    logsumexp: torch.Tensor  # (N,) float32
+
+
+def sampled_targets(logits: torch.Tensor, n_draws: int, *, generator: torch.Generator | None = None,
+                    chunk_rows: int = 256) -> SampledTargets:
+    """Draw `n_draws` ids per row from softmax(logits) (with replacement) and count the unique ones.
+
+    Args:
+        logits: (N, V) raw logits; math in float32.
+        generator: a seeded generator on the logits' device makes the cache reproducible.
+    """
+    ids, counts, lengths, lses = [], [], [], []
+    for start in range(0, logits.shape[0], chunk_rows):
+        z = logits[start: start + chunk_rows].float()
+        lse = torch.logsumexp(z, dim=-1)
+        draws = torch.multinomial(torch.softmax(z, dim=-1), n_draws, replacement=True, generator=generator)
+        draws, _ = torch.sort(draws, dim=-1)
+        new = torch.ones_like(draws, dtype=torch.bool)
+        new[:, 1:] = draws[:, 1:] != draws[:, :-1]
+        # run-length encode every row at once: run starts -> ids, gaps between starts -> counts
+        row_of = torch.arange(draws.shape[0], device=z.device)[:, None].expand_as(draws)[new]
+        flat_pos = torch.nonzero(new.flatten()).flatten()
+        ends = torch.cat([flat_pos[1:], flat_pos.new_tensor([draws.numel()])])
+        ids.append(draws.flatten()[flat_pos])
+        counts.append(ends - flat_pos)
+        lengths.append(torch.bincount(row_of, minlength=draws.shape[0]))
+        lses.append(lse)
+    dev = logits.device
+    if not ids:
+        empty = torch.zeros(0, dtype=torch.int64, device=dev)
+        return SampledTargets(empty, empty, empty, torch.zeros(0, dtype=torch.float32, device=dev))
+    return SampledTargets(torch.cat(ids), torch.cat(counts), torch.cat(lengths), torch.cat(lses))

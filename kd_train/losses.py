@@ -717,3 +717,46 @@ class KDLossConfig:
             "use_tail": self.use_tail,
             "jsd_beta": self.jsd_beta,
         }
+
+
+def sampled_kd_loss(
+    student_logits: torch.Tensor,
+    sample_ids: torch.Tensor,
+    sample_counts: torch.Tensor,
+    row_lengths: torch.Tensor,
+    n_draws: int,
+    *,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """Random-sampling KD (Anshumann et al. 2025): cross-entropy against the sampled teacher distribution.
+
+    Each row holds `n_draws` ids drawn from the teacher distribution p_T, stored as unique ids with counts; the
+    importance weight of a drawn id is count / n_draws (proposal = p_T itself), so q = counts / n_draws is an
+    unbiased estimate of p_T and the gradient -(q - softmax(z_S)) equals the forward-KL gradient in expectation.
+    The value is a cross-entropy (KL plus the teacher's entropy estimate), not a KL.
+
+    Args:
+        student_logits: (N, V) raw student logits.
+        sample_ids: (M,) int64 unique sampled ids, rows concatenated.
+        sample_counts: (M,) counts of those ids (each row sums to n_draws).
+        row_lengths: (N,) unique ids per row.
+        n_draws: draws per row.
+    Returns:
+        Sum over rows (reduction="sum") or (N,) per-row values ("none").
+    """
+    reduction = _check_reduction(reduction)
+    if not isinstance(n_draws, int) or n_draws < 1:
+        raise ValueError(f"n_draws must be a positive integer, got {n_draws!r}")
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be (N, V), got shape {tuple(student_logits.shape)}")
+    n = student_logits.shape[0]
+    if row_lengths.shape != (n,) or int(row_lengths.sum()) != sample_ids.shape[0] or sample_ids.shape != sample_counts.shape:
+        raise ValueError(f"row_lengths (N={n},) must sum to len(sample_ids) == len(sample_counts), got "
+                         f"{tuple(row_lengths.shape)}, {tuple(sample_ids.shape)}, {tuple(sample_counts.shape)}")
+    dtype = _compute_dtype(student_logits)
+    logp = torch.log_softmax(student_logits.to(dtype), dim=-1)
+    rows = torch.repeat_interleave(torch.arange(n, device=student_logits.device), row_lengths.to(torch.long))
+    weights = sample_counts.to(dtype) / n_draws
+    per_row = torch.zeros(n, dtype=dtype, device=student_logits.device).index_add(
+        0, rows, -weights * logp[rows, sample_ids.to(torch.long)])
+    return _reduce(per_row, reduction)

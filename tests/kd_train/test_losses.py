@@ -625,3 +625,43 @@ def test_kd_loss_config_defaults_and_kwargs():
 def test_kd_loss_config_validation(kw):
     with pytest.raises(ValueError, match="got"):
         KDLossConfig(**kw)
+
+
+# ---------------------------------------------------------------------------------- random-sampling KD
+
+
+def test_sampled_kd_gradient_is_unbiased_for_the_forward_kl_gradient():
+    from kd_cache.targets import sampled_targets
+    from kd_train.losses import sampled_kd_loss
+
+    torch.manual_seed(0)
+    n, v, draws = 4, 40, 50
+    teacher = torch.randn(n, v, dtype=torch.float64) * 2
+    student = torch.randn(n, v, dtype=torch.float64, requires_grad=True)
+    p = torch.softmax(teacher, -1)
+    full = (p * (torch.log(p) - torch.log_softmax(student, -1))).sum()
+    g_full = torch.autograd.grad(full, student)[0]
+    gen = torch.Generator().manual_seed(1)
+    trials = 1000
+    g_mean = torch.zeros_like(g_full)
+    for _ in range(trials):
+        t = sampled_targets(teacher, draws, generator=gen)
+        loss = sampled_kd_loss(student, t.ids, t.counts, t.row_lengths, draws)
+        g = torch.autograd.grad(loss, student)[0]
+        # for one draw the gradient is exactly softmax(z_S) - q: linear in q, so E[g] = softmax(z_S) - p
+        q = torch.zeros(n, v, dtype=torch.float64)
+        q[torch.repeat_interleave(torch.arange(n), t.row_lengths), t.ids] = t.counts.double() / draws
+        assert torch.allclose(g, torch.softmax(student.detach(), -1) - q, atol=1e-12)
+        g_mean += g / trials
+    # Monte-Carlo error of the mean: sd(q) / sqrt(draws * trials) <= 0.5 / sqrt(5e4) ~ 2.2e-3; allow 5 sd
+    assert (g_mean - g_full).abs().max() < 1.2e-2
+
+
+def test_sampled_kd_rejects_inconsistent_rows():
+    from kd_train.losses import sampled_kd_loss
+
+    z = torch.zeros(2, 5)
+    with pytest.raises(ValueError, match="row_lengths"):
+        sampled_kd_loss(z, torch.tensor([1, 2]), torch.tensor([3, 4]), torch.tensor([1, 2]), 7)
+    with pytest.raises(ValueError, match="n_draws"):
+        sampled_kd_loss(z, torch.tensor([1, 2]), torch.tensor([3, 4]), torch.tensor([1, 1]), 0)
