@@ -28,9 +28,15 @@ def build(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N. [default: this rank's GPU, else CPU]"),
     dtype: Optional[str] = typer.Option(None, help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, bfloat16, float16."),
     num_workers: Optional[int] = typer.Option(None, help="DataLoader workers preparing samples. [default: 0]"),
+    targets: Optional[str] = typer.Option(None, help="topk (k ids per row) or sampled (random-sampling KD). [default: topk]"),
+    samples: Optional[int] = typer.Option(None, help="sampled targets: draws per row (<= 255). [default: 50]"),
     no_gram: Optional[bool] = typer.Option(None, "--no-gram", help="Do not store the visual Gram matrix (RDist target)."),
+    gram_encoding: Optional[str] = typer.Option(None, help="lowrank (int8 eigenpairs, rank per sample) or dense. [default: lowrank]"),
+    gram_tolerance: Optional[float] = typer.Option(None, help="Max 1 - cos of the stored Gram, raw and row-centred. [default: 1e-4]"),
+    seed: Optional[int] = typer.Option(None, help="Seed of sampled targets. [default: 0]"),
     revision: Optional[str] = typer.Option(None, help="Hub revision of the teacher."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow the teacher's own code from the hub."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="Teacher runtime: transformers, or vllm (the vllm extra; see docs/scaling.md). [default: transformers]"),
     config: Optional[str] = typer.Option(None, "--config", help="YAML/JSON file of the same fields; flags override it."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -42,7 +48,7 @@ def build(
     flags = dict(teacher=teacher, data=data, images=images, out=out, top_k=top_k, visual_top_k=visual_top_k,
                  batch_size=batch_size, max_length=max_length, max_images=max_images, shard_size=shard_size,
                  device=device, dtype=dtype, num_workers=num_workers, revision=revision,
-                 trust_remote_code=trust_remote_code, gram=False if no_gram else None,
+                 trust_remote_code=trust_remote_code, backend=backend, gram=False if no_gram else None,
                  progress=False if quiet else None)
     try:
         cfg = resolve(BuildConfig, config, flags)

@@ -15,10 +15,14 @@ import torch
 
 from kd_cache import format as fmt
 from kd_cache.data import Encoder, RecordSource, SkipSample, sample_id_of
+from kd_cache.targets import TargetOptions
 from kd_cache.manifest import done_path, try_finalize
 from kd_cache.writer import ShardWriter, atomic_write_text, journal_path, read_journal
 
 log = logging.getLogger("kd_cache")
+
+
+BACKENDS = ("transformers", "vllm")
 
 
 @dataclass
@@ -34,10 +38,16 @@ class BuildConfig:
     max_length: int | None = 4096
     max_images: int | None = None
     shard_size: int = 1024
+    targets: str = "topk"  # "topk" (k ids per row) or "sampled" (random-sampling KD: `samples` draws per row)
+    samples: int = 50
     gram: bool = True
+    gram_encoding: str = "lowrank"  # "lowrank" (int8 eigenpairs, rank per sample) or "dense"
+    gram_tolerance: float = 1e-4
+    seed: int = 0
     dtype: str = "auto"
     revision: str | None = None
     trust_remote_code: bool = False
+    backend: str = "transformers"  # "transformers" or "vllm" (kd_cache/vllm_backend.py)
     # not semantic: may change between a crash and its resume
     batch_size: int = 8
     device: str | None = None
@@ -48,10 +58,18 @@ class BuildConfig:
     NON_SEMANTIC = ("batch_size", "device", "num_workers", "progress", "out")
 
     def __post_init__(self) -> None:
-        for name in ("top_k", "visual_top_k", "shard_size", "batch_size"):
+        for name in ("top_k", "visual_top_k", "shard_size", "batch_size", "samples"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.targets not in fmt.TARGET_KINDS:
+            raise ValueError(f"targets must be one of {', '.join(fmt.TARGET_KINDS)}, got {self.targets!r}")
+        if self.targets == "sampled" and self.samples > 255:
+            raise ValueError(f"samples must be <= 255 (counts are stored as uint8), got {self.samples!r}")
+        if self.gram_encoding not in ("lowrank", "dense"):
+            raise ValueError(f"gram_encoding must be lowrank or dense, got {self.gram_encoding!r}")
+        if not 0 < self.gram_tolerance < 1:
+            raise ValueError(f"gram_tolerance must be in (0, 1), got {self.gram_tolerance!r}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2 or None, got {self.max_length!r}")
         if self.max_images is not None and self.max_images < 0:
@@ -64,6 +82,8 @@ class BuildConfig:
             raise ValueError(f"images must be an existing folder, got {self.images!r}")
         if not self.out:
             raise ValueError("out must be a folder path, got an empty string")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
     def semantic(self) -> dict:
         d = dataclasses.asdict(self)
@@ -90,6 +110,7 @@ def _check_out_dir(cfg: BuildConfig, world_size: int) -> str:
     with open(cfg_path) as f:
         saved = json.load(f)
     want = {"format_version": fmt.FORMAT_VERSION, "world_size": world_size, **cfg.semantic()}
+    saved.setdefault("backend", "transformers")  # caches from before the field existed
     have = {k: saved.get(k) for k in want}
     diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
     if diff:
@@ -107,6 +128,10 @@ def build(cfg: BuildConfig) -> dict | None:
     rank, world = dist_env()
     # ---- everything that can be wrong with the arguments fails here, before the teacher is loaded
     records = RecordSource(cfg.data)
+    if cfg.backend == "vllm":
+        from kd_cache.vllm_backend import preflight
+
+        preflight()
     state = _check_out_dir(cfg, world)
     if state == "complete":
         log.info("cache at %s is already complete", cfg.out)
@@ -136,10 +161,19 @@ def build(cfg: BuildConfig) -> dict | None:
         log.info("rank %d resuming at local sample %d of %d", rank, start, n_local)
 
     t_load = time.perf_counter()
-    teacher = Teacher(cfg.teacher, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                      revision=cfg.revision)
+    if cfg.backend == "vllm":
+        from kd_cache.vllm_backend import VllmTeacher
+
+        teacher = VllmTeacher(cfg.teacher, records=records, image_root=cfg.images, device=cfg.device, dtype=cfg.dtype,
+                              trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, top_k=cfg.top_k,
+                              visual_top_k=cfg.visual_top_k, gram=cfg.gram, max_length=cfg.max_length,
+                              batch_size=cfg.batch_size, max_images=cfg.max_images, targets_kind=cfg.targets)
+        vocab = teacher.vocab_size
+    else:
+        teacher = Teacher(cfg.teacher, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                          revision=cfg.revision)
+        vocab = teacher.model.get_output_embeddings().weight.shape[0]
     load_seconds = time.perf_counter() - t_load
-    vocab = teacher.model.get_output_embeddings().weight.shape[0]
     k_text, k_vis = min(cfg.top_k, vocab), min(cfg.visual_top_k, vocab)
     teacher_id = weights_fingerprint(cfg.teacher, cfg.revision or getattr(config, "_commit_hash", None))
     header = _header(cfg, config, processor, teacher_id, records, multimodal, k_text, k_vis, teacher.dtype, vocab)
@@ -149,9 +183,12 @@ def build(cfg: BuildConfig) -> dict | None:
     encoder = Encoder(processor, teacher.image_token_id, image_root=cfg.images, max_length=cfg.max_length,
                       max_images=max_images)
 
+    opts = TargetOptions(text_kind=cfg.targets, text_k=k_text, visual_kind=cfg.targets, visual_k=k_vis,
+                         samples=cfg.samples, gram=cfg.gram, gram_lowrank=cfg.gram_encoding == "lowrank",
+                         gram_tolerance=cfg.gram_tolerance, seed=cfg.seed)
     writer = ShardWriter(cfg.out, rank, world, start=start, shard_size=cfg.shard_size,
                          teacher_fingerprint=header["teacher"]["fingerprint"], targets=header["targets"],
-                         compression_level=cfg.compression_level)
+                         schema=fmt.schema(cfg.targets, cfg.targets, vocab), compression_level=cfg.compression_level)
     timings = {"load_seconds": round(load_seconds, 3), "prepare_seconds": 0.0, "teacher_seconds": 0.0,
                "writer_wait_seconds": 0.0}
     loader = _loader(records, encoder, rank, world, start, n_local, cfg)
@@ -165,7 +202,7 @@ def build(cfg: BuildConfig) -> dict | None:
             t0 = time.perf_counter()
             results = {}
             if ok:
-                for r in teacher.targets(ok, top_k=k_text, visual_top_k=k_vis, with_gram=cfg.gram):
+                for r in teacher.targets(ok, opts):
                     results[r.sample_index] = r
             timings["teacher_seconds"] += time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -221,17 +258,19 @@ def _header(cfg: BuildConfig, config, processor, teacher_id, records, multimodal
     image_processor = getattr(processor, "image_processor", None)
     return {
         "teacher": teacher_id,
-        "backend": "transformers",
+        "backend": cfg.backend,
         "vocab_size": vocab,
         "tokenizer": tokenizer_fingerprint(processor),
         "image_processor": image_processor.to_dict() if image_processor is not None else None,
         "targets": {
-            "text": fmt.TargetSpec("topk", k_text).to_dict(),
-            "visual": fmt.TargetSpec("topk", k_vis).to_dict(),
-            "gram": {"enabled": cfg.gram, "encoding": fmt.GRAM_ENCODING},
-            "dtypes": {"input_ids": "int32", "positions": "int32", "topk_ids": "int32",
-                       "topk_logprobs": f"uint16 codes, step 1/{int(fmt.LOGPROB_SCALE)} nat",
-                       "tail_logprob": "float32", "logsumexp": "float32", "gram": "float32"},
+            "text": fmt.TargetSpec(cfg.targets, k=k_text, samples=cfg.samples).to_dict(),
+            "visual": fmt.TargetSpec(cfg.targets, k=k_vis, samples=cfg.samples).to_dict(),
+            "gram": {"enabled": cfg.gram, "encoding": "lowrank-int8 or dense-upper-fp32 per sample"
+                     if cfg.gram_encoding == "lowrank" else "dense-upper-fp32", "tolerance": cfg.gram_tolerance,
+                     "vocab_size": vocab},
+            "dtypes": {"input_ids": "int32", "positions": "int32", "ids": str(fmt.id_type(vocab)),
+                       "topk_logprobs": fmt.LOGPROB_ENCODING, "sample_counts": "uint8",
+                       "tail_logprob": "float32", "logsumexp": "float32"},
             "logprob_max_abs_error": fmt.LOGPROB_MAX_ABS_ERROR,
             "teacher_dtype": str(dtype or cfg.dtype).replace("torch.", ""),
         },

@@ -47,7 +47,7 @@ class Cache:
             )
         with self.fs.open(manifest_path, "rb") as f:
             self.manifest: dict = json.load(f)
-        fmt.check_version(self.manifest.get("format_version"), f"{self.url}/{fmt.MANIFEST_NAME}")
+        self.version = fmt.check_version(self.manifest.get("format_version"), f"{self.url}/{fmt.MANIFEST_NAME}")
         targets = self.manifest["targets"]
         self.text_spec = fmt.TargetSpec.from_dict(targets["text"])
         self.visual_spec = fmt.TargetSpec.from_dict(targets["visual"])
@@ -95,28 +95,46 @@ class Cache:
                         yield Position(si, rg, off), self.decode(_row(table, off))
 
     def decode(self, row: dict[str, Any]) -> dict:
-        """One stored row -> the documented sample dict of numpy arrays (dequantized)."""
-        kt, kv = self.text_spec.k, self.visual_spec.k
+        """One stored row -> the documented sample dict of numpy arrays (dequantized, Gram dense)."""
         tpos = np.asarray(row["text_positions"], dtype=np.int64)
         vpos = np.asarray(row["visual_positions"], dtype=np.int64)
-        nt, nv = len(tpos), len(vpos)
-        gram_flat = np.asarray(row["gram"], dtype=np.float32)
-        return {
+        out = {
             "sample_id": row["sample_id"],
             "sample_index": int(row["sample_index"]),
             "input_ids": np.asarray(row["input_ids"], dtype=np.int64),
             "text_positions": tpos,
             "visual_positions": vpos,
-            "text_topk_ids": np.asarray(row["text_topk_ids"], dtype=np.int64).reshape(nt, kt),
-            "text_topk_logprobs": fmt.decode_logprobs(np.asarray(row["text_topk_logprobs"])).reshape(nt, kt),
-            "text_tail_logprob": np.asarray(row["text_tail_logprob"], dtype=np.float32),
-            "text_logsumexp": np.asarray(row["text_logsumexp"], dtype=np.float32),
-            "visual_topk_ids": np.asarray(row["visual_topk_ids"], dtype=np.int64).reshape(nv, kv),
-            "visual_topk_logprobs": fmt.decode_logprobs(np.asarray(row["visual_topk_logprobs"])).reshape(nv, kv),
-            "visual_tail_logprob": np.asarray(row["visual_tail_logprob"], dtype=np.float32),
-            "visual_logsumexp": np.asarray(row["visual_logsumexp"], dtype=np.float32),
-            "gram": fmt.gram_from_upper(gram_flat, nv) if nv else np.zeros((0, 0), np.float32),
         }
+        for prefix, spec, n in (("text", self.text_spec, len(tpos)), ("visual", self.visual_spec, len(vpos))):
+            get = lambda key: row[f"{prefix}_{key}"]  # noqa: E731
+            out[f"{prefix}_logsumexp"] = np.asarray(get("logsumexp"), dtype=np.float32)
+            if spec.kind == "sampled":
+                counts = np.asarray(get("sample_counts"), dtype=np.int64)
+                out[f"{prefix}_sample_ids"] = np.asarray(get("sample_ids"), dtype=np.int64)
+                out[f"{prefix}_sample_counts"] = counts
+                out[f"{prefix}_sample_row_lengths"] = fmt.sampled_rows(counts, spec.samples, n)
+                continue
+            out[f"{prefix}_topk_ids"] = np.asarray(get("topk_ids"), dtype=np.int64).reshape(n, spec.k)
+            if self.version == 1:
+                lp = fmt.decode_logprobs_v1(np.asarray(get("topk_logprobs")))
+            else:
+                lp = fmt.decode_logprobs(np.asarray(get("topk_codes")).reshape(n, spec.k))
+            out[f"{prefix}_topk_logprobs"] = lp.reshape(n, spec.k)
+            out[f"{prefix}_tail_logprob"] = np.asarray(get("tail_logprob"), dtype=np.float32)
+        out["gram"] = self._gram(row, len(vpos))
+        return out
+
+    def _gram(self, row: dict[str, Any], nv: int) -> np.ndarray:
+        dense = np.asarray(row["gram"], dtype=np.float32)
+        if nv == 0:
+            return np.zeros((0, 0), np.float32)
+        if len(dense) or self.version == 1:
+            return fmt.gram_from_upper(dense, nv)
+        if len(row["gram_mean"]) == 0:  # built with --no-gram
+            return np.zeros((0, 0), np.float32)
+        return fmt.gram_from_lowrank(np.asarray(row["gram_mean"]), np.asarray(row["gram_eigvals"]),
+                                     np.asarray(row["gram_eigvec_scales"]), np.asarray(row["gram_eigvecs"]),
+                                     self.manifest["targets"]["gram"].get("vocab_size", self.manifest["vocab_size"]))
 
 
 def _row(table, i: int) -> dict:

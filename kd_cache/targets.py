@@ -7,6 +7,21 @@ from dataclasses import dataclass
 import torch
 
 
+@dataclass(frozen=True)
+class TargetOptions:
+    """What the teacher computes per sample. kind: "topk" (k ids per row) or "sampled" (`samples` draws per row)."""
+
+    text_kind: str = "topk"
+    text_k: int = 64
+    visual_kind: str = "topk"
+    visual_k: int = 64
+    samples: int = 50
+    gram: bool = True
+    gram_lowrank: bool = True
+    gram_tolerance: float = 1e-4
+    seed: int = 0
+
+
 @dataclass
 class RowTargets:
     """Sparse targets for N logits rows (all on one device until `.cpu()` is called)."""
@@ -51,10 +66,27 @@ def topk_targets(logits: torch.Tensor, k: int, *, chunk_rows: int = 256) -> RowT
     return RowTargets(torch.cat(ids), torch.cat(lps), torch.cat(tails), torch.cat(lses))
 
 
-def gram(logits: torch.Tensor) -> torch.Tensor:
-    """R = Z Zᵀ of raw logits Z (Nv, V), accumulated in float32. Returns (Nv, Nv) float32."""
-    z = logits.float()
-    return z @ z.T
+def row_targets(logits: torch.Tensor, kind: str, k: int, samples: int, generator: torch.Generator | None):
+    """Targets of one kind for (N, V) logits rows."""
+    if kind == "topk":
+        return topk_targets(logits, k)
+    return sampled_targets(logits, samples, generator=generator)
+
+
+def to_host(t) -> dict:
+    """Device targets -> numpy arrays keyed like the cache columns (without the row prefix)."""
+    if isinstance(t, RowTargets):
+        return {"topk_ids": t.topk_ids.cpu().numpy(), "topk_logprobs": t.topk_logprobs.cpu().numpy(),
+                "tail_logprob": t.tail_logprob.cpu().numpy(), "logsumexp": t.logsumexp.cpu().numpy()}
+    if isinstance(t, SampledTargets):
+        return {"sample_ids": t.ids.cpu().numpy(), "sample_counts": t.counts.cpu().numpy(),
+                "sample_row_lengths": t.row_lengths.cpu().numpy(), "logsumexp": t.logsumexp.cpu().numpy()}
+    if isinstance(t, GramFactors):
+        if t.dense is not None:
+            return {"dense": t.dense.float().cpu().numpy()}
+        return {"mean": t.mean.float().cpu().numpy(), "eigvals": t.eigvals.cpu().numpy(),
+                "scales": t.scales.cpu().numpy(), "eigvecs": t.eigvecs.cpu().numpy()}
+    raise TypeError(f"unknown targets type {type(t).__name__}")
 
 
 @dataclass
@@ -98,3 +130,71 @@ def sampled_targets(logits: torch.Tensor, n_draws: int, *, generator: torch.Gene
         empty = torch.zeros(0, dtype=torch.int64, device=dev)
         return SampledTargets(empty, empty, empty, torch.zeros(0, dtype=torch.float32, device=dev))
     return SampledTargets(torch.cat(ids), torch.cat(counts), torch.cat(lengths), torch.cat(lses))
+
+
+@dataclass
+class GramFactors:
+    """A Gram matrix R = Z Zᵀ as stored by format v2 (see `kd_cache.format.gram_from_lowrank`).
+
+    Either `dense` (the (Nv, Nv) matrix) or the low-rank parts: `mean` (Nv,) per-row mean logits, the top-r
+    eigenpairs of the row-centred R_c with eigenvectors quantized to int8 per column (`eigvecs` (Nv, r) int8,
+    `scales` (r,)), `eigvals` (r,)."""
+
+    dense: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
+    eigvals: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    eigvecs: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.eigvals is None else int(self.eigvals.shape[0])
+
+
+def _cos_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(1.0 - (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def gram_factors(logits: torch.Tensor, *, tolerance: float = 1e-4, lowrank: bool = True) -> GramFactors:
+    """R = Z Zᵀ of raw logits Z (Nv, V), compressed: the exact row-mean part V m mᵀ plus the smallest-rank
+    int8 eigendecomposition of R_c = Z_c Z_cᵀ (Z_c: rows centred) with 1 − cos ≤ `tolerance` on both R and R_c.
+
+    92–97 % of ‖R‖² is the row-mean part, so 1 − cos on R alone says little; requiring it on R_c too keeps the
+    structure RDist compares. Falls back to the dense matrix when no rank beats it in bytes (e.g. tiny or
+    random-weight teachers, whose R_c is full-rank). All math on the logits' device, eigh in float64.
+    """
+    z = logits.float()
+    n, vocab = z.shape
+    r_full = z @ z.T
+    if not lowrank or n < 4:
+        return GramFactors(dense=r_full)
+    m = z.mean(dim=-1)
+    zc = z - m[:, None]
+    rc = (zc @ zc.T).double()
+    evals, evecs = torch.linalg.eigh(rc)
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    mm = float(vocab) * torch.outer(m.double(), m.double())
+    r64 = rc + mm
+
+    def build(rank: int):
+        u = evecs[:, :rank]
+        scales = u.abs().amax(dim=0).clamp_min(1e-30) / 127.0
+        q = torch.round(u / scales).clamp(-127, 127)
+        uq = q * scales
+        rc_hat = (uq * evals[:rank]) @ uq.T
+        ok = _cos_gap(rc_hat, rc) <= tolerance and _cos_gap(rc_hat + mm, r64) <= tolerance
+        return ok, q, scales
+
+    max_rank = int((2 * n * (n + 1) - 4 * n) // (n + 8))  # beyond this the dense upper triangle is smaller
+    lo, hi, best = 1, min(max_rank, n), None
+    while lo <= hi:  # smallest passing rank (quantization noise makes the test nearly, not strictly, monotone)
+        mid = (lo + hi) // 2
+        ok, q, scales = build(mid)
+        if ok:
+            best, hi = (mid, q, scales), mid - 1
+        else:
+            lo = mid + 1
+    if best is None:
+        return GramFactors(dense=r_full)
+    rank, q, scales = best
+    return GramFactors(mean=m, eigvals=evals[:rank].float(), scales=scales.float(), eigvecs=q.to(torch.int8))

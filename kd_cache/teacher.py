@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from kd_cache.data import EncodedSample, image_token_id_of
-from kd_cache.targets import gram, topk_targets
+from kd_cache.targets import TargetOptions, gram_factors, row_targets, to_host
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -101,9 +101,9 @@ class SampleTargets:
     input_ids: np.ndarray
     text_positions: np.ndarray
     visual_positions: np.ndarray
-    text: dict  # topk_ids, topk_logprobs, tail_logprob, logsumexp as numpy
+    text: dict  # numpy arrays: topk_ids/topk_logprobs/tail_logprob/logsumexp or sample_ids/sample_counts/...
     visual: dict
-    gram: np.ndarray | None  # (Nv, Nv) float32
+    gram: dict | None  # {"dense": (Nv, Nv)} or the low-rank parts {mean, eigvals, scales, eigvecs}
 
 
 class Teacher:
@@ -147,48 +147,31 @@ class Teacher:
         return z
 
     @torch.no_grad()
-    def targets(self, samples: list[tuple[int, EncodedSample]], *, top_k: int, visual_top_k: int,
-                with_gram: bool = True) -> list[SampleTargets]:
+    def targets(self, samples: list[tuple[int, EncodedSample]], opts: TargetOptions) -> list[SampleTargets]:
+        """One batched forward; targets for every sample computed on the teacher's device, then copied."""
         batch = collate([s for _, s in samples], self.pad_id)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         if "pixel_values" in batch and batch["pixel_values"].is_floating_point():
             batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
         hidden, head = self.hidden_and_head(batch)
-        results = []
         pending = []
         for b, (index, s) in enumerate(samples):
-            tpos = torch.as_tensor(s.text_positions, device=self.device)
-            vpos = torch.as_tensor(s.visual_positions, device=self.device)
+            # sampled targets depend on (seed, sample) only, never on batching or rank
+            gen = torch.Generator(device=self.device).manual_seed(opts.seed * 1_000_003 + index)
             h = hidden[b]
-            tt = topk_targets(self.row_logits(h, head, tpos), top_k)
-            zv = self.row_logits(h, head, vpos)
-            vt = topk_targets(zv, visual_top_k)
-            g = gram(zv) if with_gram and len(s.visual_positions) else None
+            zt = self.row_logits(h, head, torch.as_tensor(s.text_positions, device=self.device))
+            zv = self.row_logits(h, head, torch.as_tensor(s.visual_positions, device=self.device))
+            tt = row_targets(zt, opts.text_kind, opts.text_k, opts.samples, gen)
+            vt = row_targets(zv, opts.visual_kind, opts.visual_k, opts.samples, gen)
+            g = None
+            if opts.gram and len(s.visual_positions):
+                g = gram_factors(zv, tolerance=opts.gram_tolerance, lowrank=opts.gram_lowrank)
             pending.append((index, s, tt, vt, g))
-        # One sync point per batch: all device work is queued before the first host copy.
-        for index, s, tt, vt, g in pending:
-            results.append(
-                SampleTargets(
-                    sample_index=index,
-                    sample_id=s.sample_id,
-                    input_ids=s.input_ids,
-                    text_positions=s.text_positions,
-                    visual_positions=s.visual_positions,
-                    text=_to_host(tt),
-                    visual=_to_host(vt),
-                    gram=None if g is None else g.cpu().numpy(),
-                )
-            )
-        return results
-
-
-def _to_host(t) -> dict:
-    return {
-        "topk_ids": t.topk_ids.cpu().numpy(),
-        "topk_logprobs": t.topk_logprobs.cpu().numpy(),
-        "tail_logprob": t.tail_logprob.cpu().numpy(),
-        "logsumexp": t.logsumexp.cpu().numpy(),
-    }
+        # all device work is queued before the first host copy
+        return [SampleTargets(sample_index=index, sample_id=s.sample_id, input_ids=s.input_ids,
+                              text_positions=s.text_positions, visual_positions=s.visual_positions,
+                              text=to_host(tt), visual=to_host(vt), gram=None if g is None else to_host(g))
+                for index, s, tt, vt, g in pending]
 
 
 SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")

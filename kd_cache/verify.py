@@ -22,12 +22,25 @@ def _load_manifest(fs, root: str) -> dict:
     return m
 
 
+def column_group(name: str) -> str:
+    """Which bytes a column counts toward in `info`: per text row, per visual row, per Gram, per sample."""
+    if name.startswith("gram"):
+        return "gram"
+    for prefix in ("text", "visual"):
+        if name.startswith(prefix + "_"):
+            return prefix
+    return "common"
+
+
+def expected_schema(m: dict):
+    t = m["targets"]
+    return fmt.schema(t["text"]["kind"], t["visual"]["kind"], m["vocab_size"], version=int(m["format_version"]))
+
+
 def info(path_or_url: str) -> dict:
     """Sizes and counts of a cache, with bytes per text row, per visual row and per Gram from Parquet metadata."""
     fs, root = _fs_and_root(path_or_url)
     m = _load_manifest(fs, root)
-    groups = {**{c: "common" for c in fmt.COMMON_COLUMNS}, **{c: "text" for c in fmt.TEXT_COLUMNS},
-              **{c: "visual" for c in fmt.VISUAL_COLUMNS}, **{c: "gram" for c in fmt.GRAM_COLUMNS}}
     col_bytes: dict[str, int] = defaultdict(int)
     shards = []
     for s in m["shards"]:
@@ -41,7 +54,7 @@ def info(path_or_url: str) -> dict:
         shards.append({"name": s["name"], "rows": s["rows"], "bytes": s["bytes"], "row_groups": md.num_row_groups})
     by_group: dict[str, int] = defaultdict(int)
     for c, b in col_bytes.items():
-        by_group[groups.get(c, "other")] += b
+        by_group[column_group(c)] += b
 
     def per(n_bytes: int, n: int):
         return round(n_bytes / n, 2) if n else None
@@ -56,6 +69,7 @@ def info(path_or_url: str) -> dict:
         "visual_rows": m["num_visual_rows"],
         "gram_samples": m["num_gram_samples"],
         "k": {"text": m["targets"]["text"]["k"], "visual": m["targets"]["visual"]["k"]},
+        "targets": {"text": m["targets"]["text"]["kind"], "visual": m["targets"]["visual"]["kind"]},
         "total_bytes": m["total_bytes"],
         "bytes_per_text_row": per(by_group["text"], m["num_text_rows"]),
         "bytes_per_visual_row": per(by_group["visual"], m["num_visual_rows"]),
@@ -97,7 +111,7 @@ def verify(path_or_url: str, *, checksums: bool = True) -> list[str]:
     except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
         return [str(e)]
     problems = []
-    expected_schema = fmt.schema()
+    want_schema = expected_schema(m)
     total = 0
     for s in m["shards"]:
         name = s["name"]
@@ -124,8 +138,8 @@ def verify(path_or_url: str, *, checksums: bool = True) -> list[str]:
         except Exception as e:  # noqa: BLE001 - any parse failure is a finding, not a crash
             problems.append(f"{name}: not a readable Parquet file ({type(e).__name__}: {e})")
             continue
-        if not schema.remove_metadata().equals(expected_schema):
-            problems.append(f"{name}: schema differs from format v{fmt.FORMAT_VERSION}")
+        if not schema.remove_metadata().equals(want_schema):
+            problems.append(f"{name}: schema differs from format v{m['format_version']} with these targets")
         if rows != s["rows"]:
             problems.append(f"{name}: {rows} rows, manifest says {s['rows']}")
         version = kv.get(b"kd.format_version", b"").decode() or None

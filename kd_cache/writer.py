@@ -32,31 +32,40 @@ def _list_array(chunks: list[np.ndarray], dtype: pa.DataType) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, type=dtype))
 
 
-def encode_table(samples: list[SampleTargets]) -> pa.Table:
-    """Samples -> one Arrow table in the v1 schema (log-probs quantized, Gram stored as its upper triangle)."""
+def encode_table(samples: list[SampleTargets], sch: pa.Schema) -> pa.Table:
+    """Samples -> one Arrow table in the v2 schema `sch` (log-probs as delta codes, Gram low-rank or dense)."""
     cols: dict[str, Any] = {
         "sample_id": pa.array([s.sample_id for s in samples], pa.string()),
         "sample_index": pa.array([s.sample_index for s in samples], pa.int64()),
         "input_ids": _list_array([s.input_ids.astype(np.int32) for s in samples], pa.int32()),
     }
-    for prefix, pos_attr in (("text", "text_positions"), ("visual", "visual_positions")):
+    for prefix in ("text", "visual"):
+        cols[f"{prefix}_positions"] = _list_array(
+            [getattr(s, f"{prefix}_positions").astype(np.int32) for s in samples], pa.int32())
         t = [getattr(s, prefix) for s in samples]
-        cols[f"{prefix}_positions"] = _list_array([getattr(s, pos_attr).astype(np.int32) for s in samples], pa.int32())
-        cols[f"{prefix}_topk_ids"] = _list_array([d["topk_ids"].astype(np.int32).ravel() for d in t], pa.int32())
-        cols[f"{prefix}_topk_logprobs"] = _list_array(
-            [fmt.encode_logprobs(d["topk_logprobs"]).ravel() for d in t], pa.uint16()
-        )
-        cols[f"{prefix}_tail_logprob"] = _list_array([d["tail_logprob"].astype(np.float32) for d in t], pa.float32())
-        cols[f"{prefix}_logsumexp"] = _list_array([d["logsumexp"].astype(np.float32) for d in t], pa.float32())
-    cols["gram"] = _list_array(
-        [fmt.gram_to_upper(s.gram) if s.gram is not None else np.zeros(0, np.float32) for s in samples], pa.float32()
-    )
-    return pa.table(cols, schema=fmt.schema())
+        for name in sch.names:
+            if not name.startswith(prefix + "_") or name == f"{prefix}_positions":
+                continue
+            key = name[len(prefix) + 1:]
+            typ = sch.field(name).type.value_type
+            if key == "topk_codes":
+                chunks = [fmt.encode_logprobs(d["topk_logprobs"]).ravel() for d in t]
+            else:
+                chunks = [np.asarray(d[key]).ravel() for d in t]
+            cols[name] = _list_array([c.astype(typ.to_pandas_dtype()) for c in chunks], typ)
+    grams = [s.gram or {} for s in samples]
+    empty = np.zeros(0, np.float32)
+    cols["gram"] = _list_array([fmt.gram_to_upper(g["dense"]) if "dense" in g else empty for g in grams], pa.float32())
+    for name, key in (("gram_mean", "mean"), ("gram_eigvals", "eigvals"), ("gram_eigvec_scales", "scales")):
+        cols[name] = _list_array([g[key].astype(np.float32) if key in g else empty for g in grams], pa.float32())
+    cols["gram_eigvecs"] = _list_array(
+        [g["eigvecs"].astype(np.int8).ravel() if "eigvecs" in g else np.zeros(0, np.int8) for g in grams], pa.int8())
+    return pa.table(cols, schema=sch)
 
 
 def _sample_bytes_estimate(s: SampleTargets) -> int:
-    n = s.input_ids.nbytes + s.text["topk_ids"].nbytes + s.visual["topk_ids"].nbytes
-    return n + (s.gram.nbytes // 2 if s.gram is not None else 0)
+    n = s.input_ids.nbytes + sum(v.nbytes for v in s.text.values()) + sum(v.nbytes for v in s.visual.values())
+    return n + sum(v.nbytes for v in (s.gram or {}).values())
 
 
 def fsync_dir(path: str) -> None:
@@ -104,7 +113,7 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: str, rank: int, world_size: int, *, start: int, shard_size: int,
-                 teacher_fingerprint: str, targets: dict, row_group_bytes: int = 32 << 20,
+                 teacher_fingerprint: str, targets: dict, schema: pa.Schema, row_group_bytes: int = 32 << 20,
                  compression_level: int = 3, max_queue: int = 4):
         self.out_dir = out_dir
         self.rank, self.world_size = rank, world_size
@@ -112,6 +121,7 @@ class ShardWriter:
         self.row_group_bytes = row_group_bytes
         self.compression_level = compression_level
         self.metadata = fmt.shard_metadata(teacher_fingerprint, targets)
+        self.schema = schema
         self.journal_path = journal_path(out_dir, rank, world_size)
         os.makedirs(os.path.join(out_dir, fmt.SHARD_DIR), exist_ok=True)
         self._pending = _Pending(start=start)
@@ -180,7 +190,7 @@ class ShardWriter:
             rel = f"{fmt.SHARD_DIR}/{name}"
             path = os.path.join(self.out_dir, rel)
             tmp = path + ".tmp"
-            writer = pq.ParquetWriter(tmp, fmt.schema(), **fmt.parquet_write_options(self.compression_level))
+            writer = pq.ParquetWriter(tmp, self.schema, **fmt.parquet_write_options(self.schema, self.compression_level))
             try:
                 group: list[SampleTargets] = []
                 size = 0
@@ -188,10 +198,10 @@ class ShardWriter:
                     group.append(s)
                     size += _sample_bytes_estimate(s)
                     if size >= self.row_group_bytes:
-                        writer.write_table(encode_table(group), row_group_size=len(group))
+                        writer.write_table(encode_table(group, self.schema), row_group_size=len(group))
                         group, size = [], 0
                 if group:
-                    writer.write_table(encode_table(group), row_group_size=len(group))
+                    writer.write_table(encode_table(group, self.schema), row_group_size=len(group))
                 writer.add_key_value_metadata(self.metadata)
             finally:
                 writer.close()

@@ -16,6 +16,7 @@ from kd_cache.data import EncodedSample, Encoder
 from kd_cache.teacher import collate as collate_model_inputs
 
 TARGET_KEYS = ("topk_ids", "topk_logprobs", "tail_logprob")
+SAMPLED_KEYS = ("sample_ids", "sample_counts", "sample_row_lengths")
 
 
 class CacheMismatchError(ValueError):
@@ -39,8 +40,9 @@ def features(encoded: EncodedSample, cached: dict | None = None) -> dict:
     for prefix in ("text", "visual"):
         if not np.array_equal(getattr(encoded, f"{prefix}_positions"), cached[f"{prefix}_positions"]):
             raise CacheMismatchError(f"sample {cached['sample_id']!r}: {prefix} positions differ from the cache's")
-        for key in TARGET_KEYS:
-            out[f"{prefix}_{key}"] = cached[f"{prefix}_{key}"]
+        for key in TARGET_KEYS + SAMPLED_KEYS:
+            if f"{prefix}_{key}" in cached:
+                out[f"{prefix}_{key}"] = cached[f"{prefix}_{key}"]
     out["gram"] = cached["gram"]
     return out
 
@@ -94,13 +96,16 @@ def make_batch(items: list[dict], pad_id: int) -> Batch:
     labels = torch.as_tensor(np.concatenate([e.input_ids[e.text_positions + 1] for e in encs]), dtype=torch.long)
     visual_rows = _rows([e.visual_positions for e in encs])
     targets = grams = None
-    if "text_topk_ids" in items[0]:
+    if "gram" in items[0]:
         targets = {}
         for prefix in ("text", "visual"):
-            for key in TARGET_KEYS:
+            for key in TARGET_KEYS + SAMPLED_KEYS:
                 name = f"{prefix}_{key}"
+                if name not in items[0]:
+                    continue
                 arr = np.concatenate([it[name] for it in items])
-                targets[name] = torch.as_tensor(arr, dtype=torch.long if key == "topk_ids" else torch.float32)
+                targets[name] = torch.as_tensor(arr, dtype=torch.float32 if key in ("topk_logprobs", "tail_logprob")
+                                                else torch.long)
         grams = [torch.as_tensor(it["gram"]) for it in items]
     return Batch(model_inputs, text_rows, labels, visual_rows, [len(e.visual_positions) for e in encs], targets,
                  grams, int(sum(it["n_tokens"] for it in items)))

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from kd_cache.targets import TargetOptions
 from kd_train.batch import Batch, encoder_for, features, make_batch
 from kd_train.objective import TERMS, RowLogits, StepCounts, StudentGram, micro_batch_loss
 from kd_train.stages import StagePreset
@@ -174,14 +175,14 @@ class _OnlineData(_RecordData):
 
     def materialize(self, items: list[dict]) -> Batch:
         """Teacher forward on the micro-batch -> the same targets a cache row would hold -> a Batch."""
-        results = self.teacher.targets([(i, it["teacher"]) for i, it in enumerate(items)], top_k=self.k,
-                                       visual_top_k=self.kv)
+        opts = TargetOptions(text_k=self.k, visual_k=self.kv, gram_lowrank=False)
+        results = self.teacher.targets([(i, it["teacher"]) for i, it in enumerate(items)], opts)
         feats = []
         for it, r in zip(items, results):
             nv = len(r.visual_positions)
             target = {"sample_id": r.sample_id, "input_ids": r.input_ids, "text_positions": r.text_positions,
                       "visual_positions": r.visual_positions,
-                      "gram": r.gram if r.gram is not None else torch.zeros((nv, nv)).numpy()}
+                      "gram": r.gram["dense"] if r.gram is not None else torch.zeros((nv, nv)).numpy()}
             for prefix, d in (("text", r.text), ("visual", r.visual)):
                 for key, v in d.items():
                     target[f"{prefix}_{key}"] = v
@@ -227,6 +228,7 @@ class StageRunner:
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         max_length = cfg.max_length
         self.teacher_vocab = None
+        self.n_draws = 0
         if self.uses_cache and cfg.online_teacher is None:
             from kd_cache import open_cache
             from kd_train.compat import require_compatible
@@ -236,6 +238,7 @@ class StageRunner:
             require_compatible(cache, self.processor, self.model.config)
             max_length = manifest["config"].get("max_length")
             self.teacher_vocab = manifest["vocab_size"]
+            self.n_draws = int(manifest["targets"]["text"].get("samples") or 0)
         encoder = encoder_for(self.processor, self.model.config, image_root=cfg.images, max_length=max_length)
         if self.uses_cache and cfg.online_teacher is not None:
             self.data = self._online_data(cfg, encoder, pad, max_length)
@@ -384,7 +387,7 @@ class StageRunner:
                         zt, zv, hv = self.wrapped(batch.model_inputs, batch.text_rows, batch.visual_rows)
                     loss, parts = micro_batch_loss(zt.float(), zv.float(), batch, self.loss_cfg, counts,
                                                    acc.num_processes, self.teacher_vocab, hv=hv,
-                                                   student_gram=self.student_gram)
+                                                   student_gram=self.student_gram, n_draws=self.n_draws)
                 acc.backward(loss)
             loss_value += float(loss.detach()) / acc.num_processes
             for k, v in parts.items():

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from kd_train.batch import Batch
-from kd_train.losses import KDLossConfig, ce_loss, gram, gram_from_hidden, mdist_loss, rdist_loss
+from kd_train.losses import (KDLossConfig, ce_loss, gram, gram_from_hidden, mdist_loss, rdist_loss,
+                             sampled_kd_loss)
 
 TERMS = ("ce", "mdist_text", "mdist_visual", "rdist")
 
@@ -75,7 +76,7 @@ class StepCounts:
 
 def micro_batch_loss(zt: torch.Tensor, zv: torch.Tensor, batch: Batch, cfg: KDLossConfig, counts: StepCounts,
                      world_size: int, teacher_vocab: int | None = None, hv: torch.Tensor | None = None,
-                     student_gram: StudentGram | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                     student_gram: StudentGram | None = None, n_draws: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum of the terms for one micro-batch, each normalised by its step-wide row count.
 
     Summing these over the step's micro-batches gives per-row means over the global batch; multiplying by
@@ -87,12 +88,18 @@ def micro_batch_loss(zt: torch.Tensor, zv: torch.Tensor, batch: Batch, cfg: KDLo
     if batch.targets is not None:
         t = batch.targets
         kw = cfg.mdist_kwargs() | {"teacher_vocab_size": teacher_vocab}
+
+        def mdist(z: torch.Tensor, prefix: str) -> torch.Tensor:
+            if f"{prefix}_sample_ids" in t:  # random-sampling KD targets (importance-weighted CE)
+                return sampled_kd_loss(z, t[f"{prefix}_sample_ids"], t[f"{prefix}_sample_counts"],
+                                       t[f"{prefix}_sample_row_lengths"], n_draws)
+            return mdist_loss(z, t[f"{prefix}_topk_ids"], t[f"{prefix}_topk_logprobs"], t[f"{prefix}_tail_logprob"], **kw)
+
         if cfg.mdist_text_weight and batch.n_text:
-            sums["mdist_text"] = mdist_loss(zt, t["text_topk_ids"], t["text_topk_logprobs"], t["text_tail_logprob"], **kw)
+            sums["mdist_text"] = mdist(zt, "text")
         if cfg.mdist_visual_weight and batch.n_visual:
-            sums["mdist_visual"] = mdist_loss(zv, t["visual_topk_ids"], t["visual_topk_logprobs"],
-                                              t["visual_tail_logprob"], **kw)
-        if cfg.rdist_weight and batch.n_visual:
+            sums["mdist_visual"] = mdist(zv, "visual")
+        if cfg.rdist_weight and batch.n_visual and any(g.numel() for g in batch.grams):
             if student_gram is not None and hv is not None:
                 grams_s = student_gram.grams(zv, hv, batch.visual_splits)
             else:

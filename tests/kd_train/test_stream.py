@@ -37,7 +37,7 @@ def rg_cache(llava_cache, tmp_path_factory) -> Path:
     for s in manifest["shards"]:
         path = out / s["name"]
         table = pq.read_table(path)
-        pq.write_table(table, path, row_group_size=2, **fmt.parquet_write_options())
+        pq.write_table(table, path, row_group_size=2, **fmt.parquet_write_options(table.schema))
         s["bytes"] = path.stat().st_size
         s["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     (out / fmt.MANIFEST_NAME).write_text(json.dumps(manifest))
