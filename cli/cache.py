@@ -88,3 +88,28 @@ def verify(path: str = typer.Argument(..., help="Cache folder or URL."),
             typer.secho(f"FAIL {p}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
     typer.echo(f"OK {path}")
+
+
+@app.command()
+def check(path: str = typer.Argument(..., help="Cache folder or URL."),
+          student: str = typer.Option(..., help="Student model folder or hub id.")) -> None:
+    """Whether a student can train on a cache (tokenizer, vocabulary, chat template, visual tokens per image),
+    without training. Exits 1 naming every difference."""
+    from transformers import AutoConfig
+
+    from kd_cache import open_cache
+    from kd_cache.teacher import load_processor_and_config
+    from kd_train.compat import check_compatibility
+
+    try:
+        cache = open_cache(path)
+        _, processor, _ = load_processor_and_config(student)
+        problems = check_compatibility(cache, processor, AutoConfig.from_pretrained(student))
+    except (ValueError, FileNotFoundError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    if problems:
+        for p in problems:
+            typer.secho(f"INCOMPATIBLE {p}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    typer.echo(f"OK {student} can train on {path}")

@@ -69,3 +69,14 @@ def test_demo_builds_and_verifies_a_cache(tmp_path):
     assert r.exit_code == 0, r.output
     assert "verify: OK" in r.output and "bytes/row" in r.output
     shutil.rmtree(tmp_path / "demo")
+
+
+def test_check_student_against_cache(tmp_path, llava_cache):
+    from kd_cache.tiny import make_tiny_teacher
+
+    good = make_tiny_teacher(tmp_path / "good", "llava", hidden_size=32, num_layers=1)
+    r = runner.invoke(app, ["cache", "check", str(llava_cache), "--student", str(good)])
+    assert r.exit_code == 0 and r.output.startswith("OK"), r.output
+    bad = make_tiny_teacher(tmp_path / "bad", "llava", hidden_size=32, num_layers=1, vocab_size=600)
+    r = runner.invoke(app, ["cache", "check", str(llava_cache), "--student", str(bad)])
+    assert r.exit_code == 1 and "tokenizer vocabulary differs" in r.output

@@ -132,3 +132,23 @@ def test_logprob_codes_round_trip_within_the_stated_bound():
     assert np.abs(back[inside] - lp[inside]).max() <= fmt.LOGPROB_MAX_ABS_ERROR + 1e-6
     assert back.min() >= -fmt.LOGPROB_MAX_CODE / fmt.LOGPROB_SCALE
     assert (np.diff(back, axis=1) <= 0).all()  # order preserved
+
+
+def test_verify_and_read_a_cache_served_over_http(llava_cache):
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(llava_cache.parent)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{llava_cache.name}"
+        assert verify(url) == []
+        remote = [s["sample_id"] for s in open_cache(url)]
+    finally:
+        server.shutdown()
+    assert remote == [s["sample_id"] for s in open_cache(str(llava_cache))]
