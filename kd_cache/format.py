@@ -47,7 +47,8 @@ GRAM_TOLERANCE = 1e-4  # 1 - cos(R, R_hat) on both the raw and the row-centred G
 
 # Column groups, used by `info` to attribute bytes and by `verify` to check the schema.
 COMMON_COLUMNS = ("sample_id", "sample_index", "input_ids")
-GRAM_COLUMNS = ("gram", "gram_mean", "gram_eigvals", "gram_eigvec_scales", "gram_eigvecs")
+GRAM_COLUMNS = ("gram", "gram_mean", "gram_eigvals", "gram_eigvec_scales", "gram_eigvecs_hi", "gram_eigvecs")
+GRAM_HI_VECTORS = 2  # the leading eigenvectors carry most of R_c: int16 for them, int8 for the rest
 _KIND_COLUMNS = {
     "topk": ("topk_ids", "topk_codes", "tail_logprob", "logsumexp"),
     "sampled": ("sample_ids", "sample_counts", "logsumexp"),
@@ -77,8 +78,9 @@ def schema(text_kind: str = "topk", visual_kind: str = "topk", vocab_size: int =
         ids = pa.list_(id_type(vocab_size))
         types = {"topk_ids": ids, "topk_codes": pa.list_(pa.uint8()), "tail_logprob": f32, "logsumexp": f32,
                  "sample_ids": ids, "sample_counts": pa.list_(pa.uint8())}
+        # eigenvector codes as raw little-endian bytes: Parquet would widen list<int8> to 32-bit values
         gram = [("gram", f32), ("gram_mean", f32), ("gram_eigvals", f32), ("gram_eigvec_scales", f32),
-                ("gram_eigvecs", pa.list_(pa.int8()))]
+                ("gram_eigvecs_hi", pa.binary()), ("gram_eigvecs", pa.binary())]
     fields = [("sample_id", pa.string()), ("sample_index", pa.int64()), ("input_ids", i32)]
     for prefix, kind in (("text", text_kind), ("visual", visual_kind)):
         cols = row_columns(prefix, kind, version)
@@ -145,6 +147,25 @@ def decode_logprobs_v1(codes: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ sampled targets
 
 
+def ids_to_gaps(ids: np.ndarray, row_lengths: np.ndarray) -> np.ndarray:
+    """Ascending ids per row -> gaps (first id of a row absolute): small numbers compress far better."""
+    ids = np.asarray(ids, dtype=np.int64)
+    gaps = np.diff(ids, prepend=0)
+    starts = np.cumsum(row_lengths) - row_lengths
+    starts = starts[row_lengths > 0]
+    gaps[starts] = ids[starts]
+    return gaps
+
+
+def gaps_to_ids(gaps: np.ndarray, row_lengths: np.ndarray) -> np.ndarray:
+    """Inverse of `ids_to_gaps`."""
+    gaps = np.asarray(gaps, dtype=np.int64)
+    total = np.cumsum(gaps)
+    starts = np.cumsum(row_lengths) - row_lengths
+    before = np.where(starts > 0, total[np.maximum(starts - 1, 0)], 0) if len(gaps) else np.zeros(0, np.int64)
+    return total - np.repeat(before, row_lengths)
+
+
 def sampled_rows(counts: np.ndarray, n_draws: int, n_rows: int) -> np.ndarray:
     """Unique ids per row from the counts alone: every row's counts sum to `n_draws`."""
     counts = np.asarray(counts, dtype=np.int64)
@@ -174,9 +195,26 @@ def gram_from_upper(upper: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def eigvec_codes_to_bytes(codes: np.ndarray) -> tuple[bytes, bytes]:
+    """(Nv, r) integer codes -> (int16 bytes of the first GRAM_HI_VECTORS columns, int8 bytes of the rest)."""
+    h = min(GRAM_HI_VECTORS, codes.shape[1])
+    return (np.ascontiguousarray(codes[:, :h], dtype="<i2").tobytes(),
+            np.ascontiguousarray(codes[:, h:], dtype=np.int8).tobytes())
+
+
+def eigvec_codes_from_bytes(hi: bytes, lo: bytes, n: int, r: int) -> np.ndarray:
+    """Inverse of `eigvec_codes_to_bytes`: the (n, r) int32 code matrix."""
+    h = min(GRAM_HI_VECTORS, r)
+    out = np.empty((n, r), dtype=np.int32)
+    out[:, :h] = np.frombuffer(hi, dtype="<i2").reshape(n, h)
+    out[:, h:] = np.frombuffer(lo, dtype=np.int8).reshape(n, r - h)
+    return out
+
+
 def gram_from_lowrank(mean: np.ndarray, eigvals: np.ndarray, scales: np.ndarray, eigvecs: np.ndarray,
                       vocab_size: int) -> np.ndarray:
-    """R = U diag(λ) Uᵀ + V m mᵀ, U = int8 eigenvectors × per-column scales (see `kd_cache.targets.gram_factors`).
+    """R = U diag(λ) Uᵀ + V m mᵀ, U = integer eigenvector codes (Nv, r) × per-column scales
+    (see `kd_cache.targets.gram_factors`).
 
     Exact identity: with m the per-row mean logit and Z_c = Z − m 1ᵀ, Z_c 1 = 0, so Z Zᵀ = Z_c Z_cᵀ + V m mᵀ.
     """

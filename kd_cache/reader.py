@@ -90,9 +90,10 @@ class Cache:
                     if start is not None and (si, rg) < (start.shard, start.row_group):
                         continue
                     table = pf.read_row_group(rg)
+                    cols = columns(table)
                     first = start.offset if start is not None and (si, rg) == (start.shard, start.row_group) else 0
                     for off in range(first, table.num_rows):
-                        yield Position(si, rg, off), self.decode(_row(table, off))
+                        yield Position(si, rg, off), self.decode(row_of(cols, off))
 
     def decode(self, row: dict[str, Any]) -> dict:
         """One stored row -> the documented sample dict of numpy arrays (dequantized, Gram dense)."""
@@ -110,9 +111,10 @@ class Cache:
             out[f"{prefix}_logsumexp"] = np.asarray(get("logsumexp"), dtype=np.float32)
             if spec.kind == "sampled":
                 counts = np.asarray(get("sample_counts"), dtype=np.int64)
-                out[f"{prefix}_sample_ids"] = np.asarray(get("sample_ids"), dtype=np.int64)
+                lengths = fmt.sampled_rows(counts, spec.samples, n)
+                out[f"{prefix}_sample_ids"] = fmt.gaps_to_ids(get("sample_ids"), lengths)
                 out[f"{prefix}_sample_counts"] = counts
-                out[f"{prefix}_sample_row_lengths"] = fmt.sampled_rows(counts, spec.samples, n)
+                out[f"{prefix}_sample_row_lengths"] = lengths
                 continue
             out[f"{prefix}_topk_ids"] = np.asarray(get("topk_ids"), dtype=np.int64).reshape(n, spec.k)
             if self.version == 1:
@@ -132,26 +134,29 @@ class Cache:
             return fmt.gram_from_upper(dense, nv)
         if len(row["gram_mean"]) == 0:  # built with --no-gram
             return np.zeros((0, 0), np.float32)
-        return fmt.gram_from_lowrank(np.asarray(row["gram_mean"]), np.asarray(row["gram_eigvals"]),
-                                     np.asarray(row["gram_eigvec_scales"]), np.asarray(row["gram_eigvecs"]),
-                                     self.manifest["targets"]["gram"].get("vocab_size", self.manifest["vocab_size"]))
+        eigvals = np.asarray(row["gram_eigvals"])
+        codes = fmt.eigvec_codes_from_bytes(row["gram_eigvecs_hi"], row["gram_eigvecs"], nv, len(eigvals))
+        return fmt.gram_from_lowrank(np.asarray(row["gram_mean"]), eigvals, np.asarray(row["gram_eigvec_scales"]),
+                                     codes, self.manifest["targets"]["gram"].get("vocab_size", self.manifest["vocab_size"]))
 
 
-def _row(table, i: int) -> dict:
-    """Row i of an Arrow table as numpy-backed values (no per-element Python objects for list columns)."""
-    out = {}
+def columns(table) -> dict[str, Any]:
+    """A row group as {name: (offsets, values) for list columns, Python list otherwise}, decoded once."""
+    import pyarrow as pa
+
+    cols: dict[str, Any] = {}
     for name in table.column_names:
-        col = table.column(name)
-        if col.num_chunks != 1:
-            col = col.combine_chunks()
+        col = table.column(name).combine_chunks()
+        if pa.types.is_list(col.type):
+            cols[name] = (np.asarray(col.offsets), col.values.to_numpy(zero_copy_only=False))
         else:
-            col = col.chunk(0)
-        if hasattr(col, "value_offsets"):  # list column
-            start, end = col.offsets[i].as_py(), col.offsets[i + 1].as_py()
-            out[name] = col.values.slice(start, end - start).to_numpy(zero_copy_only=False)
-        else:
-            out[name] = col[i].as_py()
-    return out
+            cols[name] = col.to_pylist()
+    return cols
+
+
+def row_of(cols: dict[str, Any], i: int) -> dict[str, Any]:
+    """Row i of `columns(...)`: numpy slices for list columns (no per-element Python objects)."""
+    return {k: (v[1][v[0][i]:v[0][i + 1]] if isinstance(v, tuple) else v[i]) for k, v in cols.items()}
 
 
 def open_cache(path_or_url: str) -> Cache:

@@ -137,8 +137,8 @@ class GramFactors:
     """A Gram matrix R = Z Zᵀ as stored by format v2 (see `kd_cache.format.gram_from_lowrank`).
 
     Either `dense` (the (Nv, Nv) matrix) or the low-rank parts: `mean` (Nv,) per-row mean logits, the top-r
-    eigenpairs of the row-centred R_c with eigenvectors quantized to int8 per column (`eigvecs` (Nv, r) int8,
-    `scales` (r,)), `eigvals` (r,)."""
+    eigenpairs of the row-centred R_c with eigenvectors quantized per column (`eigvecs` (Nv, r) int16 codes:
+    int16 range for the first two, int8 range for the rest; `scales` (r,)), `eigvals` (r,)."""
 
     dense: torch.Tensor | None = None
     mean: torch.Tensor | None = None
@@ -178,14 +178,17 @@ def gram_factors(logits: torch.Tensor, *, tolerance: float = 1e-4, lowrank: bool
 
     def build(rank: int):
         u = evecs[:, :rank]
-        scales = u.abs().amax(dim=0).clamp_min(1e-30) / 127.0
-        q = torch.round(u / scales).clamp(-127, 127)
+        levels = torch.full((rank,), 127.0, dtype=u.dtype, device=u.device)
+        levels[:GRAM_HI_VECTORS] = 32767.0  # int16 for the leading vectors (most of ‖R_c‖), int8 for the rest
+        scales = u.abs().amax(dim=0).clamp_min(1e-30) / levels
+        q = torch.maximum(torch.minimum(torch.round(u / scales), levels), -levels)
         uq = q * scales
         rc_hat = (uq * evals[:rank]) @ uq.T
         ok = _cos_gap(rc_hat, rc) <= tolerance and _cos_gap(rc_hat + mm, r64) <= tolerance
         return ok, q, scales
 
     max_rank = int((2 * n * (n + 1) - 4 * n) // (n + 8))  # beyond this the dense upper triangle is smaller
+    from kd_cache.format import GRAM_HI_VECTORS
     lo, hi, best = 1, min(max_rank, n), None
     while lo <= hi:  # smallest passing rank (quantization noise makes the test nearly, not strictly, monotone)
         mid = (lo + hi) // 2
@@ -197,4 +200,4 @@ def gram_factors(logits: torch.Tensor, *, tolerance: float = 1e-4, lowrank: bool
     if best is None:
         return GramFactors(dense=r_full)
     rank, q, scales = best
-    return GramFactors(mean=m, eigvals=evals[:rank].float(), scales=scales.float(), eigvecs=q.to(torch.int8))
+    return GramFactors(mean=m, eigvals=evals[:rank].float(), scales=scales.float(), eigvecs=q.to(torch.int16))

