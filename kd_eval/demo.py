@@ -53,16 +53,17 @@ class DemoSettings:
     teacher_layers: int = 3
     patch_size: int = 32
     vocab_size: int = 512
-    teacher_lr: float = 1e-3
-    teacher_steps: int = 900
-    # The random-init SigLIP tower is not trained: trained jointly at lr 1e-3 its features collapse and the
-    # model never learns to read colours (see docs/results.md); frozen, it is a fixed random-feature encoder.
-    teacher_train_vision: bool = False
+    # All parts train, the SigLIP tower included, so the students inherit a tower that already separates colours
+    # and shapes. At lr 1e-3 the random-init tower's features collapse and the model never learns to read
+    # colours; 3e-4 is stable (see docs/results.md).
+    teacher_lr: float = 3e-4
+    teacher_steps: int = 1000
+    teacher_train_vision: bool = True
     # student: the teacher's vision tower + fresh projector + a smaller random-init Qwen2 LM
     student_hidden: int = 64
     student_layers: int = 2
     student_lr: float = 1e-3
-    student_steps: int = 250  # per stage (DPT, SFT, DFT)
+    student_steps: int = 300  # per stage (DPT, SFT, DFT)
     batch_size: int = 16
     # cache and evaluation
     top_k: int = 64
@@ -425,8 +426,9 @@ def _markdown(result: DemoResult, payload: dict, curves: dict) -> str:
               f"teacher's vision tower + fresh MLP projector + Qwen2 LM, hidden {s.student_hidden}, "
               f"{s.student_layers} LM layer(s) |",
               f"| parameters | {_fmt_params(sizes['teacher'])} | {_fmt_params(sizes['student'])} |",
-              f"| init | random (vision tower {'trained' if s.teacher_train_vision else 'kept at its random init'}) | "
-              "vision tower copied from the teacher (frozen), projector and LM random |",
+              f"| init | random (vision tower {'trained too' if s.teacher_train_vision else 'kept at its random init'}) | "
+              "vision tower copied from the teacher (frozen), projector and LM random; the LM trains in every stage "
+              "(`--train-llm`, DPT included: it has no pretraining) |",
               f"| training data | {payload['data']['teacher_train_records']} records (caption + instruction) | "
               f"{payload['data']['student_caption_records']} caption (DPT) + "
               f"{payload['data']['student_train_records']} instruction records (SFT, DFT) |",

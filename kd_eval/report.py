@@ -165,16 +165,24 @@ def _pyplot():
 def _plot_terms(ax, rows: list[dict], title: str) -> None:
     steps = [r["step"] for r in rows]
     window = max(1, len(rows) // 25)
+    plotted: list[float] = []
     for term in LOSS_TERMS:
         ys = [r.get(term) for r in rows]
         if all(y is None for y in ys) or (term == "loss" and not any(t in rows[0] for t in LOSS_TERMS[1:4])):
             continue  # 'loss' equals 'ce' in CE-only stages: one line is enough
-        ys = [float("nan") if y is None else float(y) for y in ys]
-        ax.plot(steps, _smooth(ys, window), label=term, linewidth=1.4 if term == "loss" else 1.0)
+        ys = _smooth([float("nan") if y is None else float(y) for y in ys], window)
+        plotted += [y for y in ys if y == y]
+        ax.plot(steps, ys, label=term, linewidth=1.4 if term == "loss" else 1.0)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("optimizer step", fontsize=8)
-    ax.set_yscale("log")
-    ax.tick_params(labelsize=7)
+    lo, hi = (min(plotted), max(plotted)) if plotted else (0.0, 0.0)
+    if lo > 0 and hi / lo > 10:  # log only when the curves span more than a decade
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
+    ax.tick_params(labelsize=7, which="both")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 
@@ -183,7 +191,8 @@ def plot_losses(curves: Mapping[str, Mapping[str, list[dict]]], out_dir: str | o
     """One PNG per (run, stage), `loss_<run>_<stage>.png`, plus `losses.png` with all of them as subplots.
 
     `curves` maps a run name to {stage: rows from `read_metrics`}. Returns the files written ([] without
-    matplotlib). Curves are smoothed with a running mean over ~4 % of the steps; the y axis is logarithmic.
+    matplotlib). Curves are smoothed with a running mean over ~4 % of the steps; the y axis is logarithmic when they
+    span more than a decade.
     """
     plt = _pyplot()
     if plt is None:
@@ -202,7 +211,8 @@ def plot_losses(curves: Mapping[str, Mapping[str, list[dict]]], out_dir: str | o
         written.append(path)
     if panels:
         runs = list(dict.fromkeys(p[0] for p in panels))
-        stages = list(dict.fromkeys(p[1] for p in panels))
+        order = {"dpt": 0, "sft": 1, "dft": 2}
+        stages = sorted(dict.fromkeys(p[1] for p in panels), key=lambda st: order.get(st, len(order)))
         fig, axes = plt.subplots(len(runs), len(stages), figsize=(4 * len(stages), 2.8 * len(runs)), squeeze=False)
         for i, run in enumerate(runs):
             for j, stage in enumerate(stages):
