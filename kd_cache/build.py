@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import glob
 import json
@@ -160,6 +161,11 @@ def build(cfg: BuildConfig) -> dict | None:
     if start:
         log.info("rank %d resuming at local sample %d of %d", rank, start, n_local)
 
+    # Hashing the weight files (seconds per GB) runs beside the model load, which reads the same files.
+    fingerprint = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kd-fingerprint")
+    teacher_id_future = fingerprint.submit(weights_fingerprint, cfg.teacher,
+                                           cfg.revision or getattr(config, "_commit_hash", None))
+    fingerprint.shutdown(wait=False)
     t_load = time.perf_counter()
     if cfg.backend == "vllm":
         from kd_cache.vllm_backend import VllmTeacher
@@ -175,7 +181,7 @@ def build(cfg: BuildConfig) -> dict | None:
         vocab = teacher.model.get_output_embeddings().weight.shape[0]
     load_seconds = time.perf_counter() - t_load
     k_text, k_vis = min(cfg.top_k, vocab), min(cfg.visual_top_k, vocab)
-    teacher_id = weights_fingerprint(cfg.teacher, cfg.revision or getattr(config, "_commit_hash", None))
+    teacher_id = teacher_id_future.result()
     header = _header(cfg, config, processor, teacher_id, records, multimodal, k_text, k_vis, teacher.dtype, vocab)
     max_images = cfg.max_images
     if max_images is None and config.model_type == "llava":
