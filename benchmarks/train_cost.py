@@ -64,7 +64,7 @@ from types import SimpleNamespace
 RESULTS = Path(__file__).parent / "results"
 TARGETS = {"dft_over_sft": 1.15, "online_over_offline": 2.0, "offline_rss_over_online": 0.6,
            "loader_over_training": 20.0, "stream_rss_growth": 0.10, "rdist_speedup": 10.0}
-FULL = dict(student=(512, 6), teacher=(1024, 6), image_size=64, n_data=48, batch_size=4, steps=10, run_repeats=1,
+FULL = dict(student=(512, 6), teacher=(1024, 6), image_size=64, n_data=48, batch_size=4, steps=10, run_repeats=2,
             direct_repeats=10, stream_small=1_000, stream_large=50_000, rdist_dims=(896, 2048), rdist_ref=True)
 QUICK = dict(student=(256, 4), teacher=(512, 4), image_size=32, n_data=24, batch_size=4, steps=5, run_repeats=1,
              direct_repeats=3, stream_small=1_000, stream_large=5_000, rdist_dims=(896,), rdist_ref=False)
