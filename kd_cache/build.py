@@ -18,6 +18,7 @@ from kd_cache import format as fmt
 from kd_cache.data import Encoder, RecordSource, SkipSample, sample_id_of
 from kd_cache.targets import TargetOptions
 from kd_cache.manifest import done_path, try_finalize
+from kd_cache.remote import RemoteOutput, is_remote
 from kd_cache.writer import ShardWriter, atomic_write_text, journal_path, read_journal
 
 log = logging.getLogger("kd_cache")
@@ -55,8 +56,9 @@ class BuildConfig:
     num_workers: int = 0
     compression_level: int = 3
     progress: bool = True
+    staging: str | None = None  # local folder a remote --out is built in (default: derived from the URL)
 
-    NON_SEMANTIC = ("batch_size", "device", "num_workers", "progress", "out")
+    NON_SEMANTIC = ("batch_size", "device", "num_workers", "progress", "out", "staging")
 
     def __post_init__(self) -> None:
         for name in ("top_k", "visual_top_k", "shard_size", "batch_size", "samples"):
@@ -82,7 +84,9 @@ class BuildConfig:
         if self.images is not None and not os.path.isdir(self.images):
             raise ValueError(f"images must be an existing folder, got {self.images!r}")
         if not self.out:
-            raise ValueError("out must be a folder path, got an empty string")
+            raise ValueError("out must be a folder path or URL, got an empty string")
+        if self.staging is not None and not is_remote(self.out):
+            raise ValueError(f"staging is only used when out is a URL (s3://...), got out={self.out!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
@@ -100,25 +104,26 @@ def dist_env() -> tuple[int, int]:
     return rank, world
 
 
-def _check_out_dir(cfg: BuildConfig, world_size: int) -> str:
+def _check_out_dir(out: str, want: dict, what: str = "output folder") -> str:
     """'new' | 'resume' | 'complete'. Refuses folders holding something else, before any work starts."""
-    out = cfg.out
     if not os.path.exists(out) or not os.listdir(out):
         return "new"
     cfg_path = os.path.join(out, fmt.CONFIG_NAME)
     if not os.path.exists(cfg_path):
-        raise ValueError(f"output folder {out} is not empty and holds no kd cache; choose an empty folder")
+        raise ValueError(f"{what} {out} is not empty and holds no kd cache; choose an empty folder")
     with open(cfg_path) as f:
-        saved = json.load(f)
-    want = {"format_version": fmt.FORMAT_VERSION, "world_size": world_size, **cfg.semantic()}
-    saved.setdefault("backend", "transformers")  # caches from before the field existed
+        _check_same_config(json.load(f), want, f"{what} {out}")
+    return "complete" if os.path.exists(os.path.join(out, fmt.MANIFEST_NAME)) else "resume"
+
+
+def _check_same_config(saved: dict, want: dict, where: str) -> None:
+    saved = {"backend": "transformers", **saved}  # caches from before the field existed
     have = {k: saved.get(k) for k in want}
     diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
     if diff:
         lines = ", ".join(f"{k}: cache has {a!r}, this run asks {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"output folder {out} holds a cache built with a different configuration ({lines}); "
+        raise ValueError(f"{where} holds a cache built with a different configuration ({lines}); "
                          "use another --out or the original settings")
-    return "complete" if os.path.exists(os.path.join(out, fmt.MANIFEST_NAME)) else "resume"
 
 
 def build(cfg: BuildConfig) -> dict | None:
@@ -133,31 +138,43 @@ def build(cfg: BuildConfig) -> dict | None:
         from kd_cache.vllm_backend import preflight
 
         preflight()
-    state = _check_out_dir(cfg, world)
-    if state == "complete":
+    want = {"format_version": fmt.FORMAT_VERSION, "world_size": world, **cfg.semantic()}
+    out, remote = cfg.out, None
+    if is_remote(cfg.out):  # built in a local staging folder and uploaded shard by shard (kd_cache/remote.py)
+        remote = RemoteOutput(cfg.out, cfg.staging, rank, world)
+        saved, manifest = remote.probe()
+        if saved is not None:
+            _check_same_config(saved, want, cfg.out)
+        if manifest is not None:
+            log.info("cache at %s is already complete", cfg.out)
+            return manifest
+        out = remote.staging
+        _check_out_dir(out, want, what="staging folder")
+    elif _check_out_dir(out, want) == "complete":
         log.info("cache at %s is already complete", cfg.out)
         with open(os.path.join(cfg.out, fmt.MANIFEST_NAME)) as f:
             return json.load(f)
     config, processor, multimodal = load_processor_and_config(
         cfg.teacher, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
-    os.makedirs(os.path.join(cfg.out, fmt.PROGRESS_DIR), exist_ok=True)
-    os.makedirs(os.path.join(cfg.out, fmt.SHARD_DIR), exist_ok=True)
-    cfg_path = os.path.join(cfg.out, fmt.CONFIG_NAME)
+    os.makedirs(os.path.join(out, fmt.PROGRESS_DIR), exist_ok=True)
+    os.makedirs(os.path.join(out, fmt.SHARD_DIR), exist_ok=True)
+    cfg_path = os.path.join(out, fmt.CONFIG_NAME)
     if not os.path.exists(cfg_path):  # identical content from every rank, atomic: no race to guard
-        atomic_write_text(cfg_path, json.dumps(
-            {"format_version": fmt.FORMAT_VERSION, "world_size": world, **cfg.semantic()}, indent=1, sort_keys=True))
+        atomic_write_text(cfg_path, json.dumps(want, indent=1, sort_keys=True))
+    if remote is not None:
+        remote.start()
 
     # ---- resume point: after the last shard recorded in this rank's journal
-    jpath = journal_path(cfg.out, rank, world)
+    jpath = journal_path(out, rank, world)
     entries = read_journal(jpath)
     atomic_write_text(jpath, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))  # drop a torn tail
-    for tmp in glob.glob(os.path.join(cfg.out, fmt.SHARD_DIR, f"shard-r{rank:05d}-*.tmp")):
+    for tmp in glob.glob(os.path.join(out, fmt.SHARD_DIR, f"shard-r{rank:05d}-*.tmp")):
         os.remove(tmp)
     start = entries[-1]["end"] if entries else 0
     n_local = len(range(rank, len(records), world))
-    if os.path.exists(done_path(cfg.out, rank, world)) and start >= n_local:
+    if os.path.exists(done_path(out, rank, world)) and start >= n_local:
         log.info("rank %d already finished; finalizing", rank)
-        return try_finalize(cfg.out, world, _header(cfg, config, processor, None, records, multimodal))
+        return _finalize(out, world, _header(cfg, config, processor, None, records, multimodal), remote)
     if start:
         log.info("rank %d resuming at local sample %d of %d", rank, start, n_local)
 
@@ -192,9 +209,10 @@ def build(cfg: BuildConfig) -> dict | None:
     opts = TargetOptions(text_kind=cfg.targets, text_k=k_text, visual_kind=cfg.targets, visual_k=k_vis,
                          samples=cfg.samples, gram=cfg.gram, gram_lowrank=cfg.gram_encoding == "lowrank",
                          gram_tolerance=cfg.gram_tolerance, seed=cfg.seed)
-    writer = ShardWriter(cfg.out, rank, world, start=start, shard_size=cfg.shard_size,
+    writer = ShardWriter(out, rank, world, start=start, shard_size=cfg.shard_size,
                          teacher_fingerprint=header["teacher"]["fingerprint"], targets=header["targets"],
-                         schema=fmt.schema(cfg.targets, cfg.targets, vocab), compression_level=cfg.compression_level)
+                         schema=fmt.schema(cfg.targets, cfg.targets, vocab), compression_level=cfg.compression_level,
+                         on_shard=remote.shard_written if remote is not None else None)
     timings = {"load_seconds": round(load_seconds, 3), "prepare_seconds": 0.0, "teacher_seconds": 0.0,
                "writer_wait_seconds": 0.0}
     loader = _loader(records, encoder, rank, world, start, n_local, cfg)
@@ -238,11 +256,16 @@ def build(cfg: BuildConfig) -> dict | None:
             "samples_per_second": round(done_samples / wall, 3) if wall > 0 else None,
             "writer_encode_seconds": round(writer.encode_seconds, 3), "device": str(teacher.device),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **timings}
-    atomic_write_text(done_path(cfg.out, rank, world), json.dumps(done, indent=1, sort_keys=True))
-    manifest = try_finalize(cfg.out, world, header)
+    atomic_write_text(done_path(out, rank, world), json.dumps(done, indent=1, sort_keys=True))
+    manifest = _finalize(out, world, header, remote)
     if manifest is None:
         log.info("rank %d finished; the last rank to finish writes the manifest", rank)
     return manifest
+
+
+def _finalize(out: str, world: int, header: dict, remote: RemoteOutput | None) -> dict | None:
+    """The manifest if every rank is done (written last: locally, or uploaded after every shard it lists)."""
+    return remote.complete(header) if remote is not None else try_finalize(out, world, header)
 
 
 def _header(cfg: BuildConfig, config, processor, teacher_id, records, multimodal, k_text=None, k_vis=None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 from kd_cache import format as fmt
 from kd_cache.writer import atomic_write_text, journal_path, read_journal
@@ -15,12 +15,17 @@ def done_path(out_dir: str, rank: int, world_size: int) -> str:
     return os.path.join(out_dir, fmt.PROGRESS_DIR, f"rank-{rank:05d}-of-{world_size:05d}.done.json")
 
 
-def try_finalize(out_dir: str, world_size: int, header: dict) -> dict | None:
+def try_finalize(out_dir: str, world_size: int, header: dict,
+                 shard_present: Callable[[str, int], bool] | None = None, where: str | None = None) -> dict | None:
     """Write the manifest if every rank is done; return it, or None while some rank is still running.
 
     Every finishing rank calls this; the content is a pure function of the journals, so two ranks finishing
-    at once write the same bytes through an atomic rename and no lock is needed.
+    at once write the same bytes through an atomic rename and no lock is needed. `shard_present(name, bytes)`
+    says whether a recorded shard is where readers will find it (default: the file exists in `out_dir`; a
+    remote build checks its object store, `where` naming it in the error).
     """
+    if shard_present is None:
+        shard_present = lambda name, size: os.path.exists(os.path.join(out_dir, name))  # noqa: E731
     dones = []
     for r in range(world_size):
         p = done_path(out_dir, r, world_size)
@@ -36,8 +41,9 @@ def try_finalize(out_dir: str, world_size: int, header: dict) -> dict | None:
             skipped.extend(e["skipped"])
             if e["shard"] is None:
                 continue
-            if not os.path.exists(os.path.join(out_dir, e["shard"])):
-                raise RuntimeError(f"rank {r} recorded shard {e['shard']} but the file is missing; rerun the build")
+            if not shard_present(e["shard"], e["bytes"]):
+                what = f"missing or of another size at {where}" if where else "the file is missing"
+                raise RuntimeError(f"rank {r} recorded shard {e['shard']} but {what}; rerun the build")
             shards.append({k: e[k] for k in ("rows", "bytes", "sha256", "text_rows", "visual_rows", "gram_samples")}
                           | {"name": e["shard"], "rank": r})
             for k in ("rows", "text_rows", "visual_rows", "gram_samples", "bytes"):

@@ -1,13 +1,17 @@
 """Public reader API: `open_cache(path_or_url)`.
 
 Reads local folders or any fsspec URL (http://, s3://, ...). Samples are decoded one Parquet row group at
-a time, so memory is bounded by the row-group size, never by the shard or the cache.
+a time, so memory is bounded by the row-group size, never by the shard or the cache. Remote shards are read with
+range requests; with a read-through cache folder (`cache_dir=` or `$KD_CACHE_DIR`) each shard is instead
+downloaded once, checked against the manifest's sha256 and read locally from then on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -36,9 +40,15 @@ class Position:
 class Cache:
     """A complete cache (its manifest exists). `len()` is the number of cached samples."""
 
-    def __init__(self, path_or_url: str):
+    def __init__(self, path_or_url: str, cache_dir: str | os.PathLike | None = None):
+        from fsspec.implementations.local import LocalFileSystem
+
         self.url = str(path_or_url)
         self.fs, self.root = _fs_and_root(self.url)
+        if cache_dir is None:
+            cache_dir = os.environ.get("KD_CACHE_DIR") or None
+        # only remote caches go through the read-through cache; a local folder is read in place
+        self.cache_dir = None if cache_dir is None or isinstance(self.fs, LocalFileSystem) else str(cache_dir)
         manifest_path = f"{self.root}/{fmt.MANIFEST_NAME}"
         if not self.fs.exists(manifest_path):
             raise FileNotFoundError(
@@ -72,10 +82,46 @@ class Cache:
     def shard_url(self, i: int) -> str:
         return f"{self.root}/{self.shards[i]['name']}"
 
+    def shard_location(self, i: int):
+        """(filesystem, path) to read shard i from: the cache's own (range requests on remote stores), or with a
+        read-through cache folder a local copy, downloaded on first use and checked against the manifest."""
+        s = self.shards[i]
+        if self.cache_dir is None or not s.get("sha256"):
+            return self.fs, self.shard_url(i)
+        from fsspec.implementations.local import LocalFileSystem
+
+        return LocalFileSystem(), self._cached_copy(i)
+
+    def _cached_copy(self, i: int) -> str:
+        """Path of shard i in the read-through cache (named by its sha256, so caches share identical shards and a
+        changed remote object can never be mistaken for the cached one)."""
+        s = self.shards[i]
+        sha = str(s["sha256"])
+        path = os.path.join(self.cache_dir, sha[:2], f"{sha}.parquet")
+        if os.path.exists(path) and os.path.getsize(path) == int(s["bytes"]):
+            return path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}.{os.urandom(4).hex()}"
+        try:
+            self.fs.get_file(self.shard_url(i), tmp)
+            h = hashlib.sha256()
+            with open(tmp, "rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
+            if h.hexdigest() != sha:
+                raise ValueError(f"{s['name']}: the copy downloaded from {self.url} has sha256 {h.hexdigest()}, "
+                                 f"the manifest says {sha} (the object changed or is corrupt)")
+            os.replace(tmp, path)  # concurrent readers (workers, ranks) may both download; each rename is whole
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
     @contextlib.contextmanager
     def open_shard(self, i: int) -> Iterator[pq.ParquetFile]:
         """The shard as a ParquetFile over a (range-reading) file handle, closed on exit."""
-        with self.fs.open(self.shard_url(i), "rb") as fh:
+        fs, path = self.shard_location(i)
+        with fs.open(path, "rb") as fh:
             yield pq.ParquetFile(fh, **fmt.READ_OPTIONS)
 
     def iter_with_positions(self, start: Position | None = None,
@@ -159,6 +205,9 @@ def row_of(cols: dict[str, Any], i: int) -> dict[str, Any]:
     return {k: (v[1][v[0][i]:v[0][i + 1]] if isinstance(v, tuple) else v[i]) for k, v in cols.items()}
 
 
-def open_cache(path_or_url: str) -> Cache:
-    """Open a complete kd cache from a folder or an fsspec URL. See docs/cache-format.md."""
-    return Cache(path_or_url)
+def open_cache(path_or_url: str, cache_dir: str | os.PathLike | None = None) -> Cache:
+    """Open a complete kd cache from a folder or an fsspec URL. See docs/cache-format.md.
+
+    `cache_dir` (default `$KD_CACHE_DIR`): a local read-through cache for remote shards (see `Cache.shard_location`).
+    """
+    return Cache(path_or_url, cache_dir=cache_dir)

@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -117,8 +117,10 @@ class ShardWriter:
 
     def __init__(self, out_dir: str, rank: int, world_size: int, *, start: int, shard_size: int,
                  teacher_fingerprint: str, targets: dict, schema: pa.Schema, row_group_bytes: int = 32 << 20,
-                 compression_level: int = 3, max_queue: int = 4):
+                 compression_level: int = 3, max_queue: int = 4,
+                 on_shard: Callable[[dict], None] | None = None):
         self.out_dir = out_dir
+        self.on_shard = on_shard  # called from the writer thread after each journal entry (remote upload)
         self.rank, self.world_size = rank, world_size
         self.shard_size = shard_size
         self.row_group_bytes = row_group_bytes
@@ -227,6 +229,8 @@ class ShardWriter:
             f.write(json.dumps(entry, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.on_shard is not None:
+            self.on_shard(entry)
 
 
 def shard_name(rank: int, world_size: int, index: int) -> str:
@@ -241,13 +245,18 @@ def read_journal(path: str) -> list[dict]:
     """Entries of a progress journal; a torn last line (crash mid-append) is ignored."""
     if not os.path.exists(path):
         return []
-    out = []
     with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+        return parse_journal(f.read())
+
+
+def parse_journal(text: str) -> list[dict]:
+    """The chained entries of a journal's text (see `read_journal`)."""
+    out = []
+    for line in text.splitlines(keepends=True):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
     # keep only the contiguous prefix: entries must chain start -> end
     chained, pos = [], out[0]["start"] if out else 0
     for e in out:

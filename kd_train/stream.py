@@ -331,8 +331,8 @@ class _ShardReader:
         import pyarrow.parquet as pq
 
         self.close()
-        url = self.cache.shard_url(shard)
-        fh = pa.BufferReader(self.cache.fs.cat_file(url)) if self._whole_file else self.cache.fs.open(url, "rb")
+        fs, url = self.cache.shard_location(shard)  # remote, or a local copy in the read-through cache
+        fh = pa.BufferReader(fs.cat_file(url)) if self._whole_file else fs.open(url, "rb")
         try:
             pf = pq.ParquetFile(fh, **fmt.READ_OPTIONS)
         except BaseException:
@@ -399,12 +399,12 @@ class _ShardReader:
         pages, in zstd literals) still decode, to wrong targets, and only a checksum sees them."""
         if shard not in self._verified:
             want = self.cache.shards[shard].get("sha256")
-            url = self.cache.shard_url(shard)
+            fs, url = self.cache.shard_location(shard)
             h = hashlib.sha256()
             if self._whole_file:
-                h.update(self.cache.fs.cat_file(url))
+                h.update(fs.cat_file(url))
             else:
-                with self.cache.fs.open(url, "rb") as f:
+                with fs.open(url, "rb") as f:
                     while block := f.read(8 << 20):
                         h.update(block)
             got = h.hexdigest()
