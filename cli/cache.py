@@ -1,4 +1,4 @@
-"""`kd cache build|info|verify`."""
+"""`kd cache build|info|verify|check|publish`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 
 from kd_cli.config import resolve
 
-app = typer.Typer(help="Build, describe and verify teacher caches.", no_args_is_help=True)
+app = typer.Typer(help="Build, describe, verify and publish teacher caches.", no_args_is_help=True)
 
 
 @app.command()
@@ -18,7 +18,8 @@ def build(
     teacher: Optional[str] = typer.Option(None, help="Teacher model: local folder or hub id."),
     data: Optional[str] = typer.Option(None, help="LLaVA-format .json/.jsonl/.parquet file or a saved `datasets` folder."),
     images: Optional[str] = typer.Option(None, help="Root folder that image paths in the data are relative to."),
-    out: Optional[str] = typer.Option(None, help="Output cache folder (new, or a partial build of the same config to resume)."),
+    out: Optional[str] = typer.Option(None, help="Output cache folder or URL (s3://, gs://, hf://...): new, or a partial build of the same config to resume."),
+    staging: Optional[str] = typer.Option(None, help="With a URL --out: local folder the build is staged in before each shard is uploaded. [default: ~/.cache/kd/staging/<from the URL>]"),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Top-k ids kept per response row. [default: 64]"),
     visual_top_k: Optional[int] = typer.Option(None, "--visual-top-k", help="Top-k ids kept per visual row. [default: 64]"),
     batch_size: Optional[int] = typer.Option(None, help="Samples per teacher forward. [default: 8]"),
@@ -48,7 +49,7 @@ def build(
     flags = dict(teacher=teacher, data=data, images=images, out=out, top_k=top_k, visual_top_k=visual_top_k,
                  batch_size=batch_size, max_length=max_length, max_images=max_images, shard_size=shard_size,
                  device=device, dtype=dtype, num_workers=num_workers, revision=revision,
-                 trust_remote_code=trust_remote_code, backend=backend, gram=False if no_gram else None,
+                 trust_remote_code=trust_remote_code, backend=backend, gram=False if no_gram else None, staging=staging,
                  progress=False if quiet else None)
     try:
         cfg = resolve(BuildConfig, config, flags)
@@ -113,3 +114,28 @@ def check(path: str = typer.Argument(..., help="Cache folder or URL."),
             typer.secho(f"INCOMPATIBLE {p}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
     typer.echo(f"OK {student} can train on {path}")
+
+
+@app.command()
+def publish(path: str = typer.Argument(..., help="Complete cache folder."),
+            repo: str = typer.Option(..., help="Hugging Face dataset repo, ORG/NAME (created if missing)."),
+            revision: Optional[str] = typer.Option(None, help="Branch to commit to (created if missing). [default: main]"),
+            private: bool = typer.Option(False, "--private", help="Create the repo private."),
+            token: Optional[str] = typer.Option(None, help="Hub token. [default: HF_TOKEN or `hf auth login`]"),
+            no_checksums: bool = typer.Option(False, "--no-checksums", help="Verify without sha256 first (faster).")) -> None:
+    """Verify a cache, then upload it with its dataset card to a Hugging Face dataset repo in one commit.
+    Refuses (exit 1, naming every problem) an incomplete or damaged cache."""
+    from kd_cache.publish import NotPublishable, publish as run_publish
+
+    try:
+        done = run_publish(path, repo, revision=revision, private=private, token=token, checksums=not no_checksums)
+    except NotPublishable as e:
+        typer.secho(f"error: refusing to publish {path}:", fg=typer.colors.RED, err=True)
+        for p in e.problems:
+            typer.secho(f"FAIL {p}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    except (ValueError, FileNotFoundError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    where = f"{done.repo}@{done.revision}" if done.revision else done.repo
+    typer.echo(f"published {done.shards} shards to hf://datasets/{where}" + (f" ({done.commit_url})" if done.commit_url else ""))
