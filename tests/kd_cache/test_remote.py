@@ -196,6 +196,24 @@ def test_interrupted_remote_builds_show_no_partial_cache_and_resume(s3, tmp_path
     assert_same_samples(url, llava_cache)
 
 
+def test_two_ranks_on_two_machines_upload_their_own_shards_and_the_last_one_writes_the_manifest(
+        s3, tmp_path, llava_teacher, tiny_data, llava_cache, monkeypatch):
+    url, root = f"s3://{BUCKET}/ranks", f"{BUCKET}/ranks"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert build(config(llava_teacher, tiny_data, url, staging=str(tmp_path / "node1"))) is None
+    names = relative_files(s3, root)
+    assert fmt.MANIFEST_NAME not in names and all("-r00001-" in n for n in names if n.startswith(fmt.SHARD_DIR))
+    monkeypatch.setenv("RANK", "0")  # another machine: its own staging; rank 1's journal comes from the bucket
+    manifest = build(config(llava_teacher, tiny_data, url, staging=str(tmp_path / "node0")))
+    assert manifest is not None and manifest["build"]["world_size"] == 2
+    assert {s["rank"] for s in manifest["shards"]} == {0, 1}
+    for node in ("node0", "node1"):  # uploaded shards are not kept; journals stay (ranks may share a staging)
+        assert not list((tmp_path / node / fmt.SHARD_DIR).glob("*.parquet"))
+    assert verify(url) == []
+    assert_same_samples(url, llava_cache)
+
+
 def test_remote_outputs_are_refused_before_any_work(s3, s3_cache, tmp_path, llava_teacher, tiny_data):
     s3.pipe(f"{BUCKET}/foreign/notes.txt", b"not a cache")
     with pytest.raises(ValueError, match="is not empty and holds no kd cache"):
