@@ -26,7 +26,7 @@ What it does:
   top-k / tail / logsumexp at the response rows, host copies) and the least work any build must do (the
   decoder's hidden states, then the LM head at the response rows only). These three run interleaved batch by
   batch in rotating order, so load changes on the shared machine hit them alike.
-* Each round (`--repeats`, default 2) is that interleaved pass plus one `build()` call, their order swapped
+* Each round (`--repeats`, default 3) is that interleaved pass plus one `build()` call, their order swapped
   every round; ratios are medians over rounds. The primary ratio is build wall time without the teacher load
   (`wall - load_seconds`; forward-only excludes loading too) over forward-only. Because the build call and the
   forward pass run at different moments, a drift-proof estimate is reported too: (Teacher.targets / forward,
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="8 conversations, 1 round, no sampled build")
     ap.add_argument("--n", type=int, default=None, help="conversations (default 24; quick 8)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=None, help="rounds (default 2; quick 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="rounds (default 3; quick 1)")
     ap.add_argument("--sampled-n", type=int, default=16, help="conversations in the sampled-targets build")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--teacher-dir", default=str(DEFAULT_TEACHER_DIR))
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(RESULTS / "build_speed.json"))
     args = ap.parse_args(argv)
     n = args.n or (8 if args.quick else 24)
-    repeats = args.repeats or (1 if args.quick else 2)
+    repeats = args.repeats or (1 if args.quick else 3)
     sampled = not (args.no_sampled or args.quick)
     os.environ.setdefault("TQDM_DISABLE", "1")
 
