@@ -228,7 +228,8 @@ class RemoteOutput:
         os.makedirs(os.path.join(work, fmt.PROGRESS_DIR))
         self.fs.invalidate_cache()
         for r in range(self.world):
-            for rel in (_rel_journal(r, self.world), _rel_done(r, self.world)):
+            # done file first: it is uploaded after the rank's final journal, so the journal read next is final
+            for rel in (_rel_done(r, self.world), _rel_journal(r, self.world)):
                 try:
                     data = self.fs.cat_file(self.key(rel))
                 except FileNotFoundError:

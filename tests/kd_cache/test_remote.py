@@ -214,6 +214,48 @@ def test_two_ranks_on_two_machines_upload_their_own_shards_and_the_last_one_writ
     assert_same_samples(url, llava_cache)
 
 
+def test_a_rank_finishing_while_another_reads_the_journals_is_not_left_out_of_the_manifest(
+        s3, tmp_path, llava_teacher, tiny_data, llava_cache, monkeypatch):
+    """Rank 1 uploads its last shard, journal and done file just after finishing rank 0 has read rank 1's first
+    file: rank 0 must not pair the new done file with an older journal (a manifest without rank 1's last shard)."""
+    from kd_cache.remote import RemoteOutput
+
+    url, root = f"s3://{BUCKET}/race", f"{BUCKET}/race"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    real_written, real_complete = RemoteOutput.shard_written, RemoteOutput.complete
+    held = {}
+
+    def hold_last_shard(self, entry):  # rank 1's last shard stays staged, its journal on the remote one behind
+        if entry["end"] < 6:
+            real_written(self, entry)
+
+    monkeypatch.setattr(RemoteOutput, "shard_written", hold_last_shard)
+    monkeypatch.setattr(RemoteOutput, "complete", lambda self, header: held.update(rank1=(self, header)))
+    monkeypatch.setenv("RANK", "1")
+    assert build(config(llava_teacher, tiny_data, url, staging=str(tmp_path / "node1"))) is None
+    monkeypatch.setattr(RemoteOutput, "shard_written", real_written)
+    monkeypatch.setattr(RemoteOutput, "complete", real_complete)
+
+    real_cat = s3.cat_file  # the s3fs instance every RemoteOutput shares
+    finished = []
+
+    def cat_file(path, *a, **k):
+        try:
+            return real_cat(path, *a, **k)
+        finally:
+            if "/rank-00001-of-00002." in path and not finished:
+                finished.append(path)
+                assert real_complete(*held["rank1"]) is not None  # rank 1 sees rank 0 done: writes the manifest
+
+    monkeypatch.setattr(s3, "cat_file", cat_file)
+    monkeypatch.setenv("RANK", "0")
+    build(config(llava_teacher, tiny_data, url, staging=str(tmp_path / "node0")))
+    assert finished
+    monkeypatch.setattr(s3, "cat_file", real_cat)
+    assert verify(url) == []
+    assert_same_samples(url, llava_cache)
+
+
 def test_remote_outputs_are_refused_before_any_work(s3, s3_cache, tmp_path, llava_teacher, tiny_data):
     s3.pipe(f"{BUCKET}/foreign/notes.txt", b"not a cache")
     with pytest.raises(ValueError, match="is not empty and holds no kd cache"):
