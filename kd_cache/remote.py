@@ -99,16 +99,18 @@ class RemoteOutput:
         """(saved build configuration, manifest), each None when absent. Refuses a prefix that holds something
         other than a kd cache."""
         self.fs.invalidate_cache()
+        # listed before the configuration is read: every rank uploads it before anything else, so a prefix another
+        # rank starts writing meanwhile is either still empty here or has its configuration
+        try:
+            listed = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            listed = []
+        if not listed:
+            return None, None
         try:
             saved = json.loads(self.fs.cat_file(self.key(fmt.CONFIG_NAME)))
         except FileNotFoundError:
-            try:
-                listed = self.fs.ls(self.root, detail=False)
-            except FileNotFoundError:
-                listed = []
-            if listed:
-                raise ValueError(f"{self.url} is not empty and holds no kd cache; choose an empty prefix") from None
-            return None, None
+            raise ValueError(f"{self.url} is not empty and holds no kd cache; choose an empty prefix") from None
         try:
             manifest = json.loads(self.fs.cat_file(self.key(fmt.MANIFEST_NAME)))
         except FileNotFoundError:

@@ -256,6 +256,29 @@ def test_a_rank_finishing_while_another_reads_the_journals_is_not_left_out_of_th
     assert_same_samples(url, llava_cache)
 
 
+def test_a_prefix_another_rank_starts_writing_meanwhile_is_not_refused(s3, monkeypatch):
+    """Rank 0 uploads the build configuration just after rank 1's first look at the still empty prefix."""
+    from kd_cache.remote import RemoteOutput
+
+    out = RemoteOutput(f"s3://{BUCKET}/starting", None, 1, 2)
+    real = {name: getattr(s3, name) for name in ("cat_file", "ls")}
+    looked = []
+
+    def first_look(name):
+        def call(path, *a, **k):
+            try:
+                return real[name](path, *a, **k)
+            finally:
+                if not looked:
+                    looked.append(name)
+                    s3.pipe(f"{BUCKET}/starting/{fmt.CONFIG_NAME}", b"{}")
+        return call
+
+    for name in real:
+        monkeypatch.setattr(s3, name, first_look(name))
+    assert out.probe() == (None, None) and looked
+
+
 def test_remote_outputs_are_refused_before_any_work(s3, s3_cache, tmp_path, llava_teacher, tiny_data):
     s3.pipe(f"{BUCKET}/foreign/notes.txt", b"not a cache")
     with pytest.raises(ValueError, match="is not empty and holds no kd cache"):
