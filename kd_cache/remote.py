@@ -105,7 +105,7 @@ class RemoteOutput:
             listed = self.fs.ls(self.root, detail=False)
         except FileNotFoundError:
             listed = []
-        if not listed:
+        if all(posixpath.basename(p.rstrip("/")) == ".gitattributes" for p in listed):  # all a new hub repo holds
             return None, None
         try:
             saved = json.loads(self.fs.cat_file(self.key(fmt.CONFIG_NAME)))

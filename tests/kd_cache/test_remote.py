@@ -279,6 +279,23 @@ def test_a_prefix_another_rank_starts_writing_meanwhile_is_not_refused(s3, monke
     assert out.probe() == (None, None) and looked
 
 
+def test_a_prefix_holding_only_gitattributes_is_empty_as_a_new_hub_repo(tmp_path):
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from kd_cache.remote import RemoteOutput
+
+    fs = MemoryFileSystem()
+    fs.pipe("/kd-repo/.gitattributes", b"*.parquet filter=lfs diff=lfs merge=lfs -text\n")
+    try:
+        out = RemoteOutput("memory://kd-repo", str(tmp_path / "staging"), 0, 1)
+        assert out.probe() == (None, None)
+        fs.pipe("/kd-repo/README.md", b"# something else")
+        with pytest.raises(ValueError, match="is not empty and holds no kd cache"):
+            out.probe()
+    finally:
+        fs.rm("/kd-repo", recursive=True)
+
+
 def test_remote_outputs_are_refused_before_any_work(s3, s3_cache, tmp_path, llava_teacher, tiny_data):
     s3.pipe(f"{BUCKET}/foreign/notes.txt", b"not a cache")
     with pytest.raises(ValueError, match="is not empty and holds no kd cache"):
