@@ -58,22 +58,13 @@ import time
 import warnings
 from pathlib import Path
 
+from benchmarks.cache_size import DOC_MODULES, GGUF_NAME  # the same model file and English text
+
 RESULTS = Path(__file__).parent / "results"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TEACHER_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kd-benchmarks" / \
     "smollm2-135m-instruct"
 TARGET_RATIO = 1.10
 ANSWER_CHARS = 700
-DOC_MODULES = (
-    "collections", "functools", "itertools", "json", "pathlib", "re", "textwrap", "argparse", "logging",
-    "threading", "subprocess", "typing", "dataclasses", "statistics", "random", "string", "shutil", "tempfile",
-    "unittest", "decimal", "fractions", "csv", "sqlite3", "inspect", "heapq", "bisect", "contextlib", "enum",
-    "datetime", "calendar", "zipfile", "tarfile", "gzip", "base64", "hashlib", "secrets", "uuid", "pickle",
-    "copy", "pprint", "difflib", "glob", "fnmatch", "socket", "asyncio", "queue", "sched", "locale", "codecs",
-    "struct", "weakref", "types", "operator", "numbers", "email.message", "http.client", "urllib.parse",
-    "xml.dom.minidom", "html.parser", "configparser", "getopt", "optparse", "cmd", "shlex", "tokenize",
-    "ast", "dis", "pdb", "timeit", "trace", "traceback", "warnings", "abc", "array", "mmap", "select",
-)
 
 
 # ------------------------------------------------------------------------------------------------ teacher, data
