@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from typing import Optional
 
 import typer
@@ -11,6 +13,22 @@ import typer
 from kd_cli.config import resolve
 
 app = typer.Typer(help="Build, describe, verify and publish teacher caches.", no_args_is_help=True)
+
+
+@contextlib.contextmanager
+def reported() -> Iterator[None]:
+    """One `error: ...` line instead of a traceback: exit 2 for what the arguments ask (ValueError), exit 1 when
+    the storage says no (kd_cache.errors.storage_errors: permissions, missing files, credentials, the hub...)."""
+    from kd_cache.errors import describe, storage_errors
+
+    try:
+        yield
+    except ValueError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    except storage_errors() as e:
+        typer.secho(f"error: {describe(e)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -51,12 +69,9 @@ def build(
                  device=device, dtype=dtype, num_workers=num_workers, revision=revision,
                  trust_remote_code=trust_remote_code, backend=backend, gram=False if no_gram else None, staging=staging,
                  progress=False if quiet else None)
-    try:
+    with reported():
         cfg = resolve(BuildConfig, config, flags)
         manifest = run_build(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
     if manifest is not None:
         sk = manifest["skipped"]
         typer.echo(f"cache complete: {manifest['num_samples']} samples in {len(manifest['shards'])} shards at {cfg.out}"
@@ -69,11 +84,8 @@ def info(path: str = typer.Argument(..., help="Cache folder or URL."),
     """Samples, rows, bytes per text row / visual row / Gram, shards and skipped samples by reason."""
     from kd_cache.verify import format_info, info as cache_info
 
-    try:
+    with reported():
         d = cache_info(path)
-    except (ValueError, FileNotFoundError) as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
     typer.echo(json.dumps(d, indent=1) if as_json else format_info(d))
 
 
@@ -83,7 +95,8 @@ def verify(path: str = typer.Argument(..., help="Cache folder or URL."),
     """Check checksums, schema, row counts and versions. Exits 1 naming every problem found."""
     from kd_cache.verify import verify as cache_verify
 
-    problems = cache_verify(path, checksums=not no_checksums)
+    with reported():
+        problems = cache_verify(path, checksums=not no_checksums)
     if problems:
         for p in problems:
             typer.secho(f"FAIL {p}", fg=typer.colors.RED, err=True)
@@ -102,13 +115,10 @@ def check(path: str = typer.Argument(..., help="Cache folder or URL."),
     from kd_cache.teacher import load_processor_and_config
     from kd_train.compat import check_compatibility
 
-    try:
+    with reported():
         cache = open_cache(path)
         _, processor, _ = load_processor_and_config(student)
         problems = check_compatibility(cache, processor, AutoConfig.from_pretrained(student))
-    except (ValueError, FileNotFoundError) as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
     if problems:
         for p in problems:
             typer.secho(f"INCOMPATIBLE {p}", fg=typer.colors.RED, err=True)
@@ -127,15 +137,14 @@ def publish(path: str = typer.Argument(..., help="Complete cache folder."),
     Refuses (exit 1, naming every problem) an incomplete or damaged cache."""
     from kd_cache.publish import NotPublishable, publish as run_publish
 
-    try:
-        done = run_publish(path, repo, revision=revision, private=private, token=token, checksums=not no_checksums)
-    except NotPublishable as e:
-        typer.secho(f"error: refusing to publish {path}:", fg=typer.colors.RED, err=True)
-        for p in e.problems:
-            typer.secho(f"FAIL {p}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
-    except (ValueError, FileNotFoundError) as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    with reported():
+        try:
+            done = run_publish(path, repo, revision=revision, private=private, token=token,
+                               checksums=not no_checksums)
+        except NotPublishable as e:  # a ValueError: reported here, with every problem
+            typer.secho(f"error: refusing to publish {path}:", fg=typer.colors.RED, err=True)
+            for p in e.problems:
+                typer.secho(f"FAIL {p}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
     where = f"{done.repo}@{done.revision}" if done.revision else done.repo
     typer.echo(f"published {done.shards} shards to hf://datasets/{where}" + (f" ({done.commit_url})" if done.commit_url else ""))

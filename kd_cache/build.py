@@ -142,6 +142,11 @@ def build(cfg: BuildConfig) -> dict | None:
     out, remote = cfg.out, None
     if is_remote(cfg.out):  # built in a local staging folder and uploaded shard by shard (kd_cache/remote.py)
         remote = RemoteOutput(cfg.out, cfg.staging, rank, world)
+        if os.path.exists(os.path.join(remote.staging, fmt.MANIFEST_NAME)):  # staging is emptied as it uploads
+            raise ValueError(f"staging folder {remote.staging} holds a complete kd cache ({fmt.MANIFEST_NAME}); a "
+                             "build deletes what it stages once uploaded, so it does not stage in a cache: choose "
+                             f"another --staging (to put that cache at {cfg.out}, copy the folder there, or "
+                             "`kd cache publish` it to the hub)")
         saved, manifest = remote.probe()
         if saved is not None:
             _check_same_config(saved, want, cfg.out)
@@ -161,8 +166,9 @@ def build(cfg: BuildConfig) -> dict | None:
     cfg_path = os.path.join(out, fmt.CONFIG_NAME)
     if not os.path.exists(cfg_path):  # identical content from every rank, atomic: no race to guard
         atomic_write_text(cfg_path, json.dumps(want, indent=1, sort_keys=True))
+    n_local = len(range(rank, len(records), world))
     if remote is not None:
-        remote.start()
+        remote.start(n_local)
 
     # ---- resume point: after the last shard recorded in this rank's journal
     jpath = journal_path(out, rank, world)
@@ -171,7 +177,6 @@ def build(cfg: BuildConfig) -> dict | None:
     for tmp in glob.glob(os.path.join(out, fmt.SHARD_DIR, f"shard-r{rank:05d}-*.tmp")):
         os.remove(tmp)
     start = entries[-1]["end"] if entries else 0
-    n_local = len(range(rank, len(records), world))
     if os.path.exists(done_path(out, rank, world)) and start >= n_local:
         log.info("rank %d already finished; finalizing", rank)
         return _finalize(out, world, _header(cfg, config, processor, None, records, multimodal), remote)

@@ -8,6 +8,7 @@ from collections import Counter
 from typing import Any, Callable
 
 from kd_cache import format as fmt
+from kd_cache.errors import StorageError
 from kd_cache.writer import atomic_write_text, journal_path, read_journal
 
 
@@ -43,7 +44,7 @@ def try_finalize(out_dir: str, world_size: int, header: dict,
                 continue
             if not shard_present(e["shard"], e["bytes"]):
                 what = f"missing or of another size at {where}" if where else "the file is missing"
-                raise RuntimeError(f"rank {r} recorded shard {e['shard']} but {what}; rerun the build")
+                raise StorageError(f"rank {r} recorded shard {e['shard']} but {what}; rerun the build")
             shards.append({k: e[k] for k in ("rows", "bytes", "sha256", "text_rows", "visual_rows", "gram_samples")}
                           | {"name": e["shard"], "rank": r})
             for k in ("rows", "text_rows", "visual_rows", "gram_samples", "bytes"):

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -19,6 +20,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from kd_cache import format as fmt
+
+
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def _fs_and_root(path_or_url: str):
@@ -68,6 +72,9 @@ class Cache:
                     f"(known: {list(fmt.KNOWN_TARGET_KINDS)}); upgrade kd"
                 )
         self.shards: list[dict] = self.manifest["shards"]
+        if self.cache_dir is not None:  # sha256 values become local paths: refuse anything but hex digests
+            for i in range(len(self.shards)):
+                self._sha256(i)
 
     def __len__(self) -> int:
         return int(self.manifest["num_samples"])
@@ -92,11 +99,21 @@ class Cache:
 
         return LocalFileSystem(), self._cached_copy(i)
 
+    def _sha256(self, i: int) -> str | None:
+        """Shard i's sha256 from the manifest (lower-case), None if it has none; a malformed value is refused."""
+        sha = self.shards[i].get("sha256")
+        if not sha:
+            return None
+        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+            raise ValueError(f"{self.url}/{fmt.MANIFEST_NAME} is malformed: shard {self.shards[i].get('name')!r} has "
+                             f"sha256 {sha!r}, not 64 hexadecimal characters")
+        return sha.lower()
+
     def _cached_copy(self, i: int) -> str:
         """Path of shard i in the read-through cache (named by its sha256, so caches share identical shards and a
         changed remote object can never be mistaken for the cached one)."""
         s = self.shards[i]
-        sha = str(s["sha256"])
+        sha = self._sha256(i)
         path = os.path.join(self.cache_dir, sha[:2], f"{sha}.parquet")
         if os.path.exists(path) and os.path.getsize(path) == int(s["bytes"]):
             return path
@@ -105,9 +122,10 @@ class Cache:
         try:
             self.fs.get_file(self.shard_url(i), tmp)
             h = hashlib.sha256()
-            with open(tmp, "rb") as f:
+            with open(tmp, "rb+") as f:
                 while block := f.read(1 << 22):
                     h.update(block)
+                os.fsync(f.fileno())  # on disk before the rename makes it the cached copy (checked by size only)
             if h.hexdigest() != sha:
                 raise ValueError(f"{s['name']}: the copy downloaded from {self.url} has sha256 {h.hexdigest()}, "
                                  f"the manifest says {sha} (the object changed or is corrupt)")

@@ -10,7 +10,10 @@ partial cache:
   staged copy is deleted (staging holds only what is not uploaded yet) and then the journal is uploaded, so a
   remote journal never names a shard the remote lacks;
 * a finishing rank uploads its `done` file, reads every rank's journal from the remote, checks that each shard
-  they record is there with the recorded size, and uploads the dataset card and then the manifest, last.
+  they record is there with the recorded size, and uploads the dataset card and then the manifest, last;
+* a rank that starts unfinished first deletes the `done` file an earlier run of it left on the remote (its shards
+  may have been lost, its journal is about to be shortened): a finishing rank must never pair it with a shortened
+  journal and write a short manifest.
 
 Resume: rerun the same command. Each rank takes its journal from staging or from the remote, whichever reaches
 further once entries whose shard is in neither place are dropped; staged shards the remote lacks are uploaded
@@ -29,6 +32,7 @@ import shutil
 import uuid
 
 from kd_cache import format as fmt
+from kd_cache.errors import StorageError, describe, storage_errors
 from kd_cache.manifest import done_path, try_finalize
 from kd_cache.writer import atomic_write_text, journal_path, parse_journal, read_journal
 
@@ -98,6 +102,14 @@ class RemoteOutput:
     def probe(self) -> tuple[dict | None, dict | None]:
         """(saved build configuration, manifest), each None when absent. Refuses a prefix that holds something
         other than a kd cache."""
+        try:
+            return self._probe()
+        except storage_errors() as e:
+            if isinstance(e, StorageError):
+                raise
+            raise StorageError(f"cannot read {self.url}: {describe(e)}") from e
+
+    def _probe(self) -> tuple[dict | None, dict | None]:
         self.fs.invalidate_cache()
         # listed before the configuration is read: every rank uploads it before anything else, so a prefix another
         # rank starts writing meanwhile is either still empty here or has its configuration
@@ -137,22 +149,25 @@ class RemoteOutput:
         then check its size."""
         dst = self.key(rel)
         want = os.path.getsize(local)
-        if self.atomic_put:
-            self.fs.put_file(local, dst)
-        else:
-            self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
-            tmp = f"{dst}.tmp-{uuid.uuid4().hex[:12]}"
-            self.fs.put_file(local, tmp)
-            self.fs.mv(tmp, dst)
-        self.fs.invalidate_cache(dst)
-        have = self.fs.size(dst)
+        try:
+            if self.atomic_put:
+                self.fs.put_file(local, dst)
+            else:
+                self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+                tmp = f"{dst}.tmp-{uuid.uuid4().hex[:12]}"
+                self.fs.put_file(local, tmp)
+                self.fs.mv(tmp, dst)
+            self.fs.invalidate_cache(dst)
+            have = self.fs.size(dst)
+        except Exception as e:  # noqa: BLE001 - any failure of the store: name the file and where it was going
+            raise StorageError(f"could not upload {rel} to {self.url}/{rel}: {describe(e)}") from e
         if have != want:
-            raise RuntimeError(f"uploaded {rel} to {self.url} but the object holds {have} bytes, not {want}")
+            raise StorageError(f"uploaded {rel} to {self.url}/{rel} but the object holds {have} bytes, not {want}")
 
     def _put_shard(self, entry: dict) -> None:
         local = os.path.join(self.staging, entry["shard"])
         if not self._staged(entry):
-            raise RuntimeError(f"{entry['shard']} is recorded in {self.staging} but is neither staged there nor "
+            raise StorageError(f"{entry['shard']} is recorded in {self.staging} but is neither staged there nor "
                                f"uploaded to {self.url}; rerun the build")
         self.put(local, entry["shard"])
         os.remove(local)
@@ -179,12 +194,11 @@ class RemoteOutput:
             self.put(jpath, _rel_journal(self.rank, self.world))
 
     # ---- the build's steps
-    def start(self) -> None:
-        """Before this rank writes a shard (the staging folder holds the build configuration): the configuration
+    def start(self, n_local: int) -> None:
+        """Before this rank writes a shard (the staging folder holds the build configuration; the rank has
+        `n_local` samples): no done file of an earlier run is left if the rank is not finished, the configuration
         is on the remote, this rank's staging journal is the furthest usable one, and everything it records is
         uploaded."""
-        if not self.fs.exists(self.key(fmt.CONFIG_NAME)):
-            self.put(os.path.join(self.staging, fmt.CONFIG_NAME), fmt.CONFIG_NAME)
         jpath = journal_path(self.staging, self.rank, self.world)
         local = read_journal(jpath)
         try:
@@ -205,6 +219,10 @@ class RemoteOutput:
 
         mine, theirs = usable(local), usable(remote)
         chosen = mine if _end(mine) >= _end(theirs) else theirs
+        if _end(chosen) < n_local:  # not finished: before anything is uploaded (the shortened journal above all)
+            self._remove_done()
+        if not self.fs.exists(self.key(fmt.CONFIG_NAME)):
+            self.put(os.path.join(self.staging, fmt.CONFIG_NAME), fmt.CONFIG_NAME)
         if chosen != local:
             if chosen is theirs:
                 log.info("rank %d resumes from the journal at %s (%d samples done)", self.rank, self.url,
@@ -219,6 +237,30 @@ class RemoteOutput:
                     pass
         self.sync()
 
+    def _remove_done(self) -> None:
+        """Delete this rank's done file on the remote and in staging (left by a run that had finished)."""
+        key = self.key(_rel_done(self.rank, self.world))
+        if self.fs.exists(key):
+            log.warning("rank %d is not finished any more (shards lost?): removing its done file at %s", self.rank,
+                        self.url)
+            try:
+                self.fs.rm_file(key)
+            except FileNotFoundError:
+                pass
+            except Exception as e:  # noqa: BLE001
+                raise StorageError(f"could not delete {_rel_done(self.rank, self.world)} at {self.url}: "
+                                   f"{describe(e)}") from e
+            self.fs.invalidate_cache(key)
+        local = done_path(self.staging, self.rank, self.world)
+        if os.path.exists(local):
+            os.remove(local)
+
+    def _cat(self, rel: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self.key(rel))
+        except FileNotFoundError:
+            return None
+
     def complete(self, header: dict) -> dict | None:
         """After this rank's done file is in staging: upload what is left and, once every rank is done, the
         dataset card and then the manifest (only after checking every shard it lists is on the remote with the
@@ -229,15 +271,26 @@ class RemoteOutput:
         shutil.rmtree(work, ignore_errors=True)
         os.makedirs(os.path.join(work, fmt.PROGRESS_DIR))
         self.fs.invalidate_cache()
+        dones: dict[str, bytes | None] = {}
         for r in range(self.world):
             # done file first: it is uploaded after the rank's final journal, so the journal read next is final
             for rel in (_rel_done(r, self.world), _rel_journal(r, self.world)):
-                try:
-                    data = self.fs.cat_file(self.key(rel))
-                except FileNotFoundError:
-                    continue
-                with open(os.path.join(work, rel), "wb") as f:
-                    f.write(data)
+                data = self._cat(rel)
+                if rel == _rel_done(r, self.world):
+                    dones[rel] = data
+                if data is not None:
+                    with open(os.path.join(work, rel), "wb") as f:
+                        f.write(data)
+        # ... unless the rank was rerun meanwhile: it deletes its done file before it uploads a shortened journal,
+        # so done files that are all there and unchanged after the journals were read pair with final journals
+        if all(dones.values()):
+            self.fs.invalidate_cache()
+            changed = [rel for rel, data in dones.items() if self._cat(rel) != data]
+            if changed:
+                log.info("rank %d: %s changed while the journals were read (a rank restarted or finished); "
+                         "that rank writes the manifest", self.rank, ", ".join(changed))
+                shutil.rmtree(work, ignore_errors=True)
+                return None
         sizes = self.shard_sizes()
         manifest = try_finalize(work, self.world, header, shard_present=lambda name, size: sizes.get(name) == size,
                                 where=self.url)

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from kd_cache import format as fmt
 from kd_cache.data import sha256_file
+from kd_cache.errors import ShardWriterError, describe
 from kd_cache.teacher import SampleTargets
 
 
@@ -132,6 +133,7 @@ class ShardWriter:
         self._pending = _Pending(start=start)
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._error: BaseException | None = None
+        self._failed_on = ""  # which shard the error came from, for the message
         self.encode_seconds = 0.0
         self._thread = threading.Thread(target=self._run, name=f"kd-shard-writer-{rank}", daemon=True)
         self._thread.start()
@@ -172,7 +174,8 @@ class ShardWriter:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise RuntimeError(f"shard writer failed: {self._error}") from self._error
+            raise ShardWriterError(f"shard writer failed on {self._failed_on}: {describe(self._error)}") \
+                from self._error
 
     # ---- background thread
     def _run(self) -> None:
@@ -185,13 +188,16 @@ class ShardWriter:
             try:
                 self._write(item)
             except BaseException as e:  # noqa: BLE001 - surfaced on the main thread
+                self._failed_on = (f"{fmt.SHARD_DIR}/{self._shard_name(item)}" if item.samples else
+                                   "a journal entry without a shard") + \
+                                  f" (rank {self.rank}, local samples {item.start}-{item.end - 1})"
                 self._error = e
 
     def _write(self, p: _Pending) -> None:
         t0 = time.perf_counter()
         entry: dict[str, Any] = {"start": p.start, "end": p.end, "skipped": p.skipped, "shard": None}
         if p.samples:
-            name = shard_name(self.rank, self.world_size, p.start // self.shard_size)
+            name = self._shard_name(p)
             rel = f"{fmt.SHARD_DIR}/{name}"
             path = os.path.join(self.out_dir, rel)
             tmp = path + ".tmp"
@@ -231,6 +237,9 @@ class ShardWriter:
             os.fsync(f.fileno())
         if self.on_shard is not None:
             self.on_shard(entry)
+
+    def _shard_name(self, p: _Pending) -> str:
+        return shard_name(self.rank, self.world_size, p.start // self.shard_size)
 
 
 def shard_name(rank: int, world_size: int, index: int) -> str:

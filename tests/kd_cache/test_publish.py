@@ -149,5 +149,28 @@ def test_publish_refuses_unlisted_shards_bad_repos_and_urls(hub, cache_copy):
     r = runner.invoke(app, ["cache", "publish", "s3://bucket/cache", "--repo", "org/x"])
     assert r.exit_code == 2 and "publish uploads a local cache folder" in r.output
     r = runner.invoke(app, ["cache", "publish", str(cache_copy / "nope"), "--repo", "org/x"])
-    assert r.exit_code == 2 and "no such cache folder" in r.output
+    assert r.exit_code == 1 and "no such cache folder" in r.output  # storage errors exit 1, bad arguments 2
     assert not hub.calls
+
+
+def test_hub_errors_are_one_error_line(hub, cache_copy, monkeypatch):
+    import importlib
+
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+    from huggingface_hub.utils import get_session
+
+    request = get_session().build_request("POST", "https://huggingface.co/api/repos/create")
+    http = importlib.import_module(type(request).__module__.split(".")[0])  # the HTTP library huggingface_hub uses
+    unauthorized = HfHubHTTPError("401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/create\n\n"
+                                  "Invalid credentials in Authorization header",
+                                  response=http.Response(401, request=request))
+    for error in (unauthorized, LocalTokenNotFoundError("Token is required (`token=True`), but no token found.")):
+        def create_repo(repo_id, error=error, **kw):
+            raise error
+
+        monkeypatch.setattr(hub, "create_repo", create_repo)
+        r = runner.invoke(app, ["cache", "publish", str(cache_copy), "--repo", "org/x", "--no-checksums"])
+        assert r.exit_code == 1, r.output
+        lines = r.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {type(error).__name__}: ") and \
+            lines[0].endswith("(log in with `hf auth login`, set HF_TOKEN or pass --token)"), r.output

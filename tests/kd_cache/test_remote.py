@@ -256,6 +256,98 @@ def test_a_rank_finishing_while_another_reads_the_journals_is_not_left_out_of_th
     assert_same_samples(url, llava_cache)
 
 
+DONE1 = f"{fmt.PROGRESS_DIR}/rank-00001-of-00002.done.json"
+JOURNAL1 = f"{fmt.PROGRESS_DIR}/rank-00001-of-00002.jsonl"
+
+
+def finish_rank1_then_lose_its_last_shard(s3, root: str, url: str, staging, llava_teacher, tiny_data, monkeypatch):
+    """Rank 1 of 2 finishes (its done file is on the bucket), then its last shard is deleted from the bucket."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert build(config(llava_teacher, tiny_data, url, staging=str(staging))) is None
+    assert s3.exists(f"{root}/{DONE1}")
+    entries = [json.loads(line) for line in s3.cat_file(f"{root}/{JOURNAL1}").decode().splitlines()]
+    assert [e["end"] for e in entries] == [5, 6]
+    s3.rm(f"{root}/{entries[-1]['shard']}")
+
+
+def test_a_finished_rank_rerun_after_its_shards_were_lost_deletes_its_done_file_first(
+        s3, tmp_path, llava_teacher, tiny_data, llava_cache, monkeypatch):
+    """Rank 1 had finished; rerun after one of its shards was deleted from the bucket it is not finished: its done
+    file must go before its shortened journal is uploaded, or rank 0 finishing writes a manifest without the
+    lost shard."""
+    from kd_cache.remote import RemoteOutput
+    from kd_cache.teacher import Teacher
+
+    url, root = f"s3://{BUCKET}/stale-done", f"{BUCKET}/stale-done"
+    finish_rank1_then_lose_its_last_shard(s3, root, url, tmp_path / "node1", llava_teacher, tiny_data, monkeypatch)
+
+    real_put, real_targets = RemoteOutput.put, Teacher.targets
+    journals = []
+
+    def put(self, local, rel):
+        if rel == JOURNAL1:
+            s3.invalidate_cache()
+            journals.append(s3.exists(f"{root}/{DONE1}"))
+        return real_put(self, local, rel)
+
+    def dying(self, samples, opts):
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(RemoteOutput, "put", put)
+    monkeypatch.setattr(Teacher, "targets", dying)
+    with pytest.raises(KeyboardInterrupt):  # the rerun dies while it redoes the lost shard
+        build(config(llava_teacher, tiny_data, url, staging=str(tmp_path / "node1")))
+    assert journals == [False]  # the shortened journal went up after the done file was gone
+    s3.invalidate_cache()
+    assert not s3.exists(f"{root}/{DONE1}") and not (tmp_path / "node1" / DONE1).exists()
+    monkeypatch.setattr(RemoteOutput, "put", real_put)
+    monkeypatch.setattr(Teacher, "targets", real_targets)
+
+    monkeypatch.setenv("RANK", "0")  # rank 0 finishing now must not write a manifest without rank 1's last shard
+    assert build(config(llava_teacher, tiny_data, url, staging=str(tmp_path / "node0"))) is None
+    assert not s3.exists(f"{root}/{fmt.MANIFEST_NAME}")
+    monkeypatch.setenv("RANK", "1")
+    manifest = build(config(llava_teacher, tiny_data, url, staging=str(tmp_path / "node1")))
+    assert manifest is not None and manifest["num_samples"] == 12
+    assert verify(url) == []
+    assert_same_samples(url, llava_cache)
+
+
+def test_a_rank_rerun_while_the_last_rank_reads_the_journals_is_not_finalized_short(
+        s3, tmp_path, llava_teacher, tiny_data, llava_cache, monkeypatch):
+    """Rank 0, finishing, has read rank 1's old done file when rank 1 restarts (its last shard lost), deletes it and
+    uploads its shortened journal, which rank 0 reads next: rank 0 must see the done file change and not finalize."""
+    from kd_cache.remote import RemoteOutput
+
+    url, root = f"s3://{BUCKET}/restart-race", f"{BUCKET}/restart-race"
+    finish_rank1_then_lose_its_last_shard(s3, root, url, tmp_path / "node1", llava_teacher, tiny_data, monkeypatch)
+
+    real_cat = s3.cat_file  # the s3fs instance every RemoteOutput shares
+    restarted = []
+
+    def cat_file(path, *a, **k):
+        try:
+            return real_cat(path, *a, **k)
+        finally:
+            if path.endswith(DONE1) and not restarted:
+                restarted.append(path)
+                RemoteOutput(url, str(tmp_path / "node1"), 1, 2).start(6)  # rank 1's rerun begins
+
+    monkeypatch.setattr(s3, "cat_file", cat_file)
+    monkeypatch.setenv("RANK", "0")
+    assert build(config(llava_teacher, tiny_data, url, staging=str(tmp_path / "node0"))) is None
+    monkeypatch.setattr(s3, "cat_file", real_cat)
+    s3.invalidate_cache()
+    assert restarted and not s3.exists(f"{root}/{fmt.MANIFEST_NAME}")
+    assert len(s3.cat_file(f"{root}/{JOURNAL1}").decode().splitlines()) == 1  # rank 0 had read this one
+    monkeypatch.setenv("RANK", "1")
+    manifest = build(config(llava_teacher, tiny_data, url, staging=str(tmp_path / "node1")))
+    assert manifest is not None and manifest["num_samples"] == 12
+    assert verify(url) == []
+    assert_same_samples(url, llava_cache)
+
+
 def test_a_prefix_another_rank_starts_writing_meanwhile_is_not_refused(s3, monkeypatch):
     """Rank 0 uploads the build configuration just after rank 1's first look at the still empty prefix."""
     from kd_cache.remote import RemoteOutput
@@ -315,6 +407,65 @@ def test_remote_outputs_are_refused_before_any_work(s3, s3_cache, tmp_path, llav
     (staging / fmt.MANIFEST_NAME).unlink()
     with pytest.raises(ValueError, match=f"staging folder {staging} holds a cache built with a different"):
         build(config(llava_teacher, tiny_data, f"s3://{BUCKET}/fresh", staging=str(staging)))
+
+
+def test_a_staging_folder_holding_a_complete_cache_is_refused_and_left_alone(s3, tmp_path, llava_teacher, tiny_data,
+                                                                            llava_cache, monkeypatch):
+    import kd_cache.teacher
+
+    mine = tmp_path / "my-cache"
+    shutil.copytree(llava_cache, mine)
+    before = {p: (mine / p).read_bytes() for p in local_files(mine)}
+    monkeypatch.setattr(kd_cache.teacher, "load_processor_and_config",
+                        lambda *a, **k: pytest.fail("refused before the teacher loads"))
+    r = runner.invoke(app, build_args(llava_teacher, tiny_data, f"s3://{BUCKET}/from-staging", "--staging", str(mine)))
+    assert r.exit_code == 2, r.output
+    assert f"error: staging folder {mine} holds a complete kd cache ({fmt.MANIFEST_NAME})" in r.output
+    assert {p: (mine / p).read_bytes() for p in local_files(mine)} == before
+    assert not s3.exists(f"{BUCKET}/from-staging")
+
+
+def test_a_denied_upload_is_one_error_line_naming_the_shard_and_the_url(s3, tmp_path, llava_teacher, tiny_data,
+                                                                        monkeypatch):
+    url = f"s3://{BUCKET}/denied"
+    real_put = s3.put_file
+
+    def put_file(lpath, rpath, *a, **k):
+        if rpath.endswith(".parquet"):
+            raise PermissionError("Access Denied")
+        return real_put(lpath, rpath, *a, **k)
+
+    monkeypatch.setattr(s3, "put_file", put_file)  # the s3fs instance every RemoteOutput shares
+    staging = tmp_path / "staging"
+    r = runner.invoke(app, build_args(llava_teacher, tiny_data, url, "--staging", str(staging)))
+    shard = f"{fmt.SHARD_DIR}/shard-r00000-of-00001-000000.parquet"
+    assert r.exit_code == 1, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert errors == [(f"error: shard writer failed on {shard} (rank 0, local samples 0-4): could not upload "
+                       f"{shard} to {url}/{shard}: PermissionError: Access Denied")], r.output
+    assert "Traceback" not in r.output
+    assert (staging / shard).exists()  # kept for the rerun
+
+
+def test_missing_aws_credentials_are_one_error_line(s3, s3_cache, tmp_path, llava_teacher, tiny_data, monkeypatch):
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    cached = dict(s3fs.S3FileSystem._cache)  # later tests use the fixture's instance
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        for args in (["cache", "info", s3_cache], ["cache", "verify", s3_cache],
+                     build_args(llava_teacher, tiny_data, f"s3://{BUCKET}/no-credentials")):
+            r = runner.invoke(app, args)
+            assert r.exit_code == 1, (args, r.output)
+            lines = r.output.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: ") and "NoCredentialsError" in lines[0] \
+                and "set AWS_ACCESS_KEY_ID" in lines[0], (args, r.output)
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        s3fs.S3FileSystem._cache.update(cached)
 
 
 def test_stores_without_atomic_uploads_get_a_temporary_key_then_a_move(tmp_path, llava_teacher, tiny_data,
@@ -420,3 +571,46 @@ def test_training_streams_from_s3(s3, s3_cache, tmp_path, tiny_data, llava_cache
     assert len(local) == 2
     assert remote[2] == pytest.approx(local[2], rel=1e-6) and cached[2] == pytest.approx(local[2], rel=1e-6)
     assert list((tmp_path / "read-cache").rglob("*.parquet"))
+
+
+def test_the_read_through_cache_fsyncs_each_copy_before_renaming_it(s3, s3_cache, tmp_path, monkeypatch):
+    import os
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to name a file descriptor's file")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, *a, **k):
+        events.append(("rename", os.fspath(src)))
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    cache_dir = tmp_path / "read-cache"
+    cache = open_cache(s3_cache, cache_dir=cache_dir)
+    for i in range(len(cache.shards)):
+        cache.shard_location(i)
+    monkeypatch.undo()
+    renames = [i for i, (what, path) in enumerate(events) if what == "rename" and path.startswith(str(cache_dir))]
+    assert len(renames) == len(cache.shards)
+    for i in renames:
+        assert ("fsync", events[i][1]) in events[:i], events
+
+
+def test_the_read_through_cache_refuses_a_sha256_that_is_not_a_digest(s3, s3_cache, tmp_path, monkeypatch):
+    monkeypatch.delenv("KD_CACHE_DIR", raising=False)
+    url = copy_prefix(s3, "full", "bad-sha")
+    manifest = json.loads(s3.cat_file(f"{BUCKET}/bad-sha/{fmt.MANIFEST_NAME}"))
+    manifest["shards"][1]["sha256"] = "../../" + "0" * 58  # 64 characters that lead out of the cache folder
+    s3.pipe(f"{BUCKET}/bad-sha/{fmt.MANIFEST_NAME}", json.dumps(manifest).encode())
+    name = manifest["shards"][1]["name"]
+    with pytest.raises(ValueError, match=rf"{fmt.MANIFEST_NAME} is malformed: shard '{name}' has sha256 "
+                                         r"'\.\./\.\./0+', not 64 hexadecimal characters"):
+        open_cache(url, cache_dir=tmp_path / "read-cache" / "inner")
+    assert not (tmp_path / "read-cache").exists()
+    assert len(open_cache(url)) == 12  # read in place, the path is never made from it

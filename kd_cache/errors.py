@@ -1,0 +1,47 @@
+"""Errors of storage (folders, object stores, the hub) that the CLI reports as one `error: ...` line, exit 1.
+
+Kept free of heavy imports (no torch): `kd cache info|verify` import it too.
+"""
+
+from __future__ import annotations
+
+
+class StorageError(RuntimeError):
+    """Reading or writing the cache's storage failed; the message names the file and where it was going."""
+
+
+class ShardWriterError(RuntimeError):
+    """The background shard writer (or the upload it runs) failed; the message names the shard."""
+
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean "the storage said no": OSError (PermissionError, FileNotFoundError, network
+    errors, huggingface_hub's HfHubHTTPError and missing-token errors), this module's errors, and botocore's
+    (NoCredentialsError, ClientError...) when boto is installed."""
+    errors: list[type[BaseException]] = [OSError, StorageError, ShardWriterError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        pass
+    else:
+        errors += [BotoCoreError, ClientError]
+    return tuple(errors)
+
+
+def describe(e: BaseException) -> str:
+    """One line for a storage error: its message, the exception type where the message alone is unclear, and what
+    to do for missing credentials."""
+    if isinstance(e, (StorageError, ShardWriterError)):
+        return str(e)
+    name = type(e).__name__
+    text = " ".join(str(e).split()) or name
+    hint = ""
+    if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+        hint = (" (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE; AWS_ENDPOINT_URL for other "
+                "S3-compatible stores)")
+    elif name == "LocalTokenNotFoundError" or (getattr(getattr(e, "response", None), "status_code", None) in (401, 403)
+                                               and "huggingface_hub" in type(e).__module__):
+        hint = " (log in with `hf auth login`, set HF_TOKEN or pass --token)"
+    if isinstance(e, FileNotFoundError) or text.startswith(name):  # kd's own messages say what is missing
+        return f"{text}{hint}"
+    return f"{name}: {text}{hint}"
