@@ -255,6 +255,8 @@ def build(cfg: BuildConfig) -> dict | None:
     finally:
         if bar is not None:
             bar.close()
+        if hasattr(teacher, "close"):  # the vLLM engine's processes and threads, now rather than at exit
+            teacher.close()
     wall = time.time() - t_start
     timings = {k: round(v, 3) for k, v in timings.items()}
     done = {"rank": rank, "samples_this_run": done_samples, "wall_seconds": round(wall, 3),

