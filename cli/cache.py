@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import sys
 from collections.abc import Iterator
 from typing import Optional
 
@@ -76,6 +78,13 @@ def build(
         sk = manifest["skipped"]
         typer.echo(f"cache complete: {manifest['num_samples']} samples in {len(manifest['shards'])} shards at {cfg.out}"
                    f" ({sk['total']} skipped{': ' + json.dumps(sk['by_reason']) if sk['total'] else ''})")
+    if cfg.backend == "vllm":
+        # Everything is written and the engine is shut down (build() closes it). Skip interpreter teardown, where a
+        # native thread vLLM left behind can abort the process, so the exit status says what happened to the cache.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(0)
 
 
 @app.command()
