@@ -43,9 +43,7 @@ Writes `benchmarks/results/build_speed.json` (or `--out`).
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.util
-import inspect
 import json
 import os
 import platform
@@ -55,10 +53,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-from benchmarks.cache_size import DOC_MODULES, GGUF_NAME  # the same model file and English text
+from benchmarks.cache_size import GGUF_NAME, docstring_items  # the same model file and English text
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_TEACHER_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kd-benchmarks" / \
@@ -107,34 +104,9 @@ def ensure_smollm2(out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def docstring_items(min_chars: int = ANSWER_CHARS) -> list[tuple[str, str]]:
-    """(qualified name, docstring) of standard-library objects, round-robin over modules, sorted attributes."""
-    per_module: list[list[tuple[str, str]]] = []
-    seen: set[str] = set()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in DOC_MODULES:
-            try:
-                mod = importlib.import_module(name)
-            except Exception:  # noqa: BLE001 - a module missing on this platform is skipped
-                continue
-            items = []
-            for attr in [None] + sorted(a for a in dir(mod) if not a.startswith("_")):
-                obj = mod if attr is None else getattr(mod, attr, None)
-                d = inspect.getdoc(obj) if obj is not None else None
-                if d and len(d) >= min_chars and d not in seen:
-                    seen.add(d)
-                    items.append((name if attr is None else f"{name}.{attr}", d))
-            per_module.append(items)
-    out = []
-    for i in range(max(len(m) for m in per_module)):
-        out.extend(m[i] for m in per_module if i < len(m))
-    return out
-
-
 def write_conversations(path: Path, n: int) -> Path:
     """n LLaVA-format text conversations: "Explain <name>." -> the first ~800 characters of its docstring."""
-    items = docstring_items()
+    items = docstring_items(ANSWER_CHARS)
     if len(items) < n:
         raise SystemExit(f"only {len(items)} long docstrings on this Python, asked for {n}")
     with open(path, "w") as f:

@@ -88,9 +88,10 @@ DOC_MODULES = (
 # ----------------------------------------------------------------------------------------------------------- data
 
 
-def docstring_corpus(min_chars: int = 300) -> list[str]:
-    """Long docstrings of standard-library modules and their public members, round-robin over modules."""
-    per_module: list[list[str]] = []
+def docstring_items(min_chars: int = 300) -> list[tuple[str, str]]:
+    """(qualified name, docstring) of standard-library modules and their public members with docstrings of at
+    least `min_chars`, each docstring once, round-robin over modules (attributes sorted)."""
+    per_module: list[list[tuple[str, str]]] = []
     seen: set[str] = set()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -99,17 +100,23 @@ def docstring_corpus(min_chars: int = 300) -> list[str]:
                 mod = importlib.import_module(name)
             except Exception:  # noqa: BLE001 - a module missing on this platform is just skipped
                 continue
-            docs = []
-            for obj in [mod] + [getattr(mod, a, None) for a in sorted(dir(mod)) if not a.startswith("_")]:
+            items = []
+            for attr in [None] + sorted(a for a in dir(mod) if not a.startswith("_")):
+                obj = mod if attr is None else getattr(mod, attr, None)
                 d = inspect.getdoc(obj) if obj is not None else None
                 if d and len(d) >= min_chars and d not in seen:
                     seen.add(d)
-                    docs.append(d)
-            per_module.append(docs)
+                    items.append((name if attr is None else f"{name}.{attr}", d))
+            per_module.append(items)
     out = []
-    for i in range(max(len(d) for d in per_module)):
-        out.extend(d[i] for d in per_module if i < len(d))
+    for i in range(max(len(m) for m in per_module)):
+        out.extend(m[i] for m in per_module if i < len(m))
     return out
+
+
+def docstring_corpus(min_chars: int = 300) -> list[str]:
+    """Long docstrings of standard-library modules and their public members, round-robin over modules."""
+    return [d for _, d in docstring_items(min_chars)]
 
 
 def load_smollm2():
