@@ -48,30 +48,30 @@ def assert_targets_match(sample, ref_sample, logits, k_text, k_vis):
     assert np.array_equal(sample["text_positions"], ref_sample.text_positions)
     assert np.array_equal(sample["visual_positions"], ref_sample.visual_positions)
     for prefix, k in (("text", k_text), ("visual", k_vis)):
-        rows = torch.from_numpy(sample[f"{prefix}_positions"])
+        rows = torch.tensor(sample[f"{prefix}_positions"])
         if len(rows) == 0:
             assert sample[f"{prefix}_topk_ids"].shape == (0, k)
             continue
         z = logits[rows]
         lp = torch.log_softmax(z, -1)
-        ids = torch.from_numpy(sample[f"{prefix}_topk_ids"])
+        ids = torch.tensor(sample[f"{prefix}_topk_ids"])
         assert ids.shape == (len(rows), k)
-        got_lp = torch.from_numpy(sample[f"{prefix}_topk_logprobs"])
+        got_lp = torch.tensor(sample[f"{prefix}_topk_logprobs"])
         # ids are the top-k up to ties: the cached ids' true log-probs equal the true k best values
         true_top = torch.topk(lp, k, dim=-1).values
         assert torch.allclose(lp.gather(1, ids), true_top, atol=LOGIT_ATOL)
         # quantization bound of the format
         assert (got_lp - lp.gather(1, ids)).abs().max() <= fmt.LOGPROB_MAX_ABS_ERROR + LOGIT_ATOL
         lse = torch.logsumexp(z, -1)
-        assert torch.allclose(torch.from_numpy(sample[f"{prefix}_logsumexp"]), lse, atol=LOGIT_ATOL)
+        assert torch.allclose(torch.tensor(sample[f"{prefix}_logsumexp"]), lse, atol=LOGIT_ATOL)
         tail = torch.log1p(-lp.gather(1, ids).exp().sum(-1).clamp(max=1 - 1e-7))
-        got_tail = torch.from_numpy(sample[f"{prefix}_tail_logprob"])
+        got_tail = torch.tensor(sample[f"{prefix}_tail_logprob"])
         finite = torch.isfinite(tail) & (tail > -15)  # beyond that, the naive 1 - sum reference itself cancels
         assert torch.allclose(got_tail[finite], tail[finite], atol=1e-3)
-    zv = logits[torch.from_numpy(sample["visual_positions"])].double()
+    zv = logits[torch.tensor(sample["visual_positions"])].double()
     assert sample["gram"].shape == (len(zv), len(zv))
     if len(zv):  # the format's guarantee: 1 - cos <= tolerance on the raw and on the row-centred Gram
-        got = torch.from_numpy(sample["gram"]).double()
+        got = torch.tensor(sample["gram"]).double()
         m = zv.mean(-1)
         zc = zv - m[:, None]
         ref_c, got_c = zc @ zc.T, got - zv.shape[1] * torch.outer(m, m)
