@@ -255,8 +255,7 @@ def build(cfg: BuildConfig) -> dict | None:
     finally:
         if bar is not None:
             bar.close()
-        if hasattr(teacher, "close"):  # the vLLM engine's processes and threads, now rather than at exit
-            teacher.close()
+        teacher.close()  # now rather than at exit: the vLLM engine's processes and threads, the model's memory
     wall = time.time() - t_start
     timings = {k: round(v, 3) for k, v in timings.items()}
     done = {"rank": rank, "samples_this_run": done_samples, "wall_seconds": round(wall, 3),

@@ -173,6 +173,10 @@ class Teacher:
                               text=to_host(tt), visual=to_host(vt), gram=None if g is None else to_host(g))
                 for index, s, tt, vt, g in pending]
 
+    def close(self) -> None:
+        """Release the model. `build()` calls this when the build ends (the vLLM teacher stops its engine there)."""
+        self.model = None
+
 
 SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
