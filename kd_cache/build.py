@@ -19,7 +19,8 @@ from kd_cache.data import Encoder, RecordSource, SkipSample, sample_id_of
 from kd_cache.targets import TargetOptions
 from kd_cache.manifest import done_path, try_finalize
 from kd_cache.remote import RemoteOutput, is_remote
-from kd_cache.writer import ShardWriter, atomic_write_text, journal_path, read_journal
+from kd_cache.lock import BuildLock, is_lock_file
+from kd_cache.writer import ShardWriter, atomic_write_text, journal_path, read_journal, remove_stale_temps
 
 log = logging.getLogger("kd_cache")
 
@@ -106,7 +107,7 @@ def dist_env() -> tuple[int, int]:
 
 def _check_out_dir(out: str, want: dict, what: str = "output folder") -> str:
     """'new' | 'resume' | 'complete'. Refuses folders holding something else, before any work starts."""
-    if not os.path.exists(out) or not os.listdir(out):
+    if _empty_cache_folder(out):
         return "new"
     cfg_path = os.path.join(out, fmt.CONFIG_NAME)
     if not os.path.exists(cfg_path):
@@ -114,6 +115,21 @@ def _check_out_dir(out: str, want: dict, what: str = "output folder") -> str:
     with open(cfg_path) as f:
         _check_same_config(json.load(f), want, f"{what} {out}")
     return "complete" if os.path.exists(os.path.join(out, fmt.MANIFEST_NAME)) else "resume"
+
+
+def _empty_cache_folder(out: str) -> bool:
+    """Nothing there yet, or only what a build creates before its configuration: build locks, empty `_progress/`
+    and `shards/` folders (a build stopped right at its start)."""
+    if not os.path.isdir(out):
+        return not os.path.exists(out)
+    for name in os.listdir(out):
+        path = os.path.join(out, name)
+        if is_lock_file(name) and os.path.isfile(path):
+            continue
+        if name in (fmt.PROGRESS_DIR, fmt.SHARD_DIR) and os.path.isdir(path) and not os.listdir(path):
+            continue
+        return False
+    return True
 
 
 def _check_same_config(saved: dict, want: dict, where: str) -> None:
@@ -128,7 +144,7 @@ def _check_same_config(saved: dict, want: dict, where: str) -> None:
 
 def build(cfg: BuildConfig) -> dict | None:
     """Build (or resume) the cache. Returns the manifest when this rank completed it, else None."""
-    from kd_cache.teacher import Teacher, load_processor_and_config, tokenizer_fingerprint, weights_fingerprint
+    from kd_cache.teacher import load_processor_and_config
 
     t_start = time.time()
     rank, world = dist_env()
@@ -159,8 +175,28 @@ def build(cfg: BuildConfig) -> dict | None:
         log.info("cache at %s is already complete", cfg.out)
         with open(os.path.join(cfg.out, fmt.MANIFEST_NAME)) as f:
             return json.load(f)
-    config, processor, multimodal = load_processor_and_config(
-        cfg.teacher, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    teacher_files = load_processor_and_config(cfg.teacher, trust_remote_code=cfg.trust_remote_code,
+                                              revision=cfg.revision)
+    # ---- one writer per rank (kd_cache/lock.py): another build holding this rank's lock is named and refused here,
+    # before this one writes anything; the lock is held until the build ends (kill -9 releases it too)
+    lock = BuildLock(out, rank, world, what="output folder" if remote is None else "staging folder")
+    try:
+        return _build_locked(cfg, records, rank, world, want, out, remote, t_start, *teacher_files)
+    finally:
+        lock.release()
+
+
+def _build_locked(cfg: BuildConfig, records: RecordSource, rank: int, world: int, want: dict, out: str,
+                  remote: RemoteOutput | None, t_start: float, config, processor, multimodal: bool) -> dict | None:
+    """The rest of `build()`, with this rank's lock on `out` (the output or staging folder) held."""
+    from kd_cache.teacher import Teacher, weights_fingerprint
+
+    if remote is None and os.path.exists(os.path.join(out, fmt.MANIFEST_NAME)):  # finished before the lock was ours
+        log.info("cache at %s is already complete", cfg.out)
+        with open(os.path.join(out, fmt.MANIFEST_NAME)) as f:
+            return json.load(f)
+    for path in remove_stale_temps(out, rank, world):  # left by a killed (or out of space) earlier run
+        log.info("removed the stale temporary file %s", path)
     os.makedirs(os.path.join(out, fmt.PROGRESS_DIR), exist_ok=True)
     os.makedirs(os.path.join(out, fmt.SHARD_DIR), exist_ok=True)
     cfg_path = os.path.join(out, fmt.CONFIG_NAME)
@@ -174,8 +210,6 @@ def build(cfg: BuildConfig) -> dict | None:
     jpath = journal_path(out, rank, world)
     entries = read_journal(jpath)
     atomic_write_text(jpath, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))  # drop a torn tail
-    for tmp in glob.glob(os.path.join(out, fmt.SHARD_DIR, f"shard-r{rank:05d}-*.tmp")):
-        os.remove(tmp)
     start = entries[-1]["end"] if entries else 0
     if os.path.exists(done_path(out, rank, world)) and start >= n_local:
         log.info("rank %d already finished; finalizing", rank)

@@ -6,6 +6,7 @@ journal, so a crash at any point leaves either a complete, recorded shard or not
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -86,13 +87,51 @@ def fsync_dir(path: str) -> None:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write `path` whole or not at all: `<path>.tmp.<pid>.<host>`, fsync, rename. A failed write (ENOSPC...)
+    removes its temporary file; one left by a killed process is removed by the next build (`remove_stale_temps`)."""
+    from kd_cache.lock import _safe_host
+
+    tmp = f"{path}.tmp.{os.getpid()}.{_safe_host()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     fsync_dir(os.path.dirname(path) or ".")
+
+
+def remove_stale_temps(out_dir: str, rank: int, world_size: int) -> list[str]:
+    """Remove what killed or failed writers left in a cache (or staging) folder; called by a build holding this
+    rank's lock, before it writes anything. This rank's own temporary files (its journal and done file, its
+    `.parquet.tmp` shards) always go: no live process can own them while the lock is held. Folder-level ones
+    (`manifest.json`, the card, the configuration) and other ranks' go when their writer (pid, host in the name)
+    is gone, or when they are older than ten minutes. Returns the removed paths."""
+    from kd_cache.lock import stale_temp
+
+    mine = f"rank-{rank:05d}-of-{world_size:05d}."
+    removed = []
+    for sub in ("", fmt.PROGRESS_DIR, fmt.SHARD_DIR):
+        folder = os.path.join(out_dir, sub) if sub else out_dir
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(folder, name)
+            if sub == fmt.SHARD_DIR:
+                stale = name.endswith(".tmp") and name.startswith(f"shard-r{rank:05d}-")
+            else:
+                stale = ".tmp." in name and stale_temp(path, own=sub == fmt.PROGRESS_DIR and name.startswith(mine))
+            if stale and os.path.isfile(path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                removed.append(path)
+    return removed
 
 
 @dataclass

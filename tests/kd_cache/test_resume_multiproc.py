@@ -134,3 +134,48 @@ def test_rerunning_one_rank_rewrites_the_same_manifest(tmp_path, llava_teacher, 
     again = json.loads((out / fmt.MANIFEST_NAME).read_text())
     assert again == first
     assert verify(str(out)) == []
+
+
+def test_a_second_build_of_the_same_folder_is_refused_naming_the_first_and_a_rerun_after_kill_resumes(
+        tmp_path, llava_teacher, bigger_data, reference):
+    """Two `kd cache build` processes on one --out: the second is refused at start, naming the first (pid, host,
+    start time, command line), and touches nothing; after kill -9 of the first, a rerun takes the stale lock over
+    and resumes to the reference cache, shard numbers without gaps."""
+    import socket
+
+    from kd_cache.lock import lock_name
+
+    data, images = bigger_data
+    out = tmp_path / "cache"
+    journal = out / fmt.PROGRESS_DIR / "rank-00000-of-00001.jsonl"
+    cmd = build_cmd(llava_teacher, data, images, out, "--shard-size", "4", "--batch-size", "1")
+    first = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None:
+            if journal.exists() and journal.read_text().count("\n") >= 1:
+                break
+            time.sleep(0.005)
+        assert first.poll() is None, "the first build ended before the second started"
+        first.send_signal(signal.SIGSTOP)  # holds its lock while stopped: the second build finds it running
+        before = {p.name: p.read_bytes() for p in (out / fmt.SHARD_DIR).iterdir()} | {"journal": journal.read_bytes()}
+        second = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-3000:]
+        err = " ".join(second.stderr.split())
+        assert "error: output folder" in err and "already being written by another `kd cache build`" in err
+        assert f"pid {first.pid} on host {socket.gethostname()}, started " in err
+        assert f"--out {out} --quiet" in err and "cache build --teacher" in err  # the first one's command line
+        after = {p.name: p.read_bytes() for p in (out / fmt.SHARD_DIR).iterdir()} | {"journal": journal.read_bytes()}
+        assert after == before  # the refused build deleted and wrote nothing
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert (out / lock_name(0, 1)).exists() and not (out / fmt.MANIFEST_NAME).exists()  # what kill -9 leaves
+    rerun = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"took over the stale build lock {out / lock_name(0, 1)} of pid {first.pid}" in rerun.stderr
+    assert verify(str(out)) == [] and not (out / lock_name(0, 1)).exists()
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    assert_same_cache(samples_by_index(out), samples_by_index(reference))
+    names = sorted(p.name for p in (out / fmt.SHARD_DIR).iterdir())
+    assert names == [f"shard-r00000-of-00001-{i:06d}.parquet" for i in range(len(names))]  # no skipped numbers

@@ -1,0 +1,377 @@
+"""One writer per cache rank: the lock `kd cache build` holds on its output folder while it writes.
+
+Two builds writing the same folder (two teammates, a double-submitted job) would delete each other's temporary
+shards and interleave their journals. Each rank of a build therefore holds, for the whole build, an exclusive
+`fcntl.flock` on `<folder>/.lock-r<RANK>-of-<WORLD>` (in the staging folder for URL outputs), a file that also
+records who holds it (pid, host, start time, command line) so a second build is refused with a message naming
+the first.
+
+* **Per rank, not per folder**: the ranks of one `torchrun` / `accelerate launch` / `srun` build share the folder
+  and each writes only its own files, so they must not exclude each other; two launches of the *same* rank do.
+  A second launch of the whole build therefore fails on its first rank that is still running in the first
+  launch, and re-running one dead rank alone (`RANK=3 WORLD_SIZE=32 ...`) works while the others keep running.
+  A build with another number of ranks is refused while any rank of this one holds its lock (the configuration
+  check catches it too once `build_config.json` exists; the lock also covers two builds starting together).
+* **Stale locks**: the kernel releases a flock when its holder dies, kill -9 included, so a lock file whose lock
+  nobody holds is stale whatever it records; the next build takes it over and logs whose it was. Forked children
+  (DataLoader workers) close their copy of the descriptor, so a killed build's workers cannot keep it locked.
+* Filesystems without flock (some Lustre mounts, old NFS): the file is created with O_CREAT|O_EXCL instead and is
+  stale when it names a process of this host that no longer exists; a lock of another host is never broken
+  automatically (the message says which file to delete).
+* The lock file is removed when the build ends (success or error). It is never uploaded (remote builds upload
+  named files only, `kd cache publish` only the manifest, card, configuration and shards) and `kd cache verify` /
+  `info` only read what the manifest lists.
+
+The lock is local to the filesystem that holds the folder: two builds of the same `s3://` URL on two machines
+have two staging folders and are not excluded by it (nor by anything else: do not do that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+import shlex
+import socket
+import sys
+import time
+
+log = logging.getLogger("kd_cache")
+
+LOCK_PREFIX = ".lock-"
+_LOCK_RE = re.compile(r"^\.lock-r(\d+)-of-(\d+)$")
+# flock unsupported by the filesystem: fall back to O_CREAT|O_EXCL plus the pid check
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
+
+_held_fds: set[int] = set()  # flock descriptors this process holds: closed in forked children
+
+
+def _close_in_child() -> None:
+    for fd in list(_held_fds):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
+
+
+class BuildLocked(ValueError):
+    """Another build holds this rank's lock; the message names it (pid, host, start time, command line).
+
+    A ValueError so the CLI prints it as one `error: ...` line (exit 2), like a bad --out."""
+
+    def __init__(self, message: str, holder: dict | None = None):
+        super().__init__(message)
+        self.holder = holder or {}
+
+
+def hostname() -> str:
+    return socket.gethostname() or "localhost"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (a zombie counts as gone)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
+        return True
+    try:  # a zombie (killed, not reaped yet) holds nothing any more
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def lock_name(rank: int, world_size: int) -> str:
+    return f"{LOCK_PREFIX}r{rank:05d}-of-{world_size:05d}"
+
+
+def is_lock_file(name: str) -> bool:
+    """Whether `name` (a file name in a cache folder) is a build lock."""
+    return bool(_LOCK_RE.match(os.path.basename(name)))
+
+
+def _command_line() -> str:
+    argv = list(sys.argv) or [sys.executable]
+    if argv and argv[0].endswith(("kd_cli/main.py", "cli/main.py")):
+        argv[0] = "kd"
+    return " ".join(shlex.quote(a) for a in argv)[:2000]
+
+
+def _read_info(path: str) -> dict:
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return {}
+    try:
+        info = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def describe_holder(info: dict) -> str:
+    """'pid 123 on host h, started 2026-01-01 10:00:00 UTC (5 min ago), command: kd cache build ...'"""
+    if not info:
+        return "a process that has not recorded itself yet"
+    parts = [f"pid {info.get('pid', '?')} on host {info.get('host', '?')}"]
+    started = info.get("started")
+    if isinstance(started, (int, float)):
+        ago = max(0.0, time.time() - started)
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started))
+        parts.append(f"started {when} ({_ago(ago)} ago)")
+    if info.get("command"):
+        parts.append(f"command: {info['command']}")
+    return ", ".join(parts)
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class BuildLock:
+    """This rank's lock on a cache (or staging) folder: acquired on construction, `release()` when done.
+
+    Raises BuildLocked naming the holder when another live process holds the same rank's lock, or when a build
+    with another number of ranks holds one in the same folder.
+    """
+
+    def __init__(self, folder: str, rank: int = 0, world_size: int = 1, *, what: str = "output folder",
+                 wait_seconds: float = 10.0):
+        self.folder, self.rank, self.world = str(folder), rank, world_size
+        self.what = what
+        self.path = os.path.join(self.folder, lock_name(rank, world_size))
+        self.fd: int | None = None
+        self.flock = True
+        self.info = {"pid": os.getpid(), "host": hostname(), "started": round(time.time(), 3),
+                     "rank": rank, "world_size": world_size, "command": _command_line()}
+        os.makedirs(self.folder, exist_ok=True)
+        self._acquire(wait_seconds)
+        try:
+            self._check_other_world_sizes()
+        except BaseException:
+            self.release()
+            raise
+
+    # ---- acquire
+    def _acquire(self, wait_seconds: float) -> None:
+        t0 = time.monotonic()
+        while True:
+            holder = self._try_flock() if self.flock else self._try_exclusive_create()
+            if holder is None:
+                return
+            # Held. Retried for half a second (another build probing this lock holds it for an instant), and for up
+            # to `wait_seconds` when the recorded holder is a process of this host that is gone: whatever still
+            # holds its lock is exiting (a killed build's children).
+            gone = holder.get("host") == hostname() and isinstance(holder.get("pid"), int) \
+                and not process_alive(holder["pid"])
+            if time.monotonic() - t0 < (wait_seconds if gone else 0.5):
+                time.sleep(0.1)
+                continue
+            raise BuildLocked(self._locked_message(holder), holder)
+
+    def _try_flock(self) -> dict | None:
+        """None when acquired, else the holder's info."""
+        import fcntl
+
+        while True:
+            try:
+                fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                try:
+                    fd, created = os.open(self.path, os.O_RDWR), False
+                except FileNotFoundError:  # removed meanwhile by a releasing holder
+                    continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return self._holder_info()
+            except OSError as e:
+                if e.errno not in _NO_FLOCK:
+                    os.close(fd)
+                    raise
+                log.info("%s does not support flock (%s); locking with an exclusive file instead", self.folder,
+                         e.strerror)
+                self.flock = False
+                if created:  # created with O_EXCL: already the exclusive file
+                    _write_fd(fd, self.info)
+                    self.fd = fd
+                    return None
+                os.close(fd)
+                return self._try_exclusive_create()
+            # the file may have been removed (a releasing holder) between open and flock: lock the current file
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            previous = _read_fd(fd)
+            if previous:
+                log.warning("rank %d: took over the stale build lock %s of %s: that build is gone (killed?) and "
+                            "this one resumes it", self.rank, self.path, describe_holder(previous))
+            _write_fd(fd, self.info)
+            self.fd = fd
+            _held_fds.add(fd)
+            return None
+
+    def _try_exclusive_create(self) -> dict | None:
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = self._holder_info()
+                if holder.get("host") == hostname() and isinstance(holder.get("pid"), int) \
+                        and not process_alive(holder["pid"]):
+                    log.warning("rank %d: removing the stale build lock %s of %s: that process is gone (killed?)",
+                                self.rank, self.path, describe_holder(holder))
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(self.path)
+                    continue
+                return holder
+            _write_fd(fd, self.info)
+            self.fd = fd
+            return None
+        return self._holder_info()
+
+    def _holder_info(self) -> dict:
+        for _ in range(10):  # a holder that just created the file writes its info right after
+            info = _read_info(self.path)
+            if info:
+                return info
+            time.sleep(0.05)
+        return {}
+
+    def _check_other_world_sizes(self) -> None:
+        """Refuse while a build with another number of ranks holds a lock here."""
+        try:
+            names = os.listdir(self.folder)
+        except OSError:
+            return
+        for name in sorted(names):
+            m = _LOCK_RE.match(name)
+            if not m or int(m.group(2)) == self.world:
+                continue
+            path = os.path.join(self.folder, name)
+            holder = _read_info(path)
+            if self.flock:
+                held = _flock_held(path)
+            else:
+                held = bool(holder) and not (holder.get("host") == hostname()
+                                             and not process_alive(int(holder.get("pid") or 0)))
+            if held:
+                raise BuildLocked(
+                    f"{self.what} {self.folder} is being built by another `kd cache build` with {int(m.group(2))} "
+                    f"rank(s) (rank {int(m.group(1))} is {describe_holder(holder)}); this one has {self.world}. "
+                    "Wait for it to finish, stop it, or choose another --out", holder)
+
+    def _locked_message(self, holder: dict) -> str:
+        rank = f" (rank {self.rank} of {self.world})" if self.world > 1 else ""
+        hint = "Wait for it to finish or stop it (a stopped or killed build releases its lock; rerunning the " \
+               "command then resumes where it stopped), or choose another --out"
+        if not self.flock:
+            hint += f"; if that process is gone, delete {self.path}"
+        return (f"{self.what} {self.folder} is already being written by another `kd cache build`{rank}: "
+                f"{describe_holder(holder)}. {hint}")
+
+    # ---- release
+    def release(self) -> None:
+        """Remove the lock file (if it is still ours) and unlock. Idempotent."""
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        _held_fds.discard(fd)
+        try:
+            # unlink before unlocking: a waiter that opened the old file sees its inode gone and retries
+            if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                os.remove(self.path)
+        except OSError:
+            pass  # already gone (a finished remote build removes its staging folder)
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> "BuildLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _flock_held(path: str) -> bool:
+    """Whether some process holds the flock on `path` (probed without blocking; released at once)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
+def _read_fd(fd: int) -> dict:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = b""
+        while chunk := os.read(fd, 65536):
+            data += chunk
+        info = json.loads(data.decode()) if data.strip() else {}
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _write_fd(fd: int, info: dict) -> None:
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, (json.dumps(info, sort_keys=True) + "\n").encode())
+    with contextlib.suppress(OSError):
+        os.fsync(fd)
+
+
+def stale_temp(path: str, *, own: bool = False, max_age: float = 600.0) -> bool:
+    """Whether `<file>.tmp.<pid>[.<host>]` (left by `atomic_write_text`) is stale: `own` (this rank's file, and this
+    rank's lock is held, so no live writer can own it), or written by a process of this host that is gone, or older
+    than `max_age` seconds (an atomic write takes milliseconds; covers other hosts and old names without a host)."""
+    m = re.search(r"\.tmp\.(\d+)(?:\.([^/\\]+))?$", path)
+    if not m:
+        return False
+    if own:
+        return True
+    pid, host = int(m.group(1)), m.group(2)
+    if host == _safe_host() and not process_alive(pid):
+        return True
+    try:
+        return time.time() - os.path.getmtime(path) > max_age
+    except OSError:
+        return False
+
+
+def _safe_host() -> str:
+    """The host as it appears in temporary file names (no path separators)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", hostname())
