@@ -43,6 +43,9 @@ def load_processor_and_config(name: str, *, trust_remote_code: bool = False, rev
     from transformers import AutoConfig, AutoProcessor, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
+    from kd_cache.paths import check_model_path
+
+    check_model_path(name)  # a missing folder is named as such, not answered with the hub's repo-id rule
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as e:

@@ -94,6 +94,12 @@ def evaluate(model_path: str | os.PathLike, data: Any, images: str | os.PathLike
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
         raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
 
+    # what can be wrong without the model fails before it is loaded: the model folder, the data, the image folder
+    from kd_cache.paths import check_input_path, check_model_path
+
+    check_model_path(model_path)
+    if images is not None:
+        check_input_path(images, "image folder", folder=True)
     t0 = time.perf_counter()
     source = RecordSource(data)
     dev = pick_device(device)

@@ -185,6 +185,11 @@ def compose_student(
     if isinstance(vision_feature_layer, bool) or not isinstance(vision_feature_layer, int):
         raise ValueError(f"vision_feature_layer must be an int, got {vision_feature_layer!r}")
     torch_dtype = _torch_dtype(dtype)
+    from kd_cache.paths import check_model_path
+
+    for name, what in ((vision, "vision source"), (llm, "llm"), (processor_from, "processor source")):
+        if name is not None:  # before the tower is loaded: a missing folder is named, not taken for a hub id
+            check_model_path(name, what)
 
     vision_config, tower, image_processor = _load_vision(vision, torch_dtype)
     n_layers = vision_config.num_hidden_layers

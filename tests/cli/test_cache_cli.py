@@ -55,7 +55,7 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path, llava_teacher, tiny_data)
     data, images = tiny_data
     r = runner.invoke(app, ["cache", "build", "--teacher", str(tmp_path / "nope"), "--data", str(data),
                             "--images", str(images), "--out", str(tmp_path / "o")])
-    assert r.exit_code == 2 and "cannot load model" in r.output
+    assert r.exit_code == 2 and "does not exist" in r.output
     r = runner.invoke(app, ["cache", "build", "--teacher", str(llava_teacher), "--data", str(data),
                             "--images", str(images), "--out", str(tmp_path / "o"), "--top-k", "0"])
     assert r.exit_code == 2 and "top_k must be a positive integer, got 0" in r.output
