@@ -45,3 +45,26 @@ def describe(e: BaseException) -> str:
     if isinstance(e, FileNotFoundError) or text.startswith(name):  # kd's own messages say what is missing
         return f"{text}{hint}"
     return f"{name}: {text}{hint}"
+
+
+class MissingDependencyError(ImportError, ValueError):
+    """A URL needs a package that is not installed (fsspec's filesystem for its protocol). Also a ValueError, so
+    every command prints it as one `error: ...` line (exit 2) naming what to install."""
+
+
+def missing_dependency(url: str, e: ImportError) -> MissingDependencyError:
+    """The error for `url` when fsspec could not import its filesystem: fsspec's own message plus the extra to
+    install."""
+    import fsspec
+
+    protocol = fsspec.utils.get_protocol(str(url))
+    what = " ".join(str(e).split()) or type(e).__name__
+    if protocol in ("http", "https", "s3", "s3a"):
+        fix = "pip install 'kd-offline[remote]' (it brings aiohttp and requests for http(s)://, s3fs for s3://)"
+    elif protocol in ("gs", "gcs"):
+        fix = "pip install gcsfs"
+    elif protocol in ("az", "abfs", "abfss"):
+        fix = "pip install adlfs"
+    else:
+        fix = f"install the fsspec implementation of {protocol}://"
+    return MissingDependencyError(f"cannot open {url}: {what}; {fix}")

@@ -28,7 +28,12 @@ _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 def _fs_and_root(path_or_url: str):
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(str(path_or_url))
+    try:
+        fs, root = fsspec.core.url_to_fs(str(path_or_url))
+    except ImportError as e:  # e.g. http:// without aiohttp: name the extra that brings it
+        from kd_cache.errors import missing_dependency
+
+        raise missing_dependency(str(path_or_url), e) from None
     return fs, root.rstrip("/")
 
 

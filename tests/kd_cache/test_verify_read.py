@@ -154,3 +154,43 @@ def test_verify_and_read_a_cache_served_over_http(llava_cache):
     finally:
         server.shutdown()
     assert remote == [s["sample_id"] for s in open_cache(str(llava_cache))]
+
+
+def test_http_reading_is_in_the_base_install_and_the_remote_extra():
+    """`kd cache verify http://...` must work after a plain `pip install kd-offline`: fsspec's HTTP filesystem needs
+    aiohttp and requests, so they are base dependencies (and the remote extra names them too, with s3fs)."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+
+    def names(reqs):
+        return {re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0].lower() for r in reqs}
+
+    assert {"fsspec", "aiohttp", "requests"} <= names(project["dependencies"])
+    assert {"s3fs", "aiohttp", "requests"} <= names(project["optional-dependencies"]["remote"])
+
+
+def test_a_missing_http_dependency_names_the_extra(monkeypatch, tmp_path):
+    """Should aiohttp be missing anyway, the one-line error names what to install (not fsspec's ImportError)."""
+    import importlib
+    import sys
+
+    from typer.testing import CliRunner
+
+    from kd_cache.errors import MissingDependencyError
+    from kd_cli.main import app
+
+    monkeypatch.setitem(sys.modules, "aiohttp", None)  # `import aiohttp` raises ImportError
+    monkeypatch.delitem(sys.modules, "fsspec.implementations.http", raising=False)
+    loaded = importlib.import_module("fsspec.registry")._registry  # filesystem classes imported so far
+    for protocol in ("http", "https"):
+        monkeypatch.delitem(loaded, protocol, raising=False)
+    url = "http://127.0.0.1:9/cache"
+    with pytest.raises(MissingDependencyError) as e:
+        open_cache(url)
+    assert isinstance(e.value, ImportError) and "kd-offline[remote]" in str(e.value) and url in str(e.value)
+    r = CliRunner().invoke(app, ["cache", "verify", url])
+    assert r.exit_code == 2 and "error: cannot open http://127.0.0.1:9/cache" in r.output
+    assert "pip install 'kd-offline[remote]'" in " ".join(r.output.split())
