@@ -4,29 +4,23 @@ from __future__ import annotations
 
 import typer
 
+from kd_cli.config import config_command, reported
+from kd_eval.config import SynthConfig
+
 app = typer.Typer(help="Datasets.", no_args_is_help=True)
 
 
 @app.command()
-def synth(
-    out: str = typer.Option(..., help="Output folder (LLaVA JSON files + images/)."),
-    n_caption: int = typer.Option(1000, help="Caption records (DPT)."),
-    n_train: int = typer.Option(2000, help="Instruction records, train split."),
-    n_val: int = typer.Option(200, help="Instruction records, val split."),
-    n_test: int = typer.Option(500, help="Instruction records, test split."),
-    image_size: int = typer.Option(64, help="Image side in pixels."),
-    seed: int = typer.Option(0, help="Seed: the same seed gives byte-identical files."),
-) -> None:
+@config_command(SynthConfig)
+def synth(cfg: SynthConfig) -> None:
     """Procedural shapes dataset (counting, colour, spatial, POPE-style existence, multiple choice, description),
     written in the same LLaVA JSON + image-folder layout as real data."""
     from kd_eval.synth import generate
 
-    try:
-        paths = generate(out, n_caption=n_caption, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed,
-                         image_size=image_size)
-    except ValueError as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    with reported():
+        paths = generate(cfg.out, n_caption=cfg.n_caption, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
+                         seed=cfg.seed, image_size=cfg.image_size, question_types=cfg.question_type_list(),
+                         multi_turn=cfg.multi_turn)
     for name in ("caption_train", "instruct_train", "instruct_val", "instruct_test"):
         typer.echo(f"{name:<15} {getattr(paths, name)}")
     typer.echo(f"{'images':<15} {paths.image_root}")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from kd_cli import cache, data, student
+from kd_cli.config import config_command, reported
+from kd_eval.config import DemoConfig
 from kd_cli.eval import eval_command
 from kd_cli.train import train
 
@@ -20,12 +20,8 @@ app.command(name="eval")(eval_command)
 
 
 @app.command()
-def demo(out: str = typer.Option("kd-demo", help="Folder for everything the demo makes; rerun into it to reuse "
-                                                 "finished steps."),
-         quick: bool = typer.Option(False, "--quick", help="Smoke run (~2 min): tiny data and few steps; the "
-                                                          "numbers are not meaningful."),
-         seed: int = typer.Option(0, help="Seed of the data, the teacher and the students."),
-         quiet: bool = typer.Option(False, "--quiet", help="No step messages or progress bars.")) -> None:
+@config_command(DemoConfig)
+def demo(cfg: DemoConfig) -> None:
     """End to end on a built-in procedural dataset, on a CPU, no downloads: train a tiny teacher MLLM, cache it
     (`kd cache build`), train a smaller student with `--recipe baseline` and with `--recipe llava-kd` from the
     same init, evaluate all three (`kd eval`) and print the comparison; report in <out>/report/ (markdown,
@@ -35,11 +31,8 @@ def demo(out: str = typer.Option("kd-demo", help="Folder for everything the demo
     from kd_eval.demo import run_demo
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        result = run_demo(out, quick=quick, seed=seed, progress=not quiet)
-    except ValueError as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    with reported():
+        result = run_demo(cfg.out, quick=cfg.quick, seed=cfg.seed, progress=cfg.progress)
     typer.echo(result.table)
     if result.gap_recovered is None:
         typer.echo("gap recovered: n/a (the teacher is not above the baseline)")

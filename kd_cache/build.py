@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import glob
 import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from kd_cache import format as fmt
+from kd_cache.build_config import BuildConfig
+from kd_cache.config import to_dict
 from kd_cache.data import Encoder, RecordSource, SkipSample, sample_id_of
 from kd_cache.targets import TargetOptions
 from kd_cache.manifest import done_path, try_finalize
@@ -23,77 +22,6 @@ from kd_cache.lock import BuildLock, is_lock_file
 from kd_cache.writer import ShardWriter, atomic_write_text, journal_path, read_journal, remove_stale_temps
 
 log = logging.getLogger("kd_cache")
-
-
-BACKENDS = ("transformers", "vllm")
-
-
-@dataclass
-class BuildConfig:
-    """Configuration of `kd cache build`. Fields marked `semantic` decide the cache's content."""
-
-    teacher: str
-    data: str
-    out: str
-    images: str | None = None
-    top_k: int = 64
-    visual_top_k: int = 64
-    max_length: int | None = 4096
-    max_images: int | None = None
-    shard_size: int = 1024
-    targets: str = "topk"  # "topk" (k ids per row) or "sampled" (random-sampling KD: `samples` draws per row)
-    samples: int = 50
-    gram: bool = True
-    gram_encoding: str = "lowrank"  # "lowrank" (int8 eigenpairs, rank per sample) or "dense"
-    gram_tolerance: float = 1e-4
-    seed: int = 0
-    dtype: str = "auto"
-    revision: str | None = None
-    trust_remote_code: bool = False
-    backend: str = "transformers"  # "transformers" or "vllm" (kd_cache/vllm_backend.py)
-    # not semantic: may change between a crash and its resume
-    batch_size: int = 8
-    device: str | None = None
-    num_workers: int = 0
-    compression_level: int = 3
-    progress: bool = True
-    staging: str | None = None  # local folder a remote --out is built in (default: derived from the URL)
-
-    NON_SEMANTIC = ("batch_size", "device", "num_workers", "progress", "out", "staging")
-
-    def __post_init__(self) -> None:
-        for name in ("top_k", "visual_top_k", "shard_size", "batch_size", "samples"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if self.targets not in fmt.TARGET_KINDS:
-            raise ValueError(f"targets must be one of {', '.join(fmt.TARGET_KINDS)}, got {self.targets!r}")
-        if self.targets == "sampled" and self.samples > 255:
-            raise ValueError(f"samples must be <= 255 (counts are stored as uint8), got {self.samples!r}")
-        if self.gram_encoding not in ("lowrank", "dense"):
-            raise ValueError(f"gram_encoding must be lowrank or dense, got {self.gram_encoding!r}")
-        if not 0 < self.gram_tolerance < 1:
-            raise ValueError(f"gram_tolerance must be in (0, 1), got {self.gram_tolerance!r}")
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2 or None, got {self.max_length!r}")
-        if self.max_images is not None and self.max_images < 0:
-            raise ValueError(f"max_images must be >= 0 or None, got {self.max_images!r}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers!r}")
-        if not 1 <= self.compression_level <= 22:
-            raise ValueError(f"compression_level must be in 1..22, got {self.compression_level!r}")
-        if self.images is not None and not os.path.isdir(self.images):
-            raise ValueError(f"images must be an existing folder, got {self.images!r}")
-        if not self.out:
-            raise ValueError("out must be a folder path or URL, got an empty string")
-        if self.staging is not None and not is_remote(self.out):
-            raise ValueError(f"staging is only used when out is a URL (s3://...), got out={self.out!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-
-    def semantic(self) -> dict:
-        d = dataclasses.asdict(self)
-        return {k: v for k, v in d.items() if k not in self.NON_SEMANTIC}
 
 
 def dist_env() -> tuple[int, int]:
@@ -133,7 +61,8 @@ def _empty_cache_folder(out: str) -> bool:
 
 
 def _check_same_config(saved: dict, want: dict, where: str) -> None:
-    saved = {"backend": "transformers", **saved}  # caches from before the field existed
+    # caches from before these fields existed: built by transformers, with no EOS appended to answers
+    saved = {"backend": "transformers", "append_eos": False, **saved}
     have = {k: saved.get(k) for k in want}
     diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
     if diff:
@@ -189,6 +118,7 @@ def build(cfg: BuildConfig) -> dict | None:
 def _build_locked(cfg: BuildConfig, records: RecordSource, rank: int, world: int, want: dict, out: str,
                   remote: RemoteOutput | None, t_start: float, config, processor, multimodal: bool) -> dict | None:
     """The rest of `build()`, with this rank's lock on `out` (the output or staging folder) held."""
+    from kd_cache.progress import quiet_library_bars
     from kd_cache.teacher import Teacher, weights_fingerprint
 
     if remote is None and os.path.exists(os.path.join(out, fmt.MANIFEST_NAME)):  # finished before the lock was ours
@@ -200,8 +130,11 @@ def _build_locked(cfg: BuildConfig, records: RecordSource, rank: int, world: int
     os.makedirs(os.path.join(out, fmt.PROGRESS_DIR), exist_ok=True)
     os.makedirs(os.path.join(out, fmt.SHARD_DIR), exist_ok=True)
     cfg_path = os.path.join(out, fmt.CONFIG_NAME)
-    if not os.path.exists(cfg_path):  # identical content from every rank, atomic: no race to guard
-        atomic_write_text(cfg_path, json.dumps(want, indent=1, sort_keys=True))
+    if not os.path.exists(cfg_path) or rank == 0:
+        # The semantic fields decide the content (identical from every rank); `run` records this run's other
+        # settings (batch size, device...), rewritten by rank 0 on each run. Atomic: no race to guard.
+        run_settings = {k: v for k, v in to_dict(cfg).items() if k in cfg.NON_SEMANTIC}
+        atomic_write_text(cfg_path, json.dumps({**want, "run": run_settings}, indent=1, sort_keys=True))
     n_local = len(range(rank, len(records), world))
     if remote is not None:
         remote.start(n_local)
@@ -222,6 +155,7 @@ def _build_locked(cfg: BuildConfig, records: RecordSource, rank: int, world: int
     teacher_id_future = fingerprint.submit(weights_fingerprint, cfg.teacher,
                                            cfg.revision or getattr(config, "_commit_hash", None))
     fingerprint.shutdown(wait=False)
+    quiet_library_bars()  # no loading bar frames in a log file (stderr not a terminal)
     t_load = time.perf_counter()
     if cfg.backend == "vllm":
         from kd_cache.vllm_backend import VllmTeacher
@@ -243,7 +177,7 @@ def _build_locked(cfg: BuildConfig, records: RecordSource, rank: int, world: int
     if max_images is None and config.model_type == "llava":
         max_images = 1  # LLaVA-1.5 was trained on one image per sample
     encoder = Encoder(processor, teacher.image_token_id, image_root=cfg.images, max_length=cfg.max_length,
-                      max_images=max_images)
+                      max_images=max_images, append_eos=cfg.append_eos)
 
     opts = TargetOptions(text_kind=cfg.targets, text_k=k_text, visual_kind=cfg.targets, visual_k=k_vis,
                          samples=cfg.samples, gram=cfg.gram, gram_lowrank=cfg.gram_encoding == "lowrank",
@@ -386,8 +320,7 @@ def _loader(records, encoder, rank, world, start, n_local, cfg: BuildConfig):
 
 
 def _progress(enabled: bool, total: int, initial: int, rank: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+    """A bar on a terminal, a plain line every 30 s in a log (kd_cache/progress.py); None when disabled."""
+    from kd_cache.progress import progress
 
-    return tqdm(total=total, initial=initial, unit="sample", desc="kd cache build", dynamic_ncols=True)
+    return progress(total, initial, desc="kd cache build", unit="sample", enabled=enabled)

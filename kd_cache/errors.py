@@ -1,4 +1,8 @@
-"""Errors of storage (folders, object stores, the hub) that the CLI reports as one `error: ...` line, exit 1.
+"""The one error policy of every `kd` command: which exceptions are reported as one `error: ...` line, and how.
+
+Exit 2 (`user_errors`): the arguments or inputs are wrong: a bad value (ValueError), a path that does not exist
+(FileNotFoundError), damaged inputs kd was told not to skip (DataError). Exit 1 (`storage_errors`): the storage
+said no: folders, object stores, the hub (permissions, credentials, network).
 
 Kept free of heavy imports (no torch): `kd cache info|verify` import it too.
 """
@@ -10,8 +14,18 @@ class StorageError(RuntimeError):
     """Reading or writing the cache's storage failed; the message names the file and where it was going."""
 
 
+class DataError(RuntimeError):
+    """Inputs are damaged or incomplete (an unreadable shard, a missing image) and kd was not told to skip them."""
+
+
 class ShardWriterError(RuntimeError):
     """The background shard writer (or the upload it runs) failed; the message names the shard."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exit 2: what the user named or passed is wrong (checked before `storage_errors`, which FileNotFoundError,
+    an OSError, would otherwise match)."""
+    return (ValueError, FileNotFoundError, DataError)
 
 
 def storage_errors() -> tuple[type[BaseException], ...]:

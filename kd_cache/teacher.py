@@ -38,6 +38,43 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     return torch.float32
 
 
+def logit_transform(config: Any):
+    """The transform a model's forward applies to its LM head's output, or None when the head's output is the logits.
+
+    kd forms logits from the head at the rows it needs (never the model's full forward), so it must apply the same
+    transform, on the teacher and on the student alike: Gemma-2/3 style `final_logit_softcapping`
+    (cap * tanh(z / cap)), Cohere's `logit_scale` (z * s), Granite's `logits_scaling` (z / s) and HyperCLOVA X's
+    (z * s). A `logits_scaling` of another model type is refused rather than guessed (its direction differs).
+    """
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    steps = []
+    model_type = str(getattr(cfg, "model_type", "") or getattr(config, "model_type", ""))
+    scaling = getattr(cfg, "logits_scaling", None)
+    if scaling not in (None, 1, 1.0):
+        if model_type.startswith("granite"):
+            steps.append(lambda z, s=float(scaling): z / s)
+        elif model_type.startswith("hyperclovax"):
+            steps.append(lambda z, s=float(scaling): z * s)
+        else:
+            raise ValueError(f"model type {model_type!r} sets logits_scaling={scaling} and kd does not know whether "
+                             "its forward multiplies or divides by it; got an unsupported model")
+    scale = getattr(cfg, "logit_scale", None)
+    if model_type.startswith("cohere") and scale not in (None, 1, 1.0):
+        steps.append(lambda z, s=float(scale): z * s)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        steps.append(lambda z, c=float(cap): torch.tanh(z / c) * c)
+    if not steps:
+        return None
+
+    def apply(z: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            z = step(z)
+        return z
+
+    return apply
+
+
 def load_processor_and_config(name: str, *, trust_remote_code: bool = False, revision: str | None = None):
     """(config, processor_or_tokenizer, is_multimodal) without loading weights; clear errors for bad names."""
     from transformers import AutoConfig, AutoProcessor, AutoTokenizer
@@ -130,8 +167,7 @@ class Teacher:
         tok = getattr(self.processor, "tokenizer", self.processor)
         self.image_token_id = image_token_id_of(self.config, tok) if self.multimodal else None
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        text_cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
-        self.softcap = getattr(text_cfg, "final_logit_softcapping", None)
+        self.transform = logit_transform(self.config)
 
     @torch.no_grad()
     def hidden_and_head(self, batch: dict) -> tuple[torch.Tensor, torch.nn.Module]:
@@ -145,9 +181,7 @@ class Teacher:
 
     def row_logits(self, hidden: torch.Tensor, head: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
         z = head(hidden[rows])
-        if self.softcap:
-            z = torch.tanh(z / self.softcap) * self.softcap
-        return z
+        return z if self.transform is None else self.transform(z)
 
     @torch.no_grad()
     def targets(self, samples: list[tuple[int, EncodedSample]], opts: TargetOptions) -> list[SampleTargets]:

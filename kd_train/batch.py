@@ -112,10 +112,10 @@ def make_batch(items: list[dict], pad_id: int) -> Batch:
 
 
 def encoder_for(processor, model_config, *, image_root: str | None, max_length: int | None,
-                max_images: int | None = None) -> Encoder:
+                max_images: int | None = None, append_eos: bool = True) -> Encoder:
     from kd_cache.data import image_token_id_of
 
     tok = getattr(processor, "tokenizer", processor)
     multimodal = tok is not processor
     return Encoder(processor, image_token_id_of(model_config, tok) if multimodal else None, image_root=image_root,
-                   max_length=max_length, max_images=max_images)
+                   max_length=max_length, max_images=max_images, append_eos=append_eos)

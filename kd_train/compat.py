@@ -190,3 +190,36 @@ def require_compatible(manifest: Any, processor: Any, model_config: Any, **kwarg
     problems = check_compatibility(manifest, processor, model_config, **kwargs)
     if problems:
         raise IncompatibleCacheError(problems)
+
+
+# Loss options that only shape top-k MDist; random-sampling targets (an importance-weighted CE) ignore them.
+_TOPK_ONLY = {"kind": "forward_kl", "temperature": 1.0, "use_tail": True, "jsd_beta": 0.5}
+
+
+def fit_loss_to_cache(loss: Any, cfg: Any, manifest: dict) -> tuple[Any, list[str]]:
+    """(the loss config this cache can serve, warnings to log once). Refuses what the user asked for explicitly
+    and the cache cannot give; turns off, with a warning, what only the stage preset asked for.
+
+    - RDist with a cache built `--no-gram`: refused when `rdist_weight` was set > 0, else off with a warning.
+    - A sampled-target cache with top-k-only MDist options (kind, temperature, --no-tail, jsd_beta) set: refused.
+    """
+    import dataclasses
+
+    warnings = []
+    gram = bool(manifest["targets"].get("gram", {}).get("enabled", True))
+    if not gram and loss.rdist_weight:
+        if cfg.rdist_weight is not None:
+            raise ValueError(f"rdist_weight={cfg.rdist_weight} but the cache was built without the Gram matrix "
+                             "(--no-gram): RDist has no target; set rdist_weight 0 or rebuild the cache with it")
+        warnings.append("the cache was built without the Gram matrix (--no-gram): RDist is off for this stage "
+                        "(the stage preset asked for it)")
+        loss = dataclasses.replace(loss, rdist_weight=0.0)  # KDLossConfig refuses all-zero weights
+    if manifest["targets"]["text"].get("kind") == "sampled":
+        set_ = {k: getattr(cfg, k) for k, default in _TOPK_ONLY.items() if getattr(cfg, k) != default}
+        if cfg.kind != "jsd":
+            set_.pop("jsd_beta", None)  # only meaningful with jsd, which is refused anyway
+        if set_:
+            raise ValueError(f"the cache holds sampled targets (random-sampling KD), whose loss is an importance-"
+                             f"weighted CE; the top-k MDist options {set_} do not apply to it: leave them at their "
+                             "defaults or use a top-k cache")
+    return loss, warnings

@@ -22,6 +22,16 @@ from kd_train.train import (CHECKPOINT_DIR, STATE_NAME, TrainConfig, cosine_with
 log = logging.getLogger("kd_train")
 
 
+def cache_append_eos(manifest: dict, asked: bool | None) -> bool:
+    """The EOS rule the cache was built with (caches from before the rule: off); the student must re-encode with
+    it, or its ids stop matching the cached input_ids."""
+    built = bool(manifest["config"].get("append_eos", False))
+    if asked is not None and asked != built:
+        raise ValueError(f"append_eos={asked} but the cache was built with append_eos={built}; the student must "
+                         "encode conversations as the cache did (leave append_eos unset to follow the cache)")
+    return built
+
+
 class JsonlTracker:
     """accelerate tracker writing one JSON object per logged step to `<out>/metrics.jsonl` (main process only)."""
 
@@ -227,19 +237,25 @@ class StageRunner:
         tok = getattr(self.processor, "tokenizer", self.processor)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         max_length = cfg.max_length
+        append_eos = cfg.append_eos if cfg.append_eos is not None else True
         self.teacher_vocab = None
         self.n_draws = 0
         if self.uses_cache and cfg.online_teacher is None:
             from kd_cache import open_cache
-            from kd_train.compat import require_compatible
+            from kd_train.compat import fit_loss_to_cache, require_compatible
 
             cache = open_cache(cfg.cache)
             manifest = cache.manifest
+            self.loss_cfg, notes = fit_loss_to_cache(self.loss_cfg, cfg, manifest)
+            for note in notes:
+                log.warning("stage %s: %s", preset.name, note)
             require_compatible(cache, self.processor, self.model.config)
             max_length = manifest["config"].get("max_length")
+            append_eos = cache_append_eos(manifest, cfg.append_eos)
             self.teacher_vocab = manifest["vocab_size"]
             self.n_draws = int(manifest["targets"]["text"].get("samples") or 0)
-        encoder = encoder_for(self.processor, self.model.config, image_root=cfg.images, max_length=max_length)
+        encoder = encoder_for(self.processor, self.model.config, image_root=cfg.images, max_length=max_length,
+                              append_eos=append_eos)
         if self.uses_cache and cfg.online_teacher is not None:
             self.data = self._online_data(cfg, encoder, pad, max_length)
         elif self.uses_cache:
@@ -281,7 +297,8 @@ class StageRunner:
             raise ValueError(f"online teacher {cfg.online_teacher} and the student tokenize differently "
                              f"(fingerprints {want['fingerprint']} vs {have['fingerprint']})")
         self.teacher_vocab = teacher.model.get_output_embeddings().weight.shape[0]
-        t_encoder = encoder_for(teacher.processor, teacher.config, image_root=cfg.images, max_length=max_length)
+        t_encoder = encoder_for(teacher.processor, teacher.config, image_root=cfg.images, max_length=max_length,
+                                append_eos=encoder.append_eos)
         return _OnlineData(cfg, encoder, self.acc, pad, teacher, t_encoder)
 
     # ------------------------------------------------------------------------------------------ checkpoints

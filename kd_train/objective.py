@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kd_cache.teacher import logit_transform
 from kd_train.batch import Batch
 from kd_train.losses import (KDLossConfig, ce_loss, gram, gram_from_hidden, mdist_loss, rdist_loss,
                              sampled_kd_loss)
@@ -23,6 +24,8 @@ class RowLogits(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
+        # the student's own soft-capping / logit scale (its config decides), as its forward would apply it
+        self.transform = logit_transform(model.config)
 
     def forward(self, model_inputs: dict, text_rows: torch.Tensor, visual_rows: torch.Tensor):
         """-> (text-row logits (Nt, V), visual-row logits (Nv, V), visual-row final hidden states (Nv, D))."""
@@ -30,7 +33,10 @@ class RowLogits(torch.nn.Module):
         hidden = out.last_hidden_state
         head = self.model.get_output_embeddings()
         hv = hidden[visual_rows[0], visual_rows[1]]
-        return head(hidden[text_rows[0], text_rows[1]]), head(hv), hv
+        zt, zv = head(hidden[text_rows[0], text_rows[1]]), head(hv)
+        if self.transform is not None:
+            zt, zv = self.transform(zt), self.transform(zv)
+        return zt, zv, hv
 
 
 class StudentGram:
@@ -38,13 +44,12 @@ class StudentGram:
 
     Z Zᵀ costs Nv²·V per sample (~80 GFLOP at Nv=728, V=152K); H (WᵀW) Hᵀ costs Nv·D² + Nv²·D once WᵀW (V·D²)
     exists. WᵀW is formed once per micro-batch while the LM head trains (so gradients reach W), and once per run
-    while it is frozen (DPT). Heads with a bias or logit soft-capping fall back to Z Zᵀ.
+    while it is frozen (DPT). Heads with a bias or a logit transform (soft-capping, scaling) fall back to Z Zᵀ.
     """
 
     def __init__(self, model: torch.nn.Module):
         head = model.get_output_embeddings()
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.exact_form = getattr(head, "bias", None) is None and not getattr(cfg, "final_logit_softcapping", None)
+        self.exact_form = getattr(head, "bias", None) is None and logit_transform(model.config) is None
         self.weight = head.weight
         self._frozen_wtw: torch.Tensor | None = None
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from kd_cache import format as fmt
+from kd_cache.errors import DataError
 from kd_cache.reader import Cache, Position, columns, open_cache, row_of
 
 log = logging.getLogger("kd_train.stream")
@@ -49,7 +50,7 @@ TAG_KEYS = ("position", "next_position", "stream_index", "worker_id", "num_worke
 # --------------------------------------------------------------------------------------------- errors
 
 
-class CorruptShardError(RuntimeError):
+class CorruptShardError(DataError):
     """A shard could not be read or does not match the manifest. `shard` is its name in the cache."""
 
     def __init__(self, shard: str, detail: str):
@@ -64,7 +65,7 @@ class DataMismatchError(ValueError):
     cache was built from."""
 
 
-class MissingImageError(RuntimeError):
+class MissingImageError(DataError):
     """A cached sample's image is missing or unreadable. `sample_id` and `detail` (the path) say which."""
 
     def __init__(self, sample_id: str, reason: str, detail: str):

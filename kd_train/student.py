@@ -8,11 +8,15 @@ publishing) needs nothing from this package to load the result.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from kd_cache.config import to_dict
+from kd_train.config import SELECT_STRATEGIES, ComposeConfig
 
 log = logging.getLogger("kd_train")
 
@@ -42,7 +46,6 @@ STAGES: dict[str, dict[str, bool]] = {
 #: Fixed-resolution ViT towers that `LlavaForConditionalGeneration` runs on `pixel_values` alone.
 SUPPORTED_VISION_TOWERS: tuple[str, ...] = ("siglip_vision_model", "clip_vision_model")
 
-_SELECT_STRATEGIES = ("default", "full")
 
 
 def _torch_dtype(dtype: str | torch.dtype | None, device: torch.device | None = None) -> torch.dtype:
@@ -153,6 +156,14 @@ def _dummy_image(image_processor: Any):
     return Image.new("RGB", (int(w), int(h)), (128, 128, 128))
 
 
+def compose(cfg: ComposeConfig) -> Path:
+    """`kd student compose`: compose_student() with the config saved beside the model."""
+    args = {k: v for k, v in to_dict(cfg).items() if k != "out"}
+    out = compose_student(cfg.out, **args)
+    (out / "compose_config.json").write_text(json.dumps(to_dict(cfg), indent=1) + "\n", encoding="utf-8")
+    return out
+
+
 def compose_student(
     out_dir: str | Path,
     *,
@@ -177,8 +188,8 @@ def compose_student(
     from transformers.activations import ACT2FN
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-    if vision_feature_select_strategy not in _SELECT_STRATEGIES:
-        raise ValueError(f"vision_feature_select_strategy must be one of {_SELECT_STRATEGIES}, "
+    if vision_feature_select_strategy not in SELECT_STRATEGIES:
+        raise ValueError(f"vision_feature_select_strategy must be one of {SELECT_STRATEGIES}, "
                          f"got {vision_feature_select_strategy!r}")
     if projector_hidden_act not in ACT2FN:
         raise ValueError(f"projector_hidden_act must be a transformers activation name, got {projector_hidden_act!r}")

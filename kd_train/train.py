@@ -14,129 +14,16 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from kd_train.losses import KDLossConfig
-from kd_train.stages import PRESETS, RECIPES, STAGES, StagePreset, recipe_stages
+from kd_cache.config import to_dict
+from kd_train.config import TrainConfig
+from kd_train.stages import PRESETS, StagePreset, recipe_stages
 
 log = logging.getLogger("kd_train")
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_NAME = "trainer_state.json"
-
-
-@dataclass
-class TrainConfig:
-    """Configuration of `kd train`. Unset (None) loss weights and lr take the stage's preset."""
-
-    student: str
-    out: str
-    data: str | None = None
-    images: str | None = None
-    cache: str | None = None
-    stage: str | None = None
-    recipe: str | None = None
-    # DPT reads caption data; a recipe uses these for its DPT stage (default: the same as data/cache/images)
-    dpt_data: str | None = None
-    dpt_images: str | None = None
-    dpt_cache: str | None = None
-    lr: float | None = None
-    # override which parts a stage trains (None: the stage's preset); e.g. a teacher trained from scratch
-    train_vision: bool | None = None
-    train_projector: bool | None = None
-    train_llm: bool | None = None
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    ce_weight: float | None = None
-    mdist_text_weight: float | None = None
-    mdist_visual_weight: float | None = None
-    rdist_weight: float | None = None
-    kind: str = "forward_kl"
-    temperature: float = 1.0
-    use_tail: bool = True
-    jsd_beta: float = 0.5
-    max_length: int | None = 4096
-    seed: int = 0
-    shuffle_buffer: int = 256
-    num_workers: int = 0
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    mixed_precision: str = "auto"
-    trackers: str = "jsonl"
-    skip_corrupt_shards: bool = False
-    skip_missing_images: bool = False
-    # reference mode: run this teacher every step instead of reading a cache (the paper's online way)
-    online_teacher: str | None = None
-    online_top_k: int = 64  # 0: the full vocabulary (exact dense KL)
-    online_visual_top_k: int = 64
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if (self.stage is None) == (self.recipe is None):
-            raise ValueError(f"give exactly one of stage ({', '.join(STAGES)}) or recipe ({', '.join(RECIPES)}), "
-                             f"got stage={self.stage!r} recipe={self.recipe!r}")
-        if self.stage is not None and self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.recipe is not None and self.recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
-        for name in ("epochs", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("checkpoint_every", "num_workers", "shuffle_buffer"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps!r}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
-        unknown = set(self.tracker_list()) - {"jsonl", "tensorboard"}
-        if unknown:
-            raise ValueError(f"trackers must be a comma list of jsonl, tensorboard; got {sorted(unknown)}")
-        if "tensorboard" in self.tracker_list():
-            import importlib.util
-
-            if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-                raise ValueError("trackers includes tensorboard, got neither tensorboard nor tensorboardX installed "
-                                 "(pip install tensorboard)")
-        if self.data is None and self.dpt_data is None:
-            raise ValueError("data is required: the LLaVA-format file the cache was built from (or SFT data)")
-        for name in ("online_top_k", "online_visual_top_k"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an integer >= 0 (0: full vocabulary), got {v!r}")
-        if self.online_teacher is not None:
-            if self.cache is not None or self.dpt_cache is not None:
-                raise ValueError("give either a cache or online_teacher (the online reference), got both")
-        elif self.stage in ("dpt", "dft") and self.cache is None:
-            raise ValueError(f"stage {self.stage} distils from a cache; pass cache (a folder or URL)")
-        if self.recipe == "llava-kd" and self.cache is None and self.dpt_cache is None and self.online_teacher is None:
-            raise ValueError("recipe llava-kd needs cache (and optionally dpt_cache for caption data)")
-        self.loss_config(PRESETS[self.stage or "dft"])  # validates kind/temperature/weights early
-
-    def tracker_list(self) -> list[str]:
-        return [t.strip() for t in self.trackers.split(",") if t.strip()]
-
-    def loss_config(self, preset: StagePreset) -> KDLossConfig:
-        pick = lambda name: getattr(preset, name) if getattr(self, name) is None else getattr(self, name)  # noqa: E731
-        return KDLossConfig(ce_weight=pick("ce_weight"), mdist_text_weight=pick("mdist_text_weight"),
-                            mdist_visual_weight=pick("mdist_visual_weight"), rdist_weight=pick("rdist_weight"),
-                            kind=self.kind, temperature=self.temperature, use_tail=self.use_tail,
-                            jsd_beta=self.jsd_beta)
 
 
 def run(cfg: TrainConfig) -> list[str]:
@@ -145,6 +32,9 @@ def run(cfg: TrainConfig) -> list[str]:
     if cfg.stage is not None:
         return [train_stage(cfg, PRESETS[cfg.stage], cfg.student, cfg.out)]
     outs, student = [], cfg.student
+    if int(os.environ.get("RANK", "0")) == 0:  # each stage saves its own; this is the command as resolved
+        os.makedirs(cfg.out, exist_ok=True)
+        save_json(os.path.join(cfg.out, "train_config.json"), {"recipe": cfg.recipe, "config": to_dict(cfg)})
     for preset in recipe_stages(cfg.recipe):
         out = os.path.join(cfg.out, preset.name)
         dpt = preset.name == "dpt"

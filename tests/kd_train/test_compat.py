@@ -152,3 +152,44 @@ def test_bad_manifest_argument():
         check_compatibility([], None, None)
     with pytest.raises(ValueError, match="must hold 'teacher'"):
         check_compatibility({}, None, None)
+
+
+def test_fit_loss_to_cache_refuses_or_warns_once(tmp_path):
+    from kd_train.compat import fit_loss_to_cache
+    from kd_train.config import TrainConfig
+    from kd_train.stages import PRESETS
+
+    def manifest(gram: bool, kind: str = "topk") -> dict:
+        return {"targets": {"text": {"kind": kind}, "visual": {"kind": kind}, "gram": {"enabled": gram}}}
+
+    def cfg(**kw):
+        return TrainConfig(student="s", out=str(tmp_path), stage="dft", cache="c", data="d.json", **kw)
+
+    preset = PRESETS["dft"]
+    c = cfg()
+    loss, notes = fit_loss_to_cache(c.loss_config(preset), c, manifest(gram=True))
+    assert loss.rdist_weight == 1.0 and notes == []
+    loss, notes = fit_loss_to_cache(c.loss_config(preset), c, manifest(gram=False))
+    assert loss.rdist_weight == 0.0 and len(notes) == 1 and "--no-gram" in notes[0]
+    c = cfg(rdist_weight=0.5)
+    with pytest.raises(ValueError, match=r"rdist_weight=0.5 but the cache was built without the Gram"):
+        fit_loss_to_cache(c.loss_config(preset), c, manifest(gram=False))
+    c = cfg(ce_weight=0.0, mdist_text_weight=0.0, mdist_visual_weight=0.0)
+    with pytest.raises(ValueError, match="at least one loss weight must be > 0"):
+        fit_loss_to_cache(c.loss_config(preset), c, manifest(gram=False))
+    for kw in ({"kind": "jsd"}, {"temperature": 2.0}, {"use_tail": False}):
+        c = cfg(**kw)
+        with pytest.raises(ValueError, match="sampled targets"):
+            fit_loss_to_cache(c.loss_config(preset), c, manifest(gram=True, kind="sampled"))
+    c = cfg(jsd_beta=0.3)  # jsd_beta alone is inert without jsd: not refused
+    assert fit_loss_to_cache(c.loss_config(preset), c, manifest(gram=True, kind="sampled"))[1] == []
+
+
+def test_the_student_follows_the_caches_eos_rule():
+    from kd_train.engine import cache_append_eos
+
+    assert cache_append_eos({"config": {"append_eos": True}}, None) is True
+    assert cache_append_eos({"config": {}}, None) is False  # caches from before the rule appended nothing
+    assert cache_append_eos({"config": {"append_eos": False}}, False) is False
+    with pytest.raises(ValueError, match="append_eos=True but the cache was built with append_eos=False"):
+        cache_append_eos({"config": {"append_eos": False}}, True)
