@@ -103,6 +103,9 @@ def evaluate(model_path: str | os.PathLike, data: Any, images: str | os.PathLike
     t0 = time.perf_counter()
     source = RecordSource(data)
     dev = pick_device(device)
+    from kd_cache.progress import quiet_library_bars
+
+    quiet_library_bars()  # no loading bar frames in a log file (stderr not a terminal)
     model, processor = load_student(model_path, dtype=dtype, device=dev)
     model.eval()
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -155,11 +158,9 @@ def evaluate(model_path: str | os.PathLike, data: Any, images: str | os.PathLike
     predictions: list[dict] = []
     skipped: dict[str, int] = {}
     saved = (tokenizer.padding_side, tokenizer.pad_token)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    from kd_cache.progress import progress as progress_bar
 
-        bar = tqdm(total=n_records, desc="eval", unit="sample")
+    bar = progress_bar(n_records, desc="eval", unit="sample", enabled=progress)  # lines in a log file
     try:
         # Generation needs prompts flush right (new tokens then start at one column for every row); restored after.
         tokenizer.padding_side = "left"

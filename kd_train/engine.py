@@ -228,6 +228,9 @@ class StageRunner:
         self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp, log_with=trackers or None,
                                project_dir=out)
         set_seed(cfg.seed)
+        from kd_cache.progress import quiet_library_bars
+
+        quiet_library_bars()  # no loading bar frames in a log file (stderr not a terminal)
         self.model, self.processor = load_student(student)
         pick = lambda name: getattr(preset, name) if getattr(cfg, name) is None else getattr(cfg, name)  # noqa: E731
         counts = set_trainable(self.model, vision=pick("train_vision"), projector=pick("train_projector"),
@@ -345,12 +348,11 @@ class StageRunner:
         acc.init_trackers(f"kd-{self.preset.name}", config={"stage": self.preset.name, **{
             k: v for k, v in cfg.__dict__.items() if isinstance(v, (int, float, str, bool))}})
         self.maybe_resume()
-        bar = None
-        if cfg.progress and acc.is_main_process:
-            from tqdm.auto import tqdm
+        from kd_cache.progress import progress
 
-            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"kd train {self.preset.name}", unit="step",
-                       dynamic_ncols=True)
+        # a bar on a terminal, a plain line every 30 s in a log file (kd_cache/progress.py)
+        bar = progress(self.total_steps, self.step, desc=f"kd train {self.preset.name}", unit="step",
+                       enabled=cfg.progress and acc.is_main_process)
         self.wrapped.train()
         while self.step < self.total_steps and self.epoch < cfg.epochs:
             batches = iter(self.data.loader(self.epoch))
