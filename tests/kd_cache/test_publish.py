@@ -149,7 +149,7 @@ def test_publish_refuses_unlisted_shards_bad_repos_and_urls(hub, cache_copy):
     r = runner.invoke(app, ["cache", "publish", "s3://bucket/cache", "--repo", "org/x"])
     assert r.exit_code == 2 and "publish uploads a local cache folder" in r.output
     r = runner.invoke(app, ["cache", "publish", str(cache_copy / "nope"), "--repo", "org/x"])
-    assert r.exit_code == 1 and "no such cache folder" in r.output  # storage errors exit 1, bad arguments 2
+    assert r.exit_code == 2 and "no such cache folder" in r.output  # a path that does not exist: exit 2 (errors.py)
     assert not hub.calls
 
 
