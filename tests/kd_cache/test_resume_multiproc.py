@@ -158,6 +158,8 @@ def test_a_second_build_of_the_same_folder_is_refused_naming_the_first_and_a_rer
             time.sleep(0.005)
         assert first.poll() is None, "the first build ended before the second started"
         first.send_signal(signal.SIGSTOP)  # holds its lock while stopped: the second build finds it running
+        while open(f"/proc/{first.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+            time.sleep(0.005)  # the signal is delivered asynchronously: wait until every thread stands still
         before = {p.name: p.read_bytes() for p in (out / fmt.SHARD_DIR).iterdir()} | {"journal": journal.read_bytes()}
         second = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
         assert second.returncode == 2, second.stderr[-3000:]
