@@ -193,7 +193,7 @@ def require_compatible(manifest: Any, processor: Any, model_config: Any, **kwarg
 
 
 # Loss options that only shape top-k MDist; random-sampling targets (an importance-weighted CE) ignore them.
-_TOPK_ONLY = {"kind": "forward_kl", "temperature": 1.0, "use_tail": True, "jsd_beta": 0.5}
+_TOPK_ONLY = {"kind": "forward_kl", "temperature": 1.0, "visual_temperature": None, "use_tail": True, "jsd_beta": 0.5}
 
 
 def fit_loss_to_cache(loss: Any, cfg: Any, manifest: dict) -> tuple[Any, list[str]]:
@@ -201,7 +201,7 @@ def fit_loss_to_cache(loss: Any, cfg: Any, manifest: dict) -> tuple[Any, list[st
     and the cache cannot give; turns off, with a warning, what only the stage preset asked for.
 
     - RDist with a cache built `--no-gram`: refused when `rdist_weight` was set > 0, else off with a warning.
-    - A sampled-target cache with top-k-only MDist options (kind, temperature, --no-tail, jsd_beta) set: refused.
+    - A sampled-target cache with top-k-only MDist options (kind, temperatures, --no-tail, jsd_beta) set: refused.
     """
     import dataclasses
 

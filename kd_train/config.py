@@ -55,6 +55,9 @@ class TrainConfig:
     rdist_weight: float | None = option(None, help="Weight of RDist.", default_help="1 in DPT/DFT, 0 in SFT")
     kind: str = option("forward_kl", choices=("forward_kl", "reverse_kl", "jsd"), help="MDist divergence.")
     temperature: float = option(1.0, help="MDist temperature (the loss is scaled by T^2).")
+    visual_temperature: float | None = option(None, help="MDist temperature of the visual rows.",
+                                              default_help="--temperature")
+    label_smoothing: float = option(0.0, help="CE label smoothing eps in [0, 1) (a regularisation control).")
     use_tail: bool = option(True, flag="--tail/--no-tail",
                             help="Keep the tail bucket (mass outside the top-k); --no-tail renormalises over the top-k.")
     jsd_beta: float = option(0.5, help="JSD beta.")
@@ -139,7 +142,8 @@ class TrainConfig:
         return KDLossConfig(ce_weight=pick("ce_weight"), mdist_text_weight=pick("mdist_text_weight"),
                             mdist_visual_weight=pick("mdist_visual_weight"), rdist_weight=pick("rdist_weight"),
                             kind=self.kind, temperature=self.temperature, use_tail=self.use_tail,
-                            jsd_beta=self.jsd_beta)
+                            jsd_beta=self.jsd_beta, visual_temperature=self.visual_temperature,
+                            label_smoothing=self.label_smoothing)
 
 
 @dataclass

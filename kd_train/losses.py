@@ -550,6 +550,7 @@ def ce_loss(
     *,
     ignore_index: int = -100,
     reduction: str = "sum",
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Token cross entropy, summed over supervised rows (labels != ignore_index).
 
@@ -561,6 +562,9 @@ def ce_loss(
         ignore_index: label value excluded from the loss (contributes 0).
         reduction: ``"sum"`` (scalar; 0 when every row is ignored) or ``"none"`` (per-row,
             shaped like ``labels``, 0 at ignored rows).
+        label_smoothing: eps in [0, 1): the target is (1 - eps) one-hot + eps uniform over the V
+            logits (``torch.nn.functional.cross_entropy``'s definition), the classic regulariser
+            KD is compared against.
 
     Returns:
         Loss tensor in the compute dtype.  Normalise with :func:`normalize_by_rows`, the
@@ -583,6 +587,9 @@ def ce_loss(
         )
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    label_smoothing = _check_real("label_smoothing", label_smoothing)
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
     cdtype = _compute_dtype(logits)
     flat = logits.reshape(-1, logits.shape[-1]).to(cdtype)
     out = F.cross_entropy(
@@ -590,6 +597,7 @@ def ce_loss(
         labels.reshape(-1).to(device=flat.device, dtype=torch.long),
         ignore_index=ignore_index,
         reduction=reduction,
+        label_smoothing=label_smoothing,
     )
     if reduction == "none":
         out = out.reshape(labels.shape)
@@ -681,6 +689,10 @@ class KDLossConfig:
         temperature: MDist temperature T > 0 (loss scaled by T**2).
         use_tail: keep the teacher tail bucket in MDist.
         jsd_beta: generalised-JSD beta, 0 < beta < 1.
+        visual_temperature: MDist temperature of the visual rows (None: ``temperature``); their
+            distributions are far flatter than the response rows', so they may want their own.
+        label_smoothing: CE label smoothing eps in [0, 1) (the regularisation control KD is
+            compared with).
     """
 
     ce_weight: float = 1.0
@@ -691,6 +703,8 @@ class KDLossConfig:
     temperature: float = 1.0
     use_tail: bool = True
     jsd_beta: float = 0.5
+    visual_temperature: float | None = None
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         names = ("ce_weight", "mdist_text_weight", "mdist_visual_weight", "rdist_weight")
@@ -708,12 +722,20 @@ class KDLossConfig:
         object.__setattr__(self, "temperature", _check_temperature(self.temperature))
         _check_bool("use_tail", self.use_tail)
         object.__setattr__(self, "jsd_beta", _check_jsd_beta(self.jsd_beta))
+        if self.visual_temperature is not None:
+            object.__setattr__(self, "visual_temperature", _check_temperature(self.visual_temperature))
+        eps = _check_real("label_smoothing", self.label_smoothing)
+        if not 0.0 <= eps < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        object.__setattr__(self, "label_smoothing", eps)
 
-    def mdist_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`mdist_loss`: kind, temperature, use_tail, jsd_beta."""
+    def mdist_kwargs(self, rows: str = "text") -> dict[str, Any]:
+        """Keyword arguments for :func:`mdist_loss` on the "text" or "visual" rows: kind, temperature, use_tail,
+        jsd_beta (the visual rows take ``visual_temperature`` when it is set)."""
+        t = self.visual_temperature if rows == "visual" and self.visual_temperature is not None else self.temperature
         return {
             "kind": self.kind,
-            "temperature": self.temperature,
+            "temperature": t,
             "use_tail": self.use_tail,
             "jsd_beta": self.jsd_beta,
         }

@@ -89,15 +89,15 @@ def micro_batch_loss(zt: torch.Tensor, zv: torch.Tensor, batch: Batch, cfg: KDLo
     """
     sums: dict[str, torch.Tensor] = {}
     if cfg.ce_weight:
-        sums["ce"] = ce_loss(zt, batch.text_labels)
+        sums["ce"] = ce_loss(zt, batch.text_labels, label_smoothing=cfg.label_smoothing)
     if batch.targets is not None:
         t = batch.targets
-        kw = cfg.mdist_kwargs() | {"teacher_vocab_size": teacher_vocab}
 
         def mdist(z: torch.Tensor, prefix: str) -> torch.Tensor:
             if f"{prefix}_sample_ids" in t:  # random-sampling KD targets (importance-weighted CE)
                 return sampled_kd_loss(z, t[f"{prefix}_sample_ids"], t[f"{prefix}_sample_counts"],
                                        t[f"{prefix}_sample_row_lengths"], n_draws)
+            kw = cfg.mdist_kwargs(prefix) | {"teacher_vocab_size": teacher_vocab}
             return mdist_loss(z, t[f"{prefix}_topk_ids"], t[f"{prefix}_topk_logprobs"], t[f"{prefix}_tail_logprob"], **kw)
 
         if cfg.mdist_text_weight and batch.n_text:

@@ -665,3 +665,31 @@ def test_sampled_kd_rejects_inconsistent_rows():
         sampled_kd_loss(z, torch.tensor([1, 2]), torch.tensor([3, 4]), torch.tensor([1, 2]), 7)
     with pytest.raises(ValueError, match="n_draws"):
         sampled_kd_loss(z, torch.tensor([1, 2]), torch.tensor([3, 4]), torch.tensor([1, 1]), 0)
+
+
+def test_ce_label_smoothing_matches_a_dense_reference():
+    torch.manual_seed(0)
+    z = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([3, -100, 0, 10, 7])
+    eps = 0.2
+    got = ce_loss(z, y, label_smoothing=eps)
+    keep = y != -100
+    logp = torch.log_softmax(z[keep], -1)
+    target = torch.full_like(logp, eps / 11)
+    target[torch.arange(int(keep.sum())), y[keep]] += 1 - eps
+    want = -(target * logp).sum()
+    assert torch.allclose(got, want)
+    g1, = torch.autograd.grad(got, z)
+    g2, = torch.autograd.grad(want, z)
+    assert torch.allclose(g1, g2)
+    assert torch.allclose(ce_loss(z, y, label_smoothing=0.0), ce_loss(z, y))
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\), got 1.0"):
+        ce_loss(z, y, label_smoothing=1.0)
+
+
+def test_visual_temperature_applies_to_visual_rows_only():
+    cfg = KDLossConfig(temperature=2.0, visual_temperature=4.0)
+    assert cfg.mdist_kwargs("text")["temperature"] == 2.0 and cfg.mdist_kwargs("visual")["temperature"] == 4.0
+    assert KDLossConfig(temperature=3.0).mdist_kwargs("visual")["temperature"] == 3.0
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        KDLossConfig(visual_temperature=0.0)
