@@ -98,7 +98,16 @@ visual rows.
 | text rows | {m['num_text_rows']} |
 | visual rows | {m['num_visual_rows']} |
 | shards | {len(m['shards'])} ({m['total_bytes']} bytes) |
+| end of answer | {_eos_rule(m)} |
 
 Read it with `kd_cache.open_cache(path_or_url)`, or as plain Parquet (pandas, duckdb, `datasets`).
 `manifest.json` lists every shard with its sha256; `kd cache verify` checks them.
 """
+
+
+def _eos_rule(m: dict) -> str:
+    """The card's line on what ends each supervised answer (`append_eos`, docs/cache-format.md)."""
+    if m.get("config", {}).get("append_eos", False):
+        return ("the template's end-of-turn marker; where the chat template writes none (LLaVA-1.5/NeXT Vicuna), "
+                "the tokenizer's EOS was appended and supervised (`append_eos`)")
+    return "the template's end-of-turn marker, if it writes one (`append_eos` off: nothing appended)"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from kd_cache.config import option
+from kd_cache.paths import check_writable_folder
 from kd_eval.synth import QUESTION_TYPES
 
 
@@ -50,6 +52,8 @@ class EvalConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 or None, got {self.limit!r}")
+        if self.out is not None:  # before the evaluation runs, not after it
+            check_writable_folder(os.path.dirname(os.path.abspath(self.out)), "folder of --out")
 
 
 @dataclass

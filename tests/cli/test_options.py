@@ -212,6 +212,7 @@ def test_cache_build_saves_every_flag_and_builds_what_they_say(sampled_cache):
     manifest = json.loads((sampled_cache / fmt.MANIFEST_NAME).read_text())
     assert manifest["targets"]["text"]["kind"] == "sampled" and manifest["targets"]["text"]["samples"] == 20
     assert manifest["targets"]["gram"]["encoding"] == "dense-upper-fp32"
+    assert "`append_eos` off: nothing appended" in (sampled_cache / fmt.CARD_NAME).read_text()
 
 
 def test_train_saves_every_flag(tmp_path, llava_cache, llava_teacher, tiny_data):
@@ -288,3 +289,10 @@ def test_train_refuses_top_k_options_on_a_sampled_cache(tmp_path, sampled_cache,
     assert r.exit_code == 2 and "sampled targets" in r.output and "'kind': 'reverse_kl'" in r.output, r.output
     r = runner.invoke(app, base)  # the same run with the options that apply trains
     assert r.exit_code == 0, r.output
+
+
+def test_eval_refuses_an_unwritable_out_before_evaluating(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    r = runner.invoke(app, ["eval", "--model", "m", "--data", "d.json", "--out", str(blocker / "res.json")])
+    assert r.exit_code == 2 and "folder of --out" in r.output and "is a file" in r.output, r.output
