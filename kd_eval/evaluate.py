@@ -79,7 +79,9 @@ def evaluate(model_path: str | os.PathLike, data: Any, images: str | os.PathLike
     `data` is anything `RecordSource` takes; `limit` keeps the first `limit` records (skipped ones included).
     Records `kd_cache.data` refuses (missing image, no gpt turn, ...) are counted under `skipped` by reason;
     so is a record whose last turn is not a gpt answer, since there is nothing to score it against.
-    `dtype` "auto" is bf16 on GPU and fp32 on CPU, like the teacher cache.
+    `dtype` "auto" is bf16 on GPU and fp32 on CPU, like the teacher cache. Besides accuracy, each type and the
+    whole set get `answer_nll`: the teacher-forced NLL (nats per token) of the supervised tokens of each record,
+    encoded as training encodes it (kd_train/validate.py).
     """
     import torch
 
@@ -185,20 +187,42 @@ def evaluate(model_path: str | os.PathLike, data: Any, images: str | os.PathLike
         if bar is not None:
             bar.close()
 
+    # teacher-forced NLL of the reference answers (nats per supervised token), scored as training encodes them
+    from kd_train.validate import answer_nll
+
+    scored, kinds = [], []
+    for i in range(n_records):
+        try:
+            record = source[i]
+        except SkipSample:
+            continue
+        scored.append(record)
+        kinds.append(str(record.get("question_type") or "all"))
+    nll = answer_nll(model, encoder, scored, pad_id, batch_size=batch_size, dtype=model_dtype)
+    nll_types: dict[str, list[float]] = {}
+    for kind, one in zip(kinds, nll["per_sample"]):
+        if one is not None:
+            nll_types.setdefault(kind, [0.0, 0])
+            nll_types[kind][0] += one[0]
+            nll_types[kind][1] += one[1]
+
     per_type: dict[str, dict] = {}
     for p in predictions:
         s = per_type.setdefault(p["question_type"], {"n": 0, "correct": 0})
         s["n"] += 1
         s["correct"] += int(p["correct"])
-    for s in per_type.values():
+    for kind, s in per_type.items():
         s["accuracy"] = s["correct"] / s["n"]
+        total, tokens = nll_types.get(kind, (0.0, 0))
+        s["answer_nll"] = total / tokens if tokens else None
     correct = sum(s["correct"] for s in per_type.values())
     return {
         "model": str(model_path),
         "data": source.description,
         "n": len(predictions),
         "overall": {"n": len(predictions), "correct": correct,
-                    "accuracy": correct / len(predictions) if predictions else None},
+                    "accuracy": correct / len(predictions) if predictions else None, "answer_nll": nll["nll"],
+                    "answer_tokens": nll["tokens"]},
         "per_type": dict(sorted(per_type.items())),
         "skipped": {"total": sum(skipped.values()), "by_reason": dict(sorted(skipped.items()))},
         "predictions": predictions,
@@ -233,6 +257,8 @@ def format_table(results: list[dict]) -> str:
     rows += [[t, *(_cell(r.get("per_type", {}).get(t)) for r in results)] for t in types]
     rows.append(["overall", *(_cell(r.get("overall")) for r in results)])
     rows.append(["skipped", *(str(r.get("skipped", {}).get("total", 0)) for r in results)])
+    nll = [r.get("overall", {}).get("answer_nll") for r in results]
+    rows.append(["answer NLL (nats/token)", *("-" if v is None else f"{v:.4f}" for v in nll)])
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
              .rstrip() for row in rows]

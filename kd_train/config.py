@@ -66,6 +66,12 @@ class TrainConfig:
                                      help="Append EOS after answers when the chat template writes no end marker "
                                           "(see `kd cache build --append-eos`).",
                                      default_help="the cache's rule; on without a cache")
+    val_data: str | None = option(None, help="LLaVA-format records scored during training (teacher-forced answer "
+                                              "NLL, logged as val_nll); in a recipe, the SFT and DFT stages.")
+    val_images: str | None = option(None, help="Image root of --val-data.", default_help="--images")
+    val_every: int = option(0, help="Score --val-data every N steps (0: at the end of each stage only).")
+    keep_best: bool = option(False, help="Early stopping: each stage saves the weights of its lowest val NLL, not "
+                                         "its last step (needs --val-data and --val-every; not with checkpoints).")
     seed: int = option(0, help="Seed of init, shuffling and order.")
     shuffle_buffer: int = option(256, help="Samples in the streaming shuffle buffer.")
     num_workers: int = option(0, help="DataLoader workers per process.")
@@ -96,7 +102,13 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("checkpoint_every", "num_workers", "shuffle_buffer"):
+        if self.keep_best and (self.val_data is None or not self.val_every):
+            raise ValueError(f"keep_best needs val_data and val_every > 0, got val_data={self.val_data!r} "
+                             f"val_every={self.val_every!r}")
+        if self.keep_best and self.checkpoint_every:
+            raise ValueError("keep_best keeps the best weights in memory, which checkpoints do not hold: a resumed "
+                             f"stage would lose them; got checkpoint_every={self.checkpoint_every}, use 0")
+        for name in ("checkpoint_every", "num_workers", "shuffle_buffer", "val_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")

@@ -288,6 +288,16 @@ class StageRunner:
         self.student_gram = StudentGram(self.model)
         self.step = 0
         self.epoch = 0
+        # held-out teacher-forced answer NLL (--val-data), and the best weights so far (--keep-best)
+        self.val = None
+        if cfg.val_data is not None:
+            from kd_cache.data import RecordSource
+
+            val_encoder = encoder_for(self.processor, self.model.config, image_root=cfg.val_images or cfg.images,
+                                      max_length=max_length, append_eos=append_eos)
+            self.val = (RecordSource(cfg.val_data), val_encoder, pad)
+        self.val_history: list[dict] = []
+        self.best: tuple[float, int, dict] | None = None  # (val nll, step, CPU state_dict)
 
     def _online_data(self, cfg: TrainConfig, encoder, pad: int, max_length):
         from kd_cache.teacher import Teacher, tokenizer_fingerprint
@@ -374,6 +384,9 @@ class StageRunner:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", *TERMS) if k in metrics})
+                if self.val is not None and (self.step == self.total_steps
+                                             or (cfg.val_every and self.step % cfg.val_every == 0)):
+                    acc.log(self.validate(), step=self.step)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
             del batches
@@ -427,11 +440,31 @@ class StageRunner:
         metrics["text_rows"], metrics["visual_rows"] = counts.text, counts.visual
         return metrics
 
+    def validate(self) -> dict[str, float]:
+        """Teacher-forced answer NLL on --val-data (every rank scores all of it: small, and no collective); with
+        --keep-best, a CPU copy of the weights when it is the lowest so far."""
+        from kd_train.validate import answer_nll
+
+        records, encoder, pad = self.val
+        model = self.acc.unwrap_model(self.wrapped).model
+        res = answer_nll(model, encoder, records, pad, batch_size=self.cfg.batch_size)
+        if res["nll"] is None:
+            raise ValueError(f"val_data {self.cfg.val_data}: no record could be scored (skipped: {res['skipped']})")
+        self.val_history.append({"step": self.step, "val_nll": res["nll"], "val_tokens": res["tokens"]})
+        if self.cfg.keep_best and (self.best is None or res["nll"] < self.best[0]):
+            self.best = (res["nll"], self.step, {k: v.detach().to("cpu", copy=True)
+                                                 for k, v in model.state_dict().items()})
+        return {"val_nll": res["nll"]}
+
     def _finish(self) -> None:
         from kd_train.student import save_student
 
         acc = self.acc
         acc.wait_for_everyone()
+        if self.best is not None and self.best[1] != self.step:
+            log.info("stage %s: keeping the weights of step %d (val NLL %.4f), not the last step's",
+                     self.preset.name, self.best[1], self.best[0])
+            acc.unwrap_model(self.wrapped).model.load_state_dict(self.best[2])
         # a collective: gathers sharded weights under FSDP / ZeRO-3, a plain state_dict otherwise
         full = acc.get_state_dict(self.wrapped)
         if acc.is_main_process:
@@ -441,8 +474,10 @@ class StageRunner:
             model = acc.unwrap_model(self.wrapped).model
             state = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
             save_student(model, self.processor, tmp, state_dict=state)
-            save_json(os.path.join(tmp, "kd_stage.json"), {"stage": self.preset.name, "steps": self.step,
-                                                            "data_stats": self.data.stats()})
+            save_json(os.path.join(tmp, "kd_stage.json"), {
+                "stage": self.preset.name, "steps": self.step, "data_stats": self.data.stats(),
+                "validation": self.val_history,
+                "kept_step": self.best[1] if self.best is not None else self.step})
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         acc.wait_for_everyone()

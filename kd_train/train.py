@@ -37,14 +37,7 @@ def run(cfg: TrainConfig) -> list[str]:
         save_json(os.path.join(cfg.out, "train_config.json"), {"recipe": cfg.recipe, "config": to_dict(cfg)})
     for preset in recipe_stages(cfg.recipe):
         out = os.path.join(cfg.out, preset.name)
-        dpt = preset.name == "dpt"
-        stage_cfg = dataclasses.replace(
-            cfg, recipe=None, stage=preset.name, student=student, out=out,
-            data=(cfg.dpt_data or cfg.data) if dpt else (cfg.data or cfg.dpt_data),
-            images=(cfg.dpt_images or cfg.images) if dpt else cfg.images,
-            cache=(cfg.dpt_cache or cfg.cache) if dpt else cfg.cache,
-        )
-        student = train_stage(stage_cfg, preset, student, out)
+        student = train_stage(_recipe_stage_config(cfg, preset, student, out), preset, student, out)
         outs.append(student)
     return outs
 
@@ -73,6 +66,10 @@ def preflight(cfg: TrainConfig) -> None:
             check_input_path(c.data, f"data file{where}")
         if c.images is not None:
             check_input_path(c.images, f"image folder{where}", folder=True)
+        if c.val_data is not None:
+            check_input_path(c.val_data, f"val data file{where}")
+        if c.val_images is not None:
+            check_input_path(c.val_images, f"val image folder{where}", folder=True)
         loss = c.loss_config(preset)
         reads_cache = preset.uses_cache and any((loss.mdist_text_weight, loss.mdist_visual_weight, loss.rdist_weight))
         if reads_cache and c.online_teacher is None and c.cache is not None:
@@ -81,13 +78,14 @@ def preflight(cfg: TrainConfig) -> None:
 
 def _recipe_stage_config(cfg: TrainConfig, preset: StagePreset, student: str, out: str) -> TrainConfig:
     """The configuration of one stage of a recipe: DPT reads the caption data and cache (dpt_*, default the main
-    ones), SFT and DFT the main ones."""
+    ones), SFT and DFT the main ones. Validation data is instruction data: scored in SFT and DFT, not in DPT."""
     dpt = preset.name == "dpt"
     return dataclasses.replace(
         cfg, recipe=None, stage=preset.name, student=student, out=out,
         data=(cfg.dpt_data or cfg.data) if dpt else (cfg.data or cfg.dpt_data),
         images=(cfg.dpt_images or cfg.images) if dpt else cfg.images,
         cache=(cfg.dpt_cache or cfg.cache) if dpt else cfg.cache,
+        val_data=None if dpt else cfg.val_data, keep_best=False if dpt else cfg.keep_best,
     )
 
 

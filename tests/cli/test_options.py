@@ -129,6 +129,7 @@ ADJUST = {
     ("cache build", "staging"): {"--out": "s3://bucket/cache"},
     ("train", "recipe"): {"--stage": None},
     ("train", "online_teacher"): {"--cache": None},
+    ("train", "keep_best"): {"--val-data": "v.json", "--val-every": "5"},
 }
 
 
