@@ -215,6 +215,7 @@ def evaluate(model_path: str | os.PathLike, data: Any, images: str | os.PathLike
         s["accuracy"] = s["correct"] / s["n"]
         total, tokens = nll_types.get(kind, (0.0, 0))
         s["answer_nll"] = total / tokens if tokens else None
+        s["answer_tokens"] = tokens
     correct = sum(s["correct"] for s in per_type.values())
     return {
         "model": str(model_path),

@@ -102,6 +102,7 @@ def test_left_padded_batches_match_single_samples(single, llava_teacher, qa_data
     assert batched["skipped"] == single["skipped"]
     # the teacher-forced NLL sums in another order with another padding: equal to rounding
     strip = lambda r: {t: {k: v for k, v in d.items() if k != "answer_nll"} for t, d in r["per_type"].items()}  # noqa: E731
+    assert sum(d["answer_tokens"] for d in batched["per_type"].values()) == batched["overall"]["answer_tokens"] > 0
     assert strip(batched) == strip(single)
     for t, d in batched["per_type"].items():
         assert d["answer_nll"] == pytest.approx(single["per_type"][t]["answer_nll"], rel=1e-6)
