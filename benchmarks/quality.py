@@ -51,9 +51,12 @@ sys.path.insert(0, str(ROOT))
 
 from kd_eval import demo, report  # noqa: E402
 
-ARMS = ("ce", "ce-es", "ce-ls", "kd", "kd-exact")
+ARMS = ("ce", "ce-es", "ce-ls", "kd", "kd-exact", "kd-sampled", "kd-topk-eq")
 LABELS = {"ce": "CE (baseline)", "ce-es": "CE + early stopping", "ce-ls": "CE + label smoothing 0.1",
-          "kd": "LLaVA-KD from the cache", "kd-exact": "LLaVA-KD, exact online targets"}
+          "kd": "LLaVA-KD from the cache", "kd-exact": "LLaVA-KD, exact online targets",
+          "kd-sampled": "LLaVA-KD, sampled targets (50 draws)", "kd-topk-eq": "LLaVA-KD, top-k at the sampled bytes"}
+SAMPLES = 50  # draws per row of the sampled cache
+TOPK_CANDIDATES = (4, 6, 8, 12, 16, 24, 32)  # the equal-bytes top-k is the one whose text row is closest in bytes
 GATE = 0.90  # the teacher's accuracy a question type needs to count in the primary metrics
 N_BOOT = 10_000
 # The study's teacher: the demo's full setting trained 2.5x longer at a higher lr (it then masters colour and
@@ -104,10 +107,40 @@ def prepare(out: Path, s: demo.DemoSettings, ns: list[int], progress: bool) -> d
                           teacher_data.test)
         demo._atomic_write(d.student_caption, json.dumps(caption[:n]) + "\n")
         demo._atomic_write(d.student_train, json.dumps(train[:n]) + "\n")
-        caches = demo.build_caches(out / f"cache-{n}", s, teacher, d, progress=progress)
+        caches = {"topk": demo.build_caches(out / f"cache-{n}", s, teacher, d, progress=progress)}
+        if n == min(ns):  # the equal-bytes comparison (top-k vs sampled) runs at the scarcest N only
+            caches.update(equal_bytes_caches(out / f"cache-{n}", s, teacher, d))
         subsets[n] = {"data": d, "caches": caches}
     return {"teacher": teacher, "teacher_eval": teacher_eval, "gated": gated, "subsets": subsets,
             "val": data_root / "instruct_val.json", "teacher_seconds": teacher_seconds}
+
+
+def equal_bytes_caches(root: Path, s: demo.DemoSettings, teacher: Path, d: demo.DemoData) -> dict:
+    """A sampled-target cache (SAMPLES draws per row) and the top-k cache whose bytes per text row are closest to
+    it (k measured from TOPK_CANDIDATES with `kd cache info`), both for the caption and the instruction data."""
+    from kd_cache.build import BuildConfig, build
+    from kd_cache.verify import info
+
+    def pair(name: str, **kw) -> tuple[Path, Path]:
+        out = []
+        for part, path in (("caption", d.student_caption), ("instruct", d.student_train)):
+            folder = root / name / part
+            build(BuildConfig(teacher=str(teacher), data=str(path), images=str(d.images), out=str(folder),
+                              batch_size=32, progress=False, **kw))
+            out.append(folder)
+        return out[0], out[1]
+
+    sampled = pair("sampled", targets="sampled", samples=SAMPLES)
+    want = info(str(sampled[1]))["bytes_per_text_row"]
+    sizes = {}
+    for k in TOPK_CANDIDATES:
+        sizes[k] = info(str(pair(f"top{k}", top_k=k, visual_top_k=k)[1]))["bytes_per_text_row"]
+    k = min(sizes, key=lambda k: abs(sizes[k] - want))
+    EQUAL_BYTES.update({"sampled_bytes_per_text_row": want, "topk_bytes_per_text_row": sizes, "chosen_k": k})
+    return {"sampled": sampled, "topk-eq": (root / f"top{k}" / "caption", root / f"top{k}" / "instruct")}
+
+
+EQUAL_BYTES: dict = {}  # what equal_bytes_caches measured, for the results JSON
 
 
 def arm_overrides(arm: str, val: Path) -> tuple[str, dict, bool]:
@@ -118,7 +151,12 @@ def arm_overrides(arm: str, val: Path) -> tuple[str, dict, bool]:
         "ce-ls": ("baseline", {"label_smoothing": 0.1}, False),
         "kd": ("llava-kd", {}, False),
         "kd-exact": ("llava-kd", {"online_top_k": 0, "online_visual_top_k": 0}, True),
+        "kd-sampled": ("llava-kd", {}, False),
+        "kd-topk-eq": ("llava-kd", {}, False),
     }[arm]
+
+
+CACHE_OF_ARM = {"kd-sampled": "sampled", "kd-topk-eq": "topk-eq"}  # the other arms read the top-64 cache
 
 
 def run_one(spec: dict) -> dict:
@@ -129,7 +167,8 @@ def run_one(spec: dict) -> dict:
     s = demo.DemoSettings(**spec["settings"])
     out, seed, arm, n = Path(spec["out"]), spec["seed"], spec["arm"], spec["n"]
     data = demo.DemoData(*[Path(p) for p in spec["data"]])
-    caches = tuple(Path(p) for p in spec["caches"])
+    chosen = spec["caches"] if isinstance(spec["caches"], list) else spec["caches"][CACHE_OF_ARM.get(arm, "topk")]
+    caches = tuple(Path(p) for p in chosen)
     recipe, overrides, online = arm_overrides(arm, Path(spec["val"]))
     run_dir = out / f"N{n}" / f"seed-{seed}" / arm
     result_path = run_dir / "result.json"
@@ -268,17 +307,23 @@ def summarise(results: list[dict], teacher_eval: dict, gated: list[str], seed_li
                     "task_diff": bootstrap_mean(d_task, rng), "nll_diff": bootstrap_mean(d_nll, rng),
                     "task_gap": bootstrap_gap(pick(arm, "task"), pick("ce", "task"), teacher["task"], rng),
                     "nll_gap": bootstrap_gap(pick(arm, "nll"), pick("ce", "nll"), teacher["nll"], rng)}
-        cache_vs_exact = None
-        if "kd" in table and "kd-exact" in table:
-            seeds = [s for s in table["kd"]["seeds"] if s in table["kd-exact"]["seeds"]]
-            if len(seeds) >= 2:
-                pick = lambda a, key: [table[a][key][table[a]["seeds"].index(s)] for s in seeds]  # noqa: E731
-                cache_vs_exact = {
-                    "seeds": seeds,
-                    "task_diff": bootstrap_mean([x - y for x, y in zip(pick("kd", "task"), pick("kd-exact", "task"))], rng),
-                    "nll_diff": bootstrap_mean([x - y for x, y in zip(pick("kd", "nll"), pick("kd-exact", "nll"))], rng)}
-        out["by_n"][str(n)] = {"table": table, "vs_ce": vs_ce, "cache_vs_exact": cache_vs_exact}
+        cache_vs_exact = _paired(table, "kd", "kd-exact", rng)
+        out["by_n"][str(n)] = {"table": table, "vs_ce": vs_ce, "cache_vs_exact": cache_vs_exact,
+                               "sampled_vs_topk": _paired(table, "kd-sampled", "kd-topk-eq", rng)}
     return out
+
+
+def _paired(table: dict, a: str, b: str, rng: random.Random) -> dict | None:
+    """a − b per seed (both arms ran), task score and NLL, with bootstrap intervals; None with < 2 common seeds."""
+    if a not in table or b not in table:
+        return None
+    seeds = [s for s in table[a]["seeds"] if s in table[b]["seeds"]]
+    if len(seeds) < 2:
+        return None
+    pick = lambda arm, key: [table[arm][key][table[arm]["seeds"].index(s)] for s in seeds]  # noqa: E731
+    return {"seeds": seeds,
+            "task_diff": bootstrap_mean([x - y for x, y in zip(pick(a, "task"), pick(b, "task"))], rng),
+            "nll_diff": bootstrap_mean([x - y for x, y in zip(pick(a, "nll"), pick(b, "nll"))], rng)}
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -332,6 +377,13 @@ def markdown(payload: dict) -> str:
         for arm, d in block["vs_ce"].items():
             lines.append(f"| {LABELS[arm]} | {_ci(d['task_diff'])} | {_ci(d['task_gap'], 100, 0)} % | "
                          f"{_ci(d['nll_diff'], 1, 3)} | {_ci(d['nll_gap'], 100, 0)} % |")
+        if block.get("sampled_vs_topk"):
+            c = block["sampled_vs_topk"]
+            eb = payload.get("equal_bytes", {})
+            lines += ["", f"Top-k vs sampled at equal bytes (paired over seeds {c['seeds']}): sampled ({SAMPLES} draws, "
+                      f"{eb.get('sampled_bytes_per_text_row')} B per text row) − top-{eb.get('chosen_k')} "
+                      f"({eb.get('topk_bytes_per_text_row', {}).get(str(eb.get('chosen_k')), eb.get('topk_bytes_per_text_row', {}).get(eb.get('chosen_k')))} B): "
+                      f"task score {_ci(c['task_diff'])} points, answer NLL {_ci(c['nll_diff'], 1, 3)}."]
         if block["cache_vs_exact"]:
             c = block["cache_vs_exact"]
             lines += ["", f"Cache − exact online targets (paired over seeds {c['seeds']}): task score "
@@ -387,8 +439,9 @@ def main(argv: list[str] | None = None) -> None:
     specs = [{"settings": s.to_dict(), "out": str(out), "seed": seed, "arm": arm, "n": n,
               "teacher": str(shared["teacher"]), "val": str(shared["val"]),
               "data": [str(p) for p in dataclasses.astuple(shared["subsets"][n]["data"])],
-              "caches": [str(p) for p in shared["subsets"][n]["caches"]]}
-             for n in args.n for seed in args.seeds for arm in args.arms]
+              "caches": {k: [str(p) for p in v] for k, v in shared["subsets"][n]["caches"].items()}}
+             for n in args.n for seed in args.seeds for arm in args.arms
+             if arm not in CACHE_OF_ARM or n == min(args.n)]
     results = run_all(specs, args.jobs)
     summary = summarise(results, shared["teacher_eval"], shared["gated"], args.seeds)
     payload = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -397,6 +450,7 @@ def main(argv: list[str] | None = None) -> None:
                "wall_minutes": (time.perf_counter() - t0) / 60, "jobs": args.jobs, "seeds": args.seeds,
                "settings": s.to_dict(), "gated_types": shared["gated"], "teacher_seconds": shared["teacher_seconds"],
                "teacher_eval": report.summary(shared["teacher_eval"]), "summary": summary,
+               "equal_bytes": EQUAL_BYTES,
                "runs": sorted(results, key=lambda r: (r["n"], r["seed"], ARMS.index(r["arm"])))}
     if args.quick and args.results == ap.get_default("results"):  # a smoke run never overwrites the published study
         args.results, args.docs = str(out / "quality_quick.json"), str(out / "results_quick.md")
