@@ -239,7 +239,7 @@ def run_all(specs: list[dict], jobs: int) -> list[dict]:
 def task_score(ev: dict, types: list[str]) -> float:
     """Exact match over the gated types (records pooled)."""
     n = sum(ev["per_type"][t]["n"] for t in types)
-    return sum(ev["per_type"][t]["correct"] for t in types) / n
+    return sum(ev["per_type"][t].get("score", ev["per_type"][t]["correct"]) for t in types) / n
 
 
 def gated_nll(ev: dict, types: list[str]) -> float:

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from kd_eval import synth
+
 __all__ = ["DemoResult", "DemoSettings", "FULL", "QUICK", "run_demo", "settings_for"]
 
 MODELS = ("teacher", "baseline", "llava-kd")
@@ -73,6 +75,14 @@ class DemoSettings:
     # CPU: torch threads and DataLoader workers (1 + 1 uses both cores of a 2-core machine)
     threads: int = 1
     num_workers: int = 1
+    # what the data asks (kd_eval.synth): the quality study's setting B uses the ambiguous types
+    question_types: tuple[str, ...] = synth.QUESTION_TYPES
+    caption_type: str = "describe"
+
+    def corpus(self) -> list[str]:
+        """The tokenizer corpus of these questions (the ambiguous types add their prompts)."""
+        return synth.corpus(ambiguous=any(t in synth.AMBIGUOUS_TYPES for t in self.question_types)
+                            or self.caption_type != "describe")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -123,8 +133,6 @@ class DemoData:
 
 def prepare_data(root: str | os.PathLike, s: DemoSettings, seed: int = 0) -> DemoData:
     """`kd data synth` into `root` (skipped when it already holds this dataset) plus the training subsets."""
-    from kd_eval import synth
-
     root = Path(root)
     meta = root / "synth.json"
     want = {"caption": s.n_caption, "train": s.n_train, "val": 0, "test": s.n_test}
@@ -151,7 +159,6 @@ def train_teacher(root: str | os.PathLike, s: DemoSettings, data: DemoData, *, s
                   progress: bool = False) -> Path:
     """A random-init tiny LLaVA trained with `kd train --stage sft` on all the training data; returns its folder."""
     from kd_cache.tiny import make_tiny_teacher
-    from kd_eval import synth
     from kd_train.train import TrainConfig, run
 
     root = Path(root)
@@ -159,7 +166,7 @@ def train_teacher(root: str | os.PathLike, s: DemoSettings, data: DemoData, *, s
     if not (init / "config.json").exists():
         make_tiny_teacher(init, "llava", hidden_size=s.teacher_hidden, num_layers=s.teacher_layers,
                           image_size=s.image_size, patch_size=s.patch_size, seed=seed, vocab_size=s.vocab_size,
-                          corpus=synth.corpus())
+                          corpus=s.corpus())
     n = _count_records(data.teacher_train)
     cfg = TrainConfig(student=str(init), out=str(root / "sft"), stage="sft", data=str(data.teacher_train),
                       images=str(data.images), train_vision=s.teacher_train_vision, train_projector=True,
@@ -176,7 +183,6 @@ def make_student(root: str | os.PathLike, s: DemoSettings, teacher: str | os.Pat
     deterministic function of both), and the processor comes from the teacher, so the student reads the
     cache's token ids."""
     from kd_cache.tiny import make_tiny_teacher
-    from kd_eval import synth
     from kd_train.student import compose_student
 
     root = Path(root)
@@ -184,7 +190,7 @@ def make_student(root: str | os.PathLike, s: DemoSettings, teacher: str | os.Pat
     if not (init / "config.json").exists():
         if not (llm / "config.json").exists():
             make_tiny_teacher(llm, "causal-lm", hidden_size=s.student_hidden, num_layers=s.student_layers,
-                              seed=seed, vocab_size=s.vocab_size, corpus=synth.corpus())
+                              seed=seed, vocab_size=s.vocab_size, corpus=s.corpus())
         with _quiet_logger("kd_train"):
             compose_student(init, vision=str(teacher), llm=str(llm), processor_from=str(teacher), seed=seed)
     return init

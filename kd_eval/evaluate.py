@@ -42,6 +42,28 @@ def _trim(text: str) -> str:
         text = out
 
 
+def answer_score(prediction: str, reference: str, record: dict | None = None) -> float:
+    """Score of one prediction in [0, 1]: exact match after `normalize_answer`, unless the record says its answer
+    has several right forms (kd_eval.synth's ambiguous types): `valid_answers` (any one of them: membership) or
+    `answer_items` (items listed in any order, separated by commas / "and": set-F1 against them)."""
+    record = record or {}
+    if record.get("valid_answers"):
+        return float(normalize_answer(prediction) in {normalize_answer(v) for v in record["valid_answers"]})
+    if record.get("answer_items"):
+        want = {_item(x) for x in record["answer_items"]}
+        got = {_item(x) for x in _ITEM_SPLIT.split(" ".join(prediction.lower().split())) if _item(x)}
+        return 2 * len(want & got) / (len(want) + len(got)) if got else 0.0
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+_ITEM_SPLIT = re.compile(r"\s*,\s*|\s+and\s+")
+
+
+def _item(text: str) -> str:
+    """One listed item without case, surrounding punctuation or a leading article."""
+    return _ARTICLE_RE.sub("", _trim(text.strip().lower()), count=1)
+
+
 def normalize_answer(text: str) -> str:
     """Canonical form of a short answer, applied identically to predictions and references.
 
@@ -134,7 +156,8 @@ def evaluate(model_path: str | os.PathLike, data: Any, images: str | os.PathLike
         reference = "".join(c.get("text", "") for c in messages[-1]["content"])
         return {"id": sample_id_of(record, index), "question_type": str(record.get("question_type") or "all"),
                 "prompt": encoder._render(messages[:-1], add_generation_prompt=True), "images": imgs,
-                "reference": reference}
+                "reference": reference,
+                "scoring": {k: record[k] for k in ("valid_answers", "answer_items") if record.get(k)}}
 
     def generate(batch: list[dict]) -> list[str]:
         texts = [b["prompt"] for b in batch]
@@ -176,9 +199,9 @@ def evaluate(model_path: str | os.PathLike, data: Any, images: str | os.PathLike
                 skipped[e.reason] = skipped.get(e.reason, 0) + 1
             if len(batch) == batch_size or (i == n_records - 1 and batch):
                 for b, pred in zip(batch, generate(batch)):
-                    ok = normalize_answer(pred) == normalize_answer(b["reference"])
+                    score = answer_score(pred, b["reference"], b["scoring"])
                     predictions.append({"id": b["id"], "question_type": b["question_type"], "prediction": pred,
-                                        "reference": b["reference"], "correct": ok})
+                                        "reference": b["reference"], "correct": score == 1.0, "score": score})
                 batch = []
             if bar is not None:
                 bar.update(1)
@@ -208,21 +231,23 @@ def evaluate(model_path: str | os.PathLike, data: Any, images: str | os.PathLike
 
     per_type: dict[str, dict] = {}
     for p in predictions:
-        s = per_type.setdefault(p["question_type"], {"n": 0, "correct": 0})
+        s = per_type.setdefault(p["question_type"], {"n": 0, "correct": 0, "score": 0.0})
         s["n"] += 1
         s["correct"] += int(p["correct"])
+        s["score"] += p["score"]
     for kind, s in per_type.items():
-        s["accuracy"] = s["correct"] / s["n"]
+        s["accuracy"] = s["score"] / s["n"]  # exact match; set-F1 / membership for ambiguous types
         total, tokens = nll_types.get(kind, (0.0, 0))
         s["answer_nll"] = total / tokens if tokens else None
         s["answer_tokens"] = tokens
     correct = sum(s["correct"] for s in per_type.values())
+    total_score = sum(s["score"] for s in per_type.values())
     return {
         "model": str(model_path),
         "data": source.description,
         "n": len(predictions),
-        "overall": {"n": len(predictions), "correct": correct,
-                    "accuracy": correct / len(predictions) if predictions else None, "answer_nll": nll["nll"],
+        "overall": {"n": len(predictions), "correct": correct, "score": total_score,
+                    "accuracy": total_score / len(predictions) if predictions else None, "answer_nll": nll["nll"],
                     "answer_tokens": nll["tokens"]},
         "per_type": dict(sorted(per_type.items())),
         "skipped": {"total": sum(skipped.values()), "by_reason": dict(sorted(skipped.items()))},
@@ -246,7 +271,7 @@ def _labels(results: list[dict]) -> list[str]:
 def _cell(stats: dict | None) -> str:
     if not stats or not stats.get("n"):
         return "-"
-    return f"{100 * stats['correct'] / stats['n']:.1f}% (n={stats['n']})"
+    return f"{100 * stats.get('score', stats['correct']) / stats['n']:.1f}% (n={stats['n']})"
 
 
 def format_table(results: list[dict]) -> str:

@@ -46,7 +46,7 @@ def accuracy(result: Mapping, qtype: str = OVERALL) -> float | None:
     stats = result.get("overall") if qtype == OVERALL else result.get("per_type", {}).get(qtype)
     if not stats or not stats.get("n"):
         return None
-    return stats["correct"] / stats["n"]
+    return stats.get("score", stats["correct"]) / stats["n"]  # set-F1 / membership scores for ambiguous types
 
 
 def summary(result: Mapping) -> dict:

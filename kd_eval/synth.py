@@ -24,6 +24,7 @@ __all__ = [
     "CAPTION_PROMPT",
     "CELLS",
     "COLOURS",
+    "AMBIGUOUS_TYPES",
     "QUESTION_TYPES",
     "SHAPES",
     "SIZES",
@@ -33,6 +34,7 @@ __all__ = [
     "caption",
     "corpus",
     "generate",
+    "make_ambiguous_question",
     "make_question",
     "object_centre",
     "render",
@@ -53,6 +55,11 @@ SIZES = ("small", "large")
 CELLS = ("top left", "top right", "bottom left", "bottom right")  # also the canonical caption order
 BACKGROUND: RGB = (245, 245, 245)
 QUESTION_TYPES = ("count", "colour", "spatial", "exists", "choice", "describe")
+# Types whose answer has several right forms (the quality study's setting B): the record's answer is one of them,
+# drawn at random, and `kd eval` scores any right form (set-F1 over listed items, or membership in a set).
+AMBIGUOUS_TYPES = ("list", "name", "describe-any")
+LIST_PROMPT = "What shapes are in the image?"
+NAME_PROMPT = "Name a colour in the image."
 CAPTION_PROMPT = "Describe the image briefly."
 
 _ROW_COL = {cell: divmod(i, 2) for i, cell in enumerate(CELLS)}
@@ -244,12 +251,41 @@ def make_question(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, st
     raise ValueError(f"qtype must be one of {QUESTION_TYPES}, got {qtype!r}")
 
 
-def corpus() -> list[str]:
+def make_ambiguous_question(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str, dict]:
+    """(question, one right answer drawn at random, how to score) for the types of AMBIGUOUS_TYPES.
+
+    list: the objects as 'colour shape' items in a random order ('red circle, blue square and green triangle'),
+    scored by set-F1 over the items ({"answer_items": [...]}); name: one colour of the scene, scored by membership
+    ({"valid_answers": [...]}); describe-any: the caption's object phrases in a random order, scored by set-F1.
+    """
+    objs = list(scene.objects)
+    if qtype == "list":
+        items = [f"{o.colour} {o.shape}" for o in objs]
+        rng.shuffle(items)
+        return LIST_PROMPT, _join(items), {"answer_items": sorted(set(items))}
+    if qtype == "name":
+        colours = sorted({o.colour for o in objs})
+        return NAME_PROMPT, rng.choice(colours), {"valid_answers": colours}
+    if qtype == "describe-any":
+        items = [o.phrase() for o in objs]
+        rng.shuffle(items)
+        return CAPTION_PROMPT, _join(items), {"answer_items": sorted(o.phrase() for o in objs)}
+    raise ValueError(f"qtype must be one of {AMBIGUOUS_TYPES}, got {qtype!r}")
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def corpus(ambiguous: bool = False) -> list[str]:
     """Sentences using every word and phrase the dataset can produce, to train a tiny tokenizer on.
 
     Built from the same templates as `make_question`, so a word added there and not here fails the tests.
+    `ambiguous` adds the prompts of AMBIGUOUS_TYPES (kept apart so the default tokenizer stays as it was).
     """
     lines = [CAPTION_PROMPT, "How many shapes are there?", "0 1 2 3 4", "yes no", "A B C"]
+    if ambiguous:
+        lines += [LIST_PROMPT, NAME_PROMPT, "red circle, blue square and green triangle, yellow square"]
     for cell in CELLS:
         for size in SIZES:
             for colour in COLOURS:
@@ -299,6 +335,7 @@ def generate(
     image_size: int = 64,
     question_types: Iterable[str] = QUESTION_TYPES,
     multi_turn: float = 0.1,
+    caption_type: str = "describe",
 ) -> SynthPaths:
     """Write the caption set and the train/val/test instruction sets; output depends only on the arguments.
 
@@ -313,6 +350,8 @@ def generate(
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     _check_image_size(image_size)
     types = _check_types(question_types)
+    if caption_type not in ("describe", "describe-any"):
+        raise ValueError(f"caption_type must be describe or describe-any, got {caption_type!r}")
     if isinstance(multi_turn, bool) or not isinstance(multi_turn, (int, float)) or not 0 <= multi_turn <= 1:
         raise ValueError(f"multi_turn must be a fraction in [0, 1], got {multi_turn!r}")
 
@@ -330,7 +369,7 @@ def generate(
         ("test", n_test, paths.instruct_test, types, 0.0),
         ("val", n_val, paths.instruct_val, types, 0.0),
         ("train", n_train, paths.instruct_train, types, float(multi_turn)),
-        ("caption", n_caption, paths.caption_train, ("describe",), 0.0),
+        ("caption", n_caption, paths.caption_train, (caption_type,), 0.0),
     )
     used: set[Scene] = set()
     layouts: dict[str, set] = {}
@@ -376,6 +415,7 @@ def generate(
         "image_size": image_size,
         "question_types": list(types),
         "multi_turn": float(multi_turn),
+        "caption_type": caption_type,
         "counts": counts,
         "splits": stats,
         "files": {
@@ -398,7 +438,7 @@ def _make_record(
         scene = sample_scene(rng)
         if scene in used:
             continue
-        qa = make_question(scene, qtype, rng)
+        qa = make_ambiguous_question(scene, qtype, rng) if qtype in AMBIGUOUS_TYPES else make_question(scene, qtype, rng)
         if qa is not None:
             break
     else:  # pragma: no cover - needs a pathological question-type set
@@ -406,10 +446,14 @@ def _make_record(
     sample_id = f"{split}-{i:06d}"
     turns = [{"from": "human", "value": f"<image>\n{qa[0]}"}, {"from": "gpt", "value": qa[1]}]
     record: dict = {"id": sample_id, "image": f"{split}/{sample_id}.png", "conversations": turns, "question_type": qtype}
+    if len(qa) == 3:  # an ambiguous type: how kd eval scores any right form
+        record.update(qa[2])
     if multi and rng.random() < multi:
         second_types = [t for t in types if t != qtype] or [qtype]
         rng.shuffle(second_types)
         for t in second_types:
+            if t in AMBIGUOUS_TYPES:  # a second turn is scored by exact match only: unambiguous types
+                continue
             qa2 = make_question(scene, t, rng)
             if qa2 is not None and qa2[0] != qa[0]:
                 turns += [{"from": "human", "value": qa2[0]}, {"from": "gpt", "value": qa2[1]}]
@@ -430,6 +474,7 @@ def _check_types(question_types: Iterable[str]) -> tuple[str, ...]:
         raise ValueError(f"question_types must be a sequence of type names, got {question_types!r}")
     given = list(question_types)
     types = tuple(dict.fromkeys(given))
-    if not types or any(t not in QUESTION_TYPES for t in types):
-        raise ValueError(f"question_types must be a non-empty subset of {QUESTION_TYPES}, got {given!r}")
+    if not types or any(t not in QUESTION_TYPES + AMBIGUOUS_TYPES for t in types):
+        raise ValueError(f"question_types must be a non-empty subset of {QUESTION_TYPES + AMBIGUOUS_TYPES}, "
+                         f"got {given!r}")
     return types

@@ -244,3 +244,17 @@ def test_cli_prints_table_and_writes_json(tmp_path, llava_teacher, qa_data):
 
     r = runner.invoke(app, ["--model", str(llava_teacher), "--data", str(tmp_path / "missing.json")])
     assert r.exit_code == 2 and "error:" in r.output and "not found" in r.output
+
+
+def test_answer_score_for_answers_with_several_right_forms():
+    from kd_eval.evaluate import answer_score
+
+    items = {"answer_items": ["blue square", "red circle"]}
+    assert answer_score("Red circle and blue square.", "x", items) == 1.0  # any order, case, punctuation
+    assert answer_score("blue square, red circle", "x", items) == 1.0
+    assert answer_score("red circle", "x", items) == pytest.approx(2 / 3)
+    assert answer_score("red circle, green square and blue square", "x", items) == pytest.approx(0.8)
+    assert answer_score("", "x", items) == 0.0
+    names = {"valid_answers": ["blue", "red"]}
+    assert answer_score("Red", "blue", names) == 1.0 and answer_score("green", "blue", names) == 0.0
+    assert answer_score("The answer is B.", "B") == 1.0 and answer_score("C", "B") == 0.0  # exact match otherwise

@@ -336,3 +336,31 @@ def test_generate_refuses_bad_arguments(tmp_path, kwargs, bad):
 def test_scene_refuses_bad_values(make, bad):
     with pytest.raises(ValueError, match=f"got .*{bad}"):
         make()
+
+
+def test_ambiguous_types_draw_one_right_form_and_record_how_to_score(tmp_path):
+    import json
+
+    from kd_eval import synth
+    from kd_eval.evaluate import answer_score
+
+    paths = synth.generate(tmp_path, n_caption=12, n_train=30, n_val=0, n_test=6, seed=1, image_size=32,
+                           question_types=synth.AMBIGUOUS_TYPES, multi_turn=0.0, caption_type="describe-any")
+    records = json.loads(paths.instruct_train.read_text()) + json.loads(paths.caption_train.read_text())
+    orders = set()
+    for r in records:
+        answer = r["conversations"][1]["value"]
+        assert answer_score(answer, answer, r) == 1.0  # the drawn form is one of the right ones
+        scene = synth.Scene.from_dict(r["scene"])
+        if r["question_type"] == "name":
+            assert r["valid_answers"] == sorted({o.colour for o in scene.objects})
+        elif r["question_type"] == "list":
+            assert r["answer_items"] == sorted({f"{o.colour} {o.shape}" for o in scene.objects})
+        else:
+            assert r["answer_items"] == sorted(o.phrase() for o in scene.objects)
+            if len(scene.objects) > 1:
+                orders.add(answer == synth._join(sorted(r["answer_items"])))
+    assert orders == {True, False}  # the order varies: the label alone does not fix it
+    assert {r["question_type"] for r in records} == set(synth.AMBIGUOUS_TYPES)
+    words = " ".join(synth.corpus(ambiguous=True))
+    assert synth.LIST_PROMPT in words and synth.NAME_PROMPT in words
