@@ -49,7 +49,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kd_eval import demo, report  # noqa: E402
+from kd_eval import demo, report, synth  # noqa: E402
 
 ARMS = ("ce", "ce-es", "ce-ls", "kd", "kd-exact", "kd-sampled", "kd-topk-eq")
 LABELS = {"ce": "CE (baseline)", "ce-es": "CE + early stopping", "ce-ls": "CE + label smoothing 0.1",
@@ -64,7 +64,17 @@ N_BOOT = 10_000
 SETTING_A = dataclasses.replace(demo.FULL, mode="study-A", teacher_steps=2500, teacher_lr=5e-4, n_test=1200,
                                 eval_batch_size=100, num_workers=0)
 QUICK = dataclasses.replace(demo.QUICK, mode="study-quick", n_test=60, num_workers=0)
-N_VAL = {"study-A": 200, "study-quick": 16}
+# Setting B ("ambiguity, one pass"): answers with several right forms (kd_eval.synth's ambiguous types); the
+# teacher trains on the first 2000 caption + 3000 instruction records, each student on the next B_POOL of each,
+# seen once per stage (300 steps x batch 16).
+B_POOL = 4800
+SETTING_B = dataclasses.replace(SETTING_A, mode="study-B", question_types=synth.AMBIGUOUS_TYPES,
+                                caption_type="describe-any", n_caption=2000 + B_POOL, n_train=3000 + B_POOL)
+QUICK_B = dataclasses.replace(QUICK, mode="study-quick-B", question_types=synth.AMBIGUOUS_TYPES,
+                              caption_type="describe-any", n_caption=96 + 64, n_train=160 + 64)
+N_VAL = {"study-A": 200, "study-quick": 16, "study-B": 200, "study-quick-B": 16}
+TEACHER_SHARE = {"study-B": (2000, 3000), "study-quick-B": (96, 160)}  # (caption, instruct) records of the teacher
+ARMS_B = ("ce", "kd")
 
 
 # --------------------------------------------------------------------------------------------- shared steps
@@ -79,9 +89,14 @@ def prepare(out: Path, s: demo.DemoSettings, ns: list[int], progress: bool) -> d
     want = {"caption": s.n_caption, "train": s.n_train, "val": N_VAL[s.mode], "test": s.n_test}
     if not meta.exists() or json.loads(meta.read_text())["counts"] != want:
         synth.generate(data_root, n_caption=s.n_caption, n_train=s.n_train, n_val=N_VAL[s.mode], n_test=s.n_test,
-                       seed=0, image_size=s.image_size)
+                       seed=0, image_size=s.image_size, question_types=s.question_types,
+                       multi_turn=0.1 if s.caption_type == "describe" else 0.0, caption_type=s.caption_type)
     caption = json.loads((data_root / "caption_train.json").read_text())
     train = json.loads((data_root / "instruct_train.json").read_text())
+    pool_caption, pool_train = caption, train  # setting A: the students' records are a subset of the teacher's
+    if s.mode in TEACHER_SHARE:  # setting B: disjoint pools, so every student record is fresh to both
+        c, t = TEACHER_SHARE[s.mode]
+        caption, train, pool_caption, pool_train = caption[:c], train[:t], caption[c:], train[t:]
     teacher_data = demo.DemoData(data_root, data_root / "images", data_root / "teacher_train.json",
                                  data_root / "caption_train.json", data_root / "instruct_train.json",
                                  data_root / "instruct_test.json")
@@ -91,7 +106,7 @@ def prepare(out: Path, s: demo.DemoSettings, ns: list[int], progress: bool) -> d
     teacher_seconds = time.perf_counter() - t0
     teacher_eval = demo.evaluate_model(teacher, teacher_data, s, out / "eval" / "teacher.json")
     gated = sorted(t for t, st in teacher_eval["per_type"].items() if st["accuracy"] >= GATE)
-    if s.mode == "study-quick":  # the smoke run's 30-step teacher passes no gate; every type counts there
+    if s.mode.startswith("study-quick"):  # the smoke run's 30-step teacher passes no gate; every type counts there
         gated = sorted(teacher_eval["per_type"])
     if not gated:
         raise SystemExit(f"the teacher reaches {GATE:.0%} on no question type: {teacher_eval['per_type']}")
@@ -105,14 +120,42 @@ def prepare(out: Path, s: demo.DemoSettings, ns: list[int], progress: bool) -> d
         d = demo.DemoData(data_root, data_root / "images", teacher_data.teacher_train,
                           data_root / f"student_caption_{n}.json", data_root / f"student_train_{n}.json",
                           teacher_data.test)
-        demo._atomic_write(d.student_caption, json.dumps(caption[:n]) + "\n")
-        demo._atomic_write(d.student_train, json.dumps(train[:n]) + "\n")
+        demo._atomic_write(d.student_caption, json.dumps(pool_caption[:n]) + "\n")
+        demo._atomic_write(d.student_train, json.dumps(pool_train[:n]) + "\n")
         caches = {"topk": demo.build_caches(out / f"cache-{n}", s, teacher, d, progress=progress)}
-        if n == min(ns):  # the equal-bytes comparison (top-k vs sampled) runs at the scarcest N only
+        if n == min(ns) and s.mode not in TEACHER_SHARE:  # top-k vs sampled at equal bytes: setting A's scarcest N
             caches.update(equal_bytes_caches(out / f"cache-{n}", s, teacher, d))
         subsets[n] = {"data": d, "caches": caches}
+    entropy = cached_entropy(subsets[max(ns)]["caches"]["topk"][1], subsets[max(ns)]["data"].student_train)
     return {"teacher": teacher, "teacher_eval": teacher_eval, "gated": gated, "subsets": subsets,
-            "val": data_root / "instruct_val.json", "teacher_seconds": teacher_seconds}
+            "val": data_root / "instruct_val.json", "teacher_seconds": teacher_seconds, "entropy": entropy}
+
+
+def cached_entropy(cache: Path, records_path: Path) -> dict:
+    """Per question type: the mean entropy (nats) of the cached teacher distribution at the answer's first slot row
+    (top-k buckets + tail), beside log(number of right words there) a calibrated teacher would show. The slot is
+    the first answer token, or the second for describe-any (after its article "a"); the synth vocabulary keeps
+    those words one token each (a colour's first piece). Checks that the cache carries the ambiguity the data has
+    (setting B) and not only the labels."""
+    import math
+
+    import numpy as np
+
+    from kd_cache import open_cache
+
+    records = json.loads(Path(records_path).read_text())
+    acc: dict[str, list[tuple[float, float]]] = {}
+    for sample in open_cache(str(cache)):
+        rec = records[sample["sample_index"]]
+        slot = 1 if rec["question_type"] == "describe-any" else 0
+        lp = np.concatenate([sample["text_topk_logprobs"][slot], [sample["text_tail_logprob"][slot]]]).astype(np.float64)
+        p = np.exp(lp - np.logaddexp.reduce(lp))
+        h = float(-(p * np.log(np.clip(p, 1e-30, None))).sum())
+        forms = rec.get("valid_answers") or rec.get("answer_items") or [rec["conversations"][1]["value"]]
+        firsts = {f.split()[slot] if len(f.split()) > slot else f for f in forms}
+        acc.setdefault(rec["question_type"], []).append((h, math.log(len(firsts))))
+    return {t: {"records": len(v), "mean_entropy": sum(h for h, _ in v) / len(v),
+                "mean_log_right_first_words": sum(x for _, x in v) / len(v)} for t, v in sorted(acc.items())}
 
 
 def equal_bytes_caches(root: Path, s: demo.DemoSettings, teacher: Path, d: demo.DemoData) -> dict:
@@ -340,34 +383,58 @@ def _ms(d: dict, scale: float = 100.0, digits: int = 1) -> str:
     return "–" if d["mean"] is None else f"{scale * d['mean']:.{digits}f} ± {scale * d['sd']:.{digits}f}"
 
 
-def markdown(payload: dict) -> str:
-    sm, gated = payload["summary"], payload["gated_types"]
-    t = sm["teacher"]
+TITLES = {"A": "Setting A: scarce labels, long schedule", "B": "Setting B: ambiguous answers, one pass over fresh records"}
+DISCUSSION = ("<!-- discussion (kept when benchmarks/quality.py rewrites this file) -->", "<!-- /discussion -->")
+
+
+def markdown(payloads: list[dict]) -> str:
+    """docs/results.md from the settings' result files (each section regenerated from its JSON)."""
     lines = ["# Results: does distilling from the cache make a better student?", "",
-             f"* date: {payload['date']}", f"* machine: {payload['machine']}",
+             "Pre-registered study of issue 11, run by `python -m benchmarks.quality --setting A|B` (every number "
+             "below is read from `benchmarks/results/quality_<setting>.json`).", "", *DISCUSSION, ""]
+    for payload in payloads:
+        lines += section(payload)
+    return "\n".join(lines)
+
+
+def section(payload: dict) -> list[str]:
+    sm, gated, setting = payload["summary"], payload["gated_types"], payload.get("setting", "A")
+    t, st = sm["teacher"], payload["settings"]
+    metric = "exact match (set-F1 / membership for answers with several right forms)"
+    lines = [f"## {TITLES[setting]}", "",
+             f"* date: {payload['date']}; machine: {payload['machine']}",
              f"* command: `{payload['command']}` ({payload['wall_minutes']:.0f} min wall, {payload['jobs']} "
-             "single-thread processes at a time)",
-             "* raw numbers: [`benchmarks/results/quality_A.json`](../benchmarks/results/quality_A.json)", "",
-             "<!-- discussion (kept when benchmarks/quality.py rewrites this file) -->",
-             "<!-- /discussion -->", "",
-             "## Setting A: scarce labels, long schedule (pre-registered, issue 11)", "",
-             f"* teacher: tiny LLaVA trained once from random init ({payload['settings']['teacher_steps']} steps); "
-             f"test split of {payload['teacher_eval']['overall']['n']} records.",
+             f"single-thread processes at a time); raw numbers: "
+             f"[`benchmarks/results/quality_{setting}.json`](../benchmarks/results/quality_{setting}.json)",
+             f"* teacher: tiny LLaVA trained once from random init ({st['teacher_steps']} steps, "
+             f"{payload['teacher_seconds']:.0f} s); test split of {payload['teacher_eval']['overall']['n']} records.",
              f"* **teacher gate** (declared before any student ran): question types where the teacher reaches "
              f"≥ {GATE:.0%}: **{', '.join(gated)}**. The primary metrics use these types only. Teacher per type: "
              + ", ".join(f"{k} {100 * v['accuracy']:.0f} %" for k, v in sorted(payload['teacher_eval']['per_type'].items()))
              + ".",
              f"* teacher on the gated types: task score {100 * t['task']:.1f} %, answer NLL {t['nll']:.3f} nats/token.",
              f"* students: per seed (seeds {', '.join(map(str, payload['seeds']))}) one init shared by every arm; DPT → "
-             f"SFT → DFT, {payload['settings']['student_steps']} steps each, batch {payload['settings']['batch_size']}, "
-             f"lr {payload['settings']['student_lr']:g}, on the first N caption and N instruction records.",
-             "* arms: " + "; ".join(f"`{a}` {LABELS[a]}" for a in ARMS) + ".",
-             "* metrics: task score = exact match over the gated types; NLL = held-out teacher-forced answer NLL over "
-             "the gated types (lower is better). Differences are arm − CE per seed; brackets are 95 % bootstrap "
-             "intervals over seeds. Gap recovered = (arm − CE) / (teacher − CE), ratio of the means.", ""]
+             f"SFT → DFT, {st['student_steps']} steps each, batch {st['batch_size']}, lr {st['student_lr']:g}, on N "
+             "caption and N instruction records"
+             + (" (a pool disjoint from the teacher's: every record fresh, seen once per stage)." if setting == "B"
+                else " (the first N of the teacher's)."),
+             "* arms: " + "; ".join(f"`{a}` {LABELS[a]}" for a in sm["by_n"][next(iter(sm["by_n"]))]["table"]) + ".",
+             f"* metrics: task score = {metric} over the gated types; NLL = held-out teacher-forced answer NLL over the "
+             "gated types (lower is better). Differences are arm − CE per seed; brackets are 95 % bootstrap intervals "
+             "over seeds. Gap recovered = (arm − CE) / (teacher − CE), ratio of the means.", ""]
+    ent = payload.get("cached_entropy")
+    if ent:
+        lines += ["Entropy of the cached teacher distribution at the answer's first slot (the first answer token; "
+                  "describe-any: the size word after its article), per question type, in nats. A teacher calibrated "
+                  "to the data's ambiguity shows about log of the number of right words there:",
+                  "", "| type | records | mean cached entropy | mean log(right words at the slot) |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {k} | {v['records']} | {v['mean_entropy']:.3f} | {v['mean_log_right_first_words']:.3f} |"
+                  for k, v in ent.items()]
+        lines.append("")
     for n, block in sm["by_n"].items():
         lines += [f"### N = {n} records per stage", "",
-                  "| arm | task score % (mean ± sd) | answer NLL (mean ± sd) | overall exact match % | train s/run |",
+                  "| arm | task score % (mean ± sd) | answer NLL (mean ± sd) | overall score % | train s/run |",
                   "|---|---:|---:|---:|---:|"]
         for arm, row in block["table"].items():
             lines.append(f"| {LABELS[arm]} | {_ms(row['task_mean_sd'])} | {_ms(row['nll_mean_sd'], 1, 3)} | "
@@ -378,17 +445,17 @@ def markdown(payload: dict) -> str:
             lines.append(f"| {LABELS[arm]} | {_ci(d['task_diff'])} | {_ci(d['task_gap'], 100, 0)} % | "
                          f"{_ci(d['nll_diff'], 1, 3)} | {_ci(d['nll_gap'], 100, 0)} % |")
         if block.get("sampled_vs_topk"):
-            c = block["sampled_vs_topk"]
-            eb = payload.get("equal_bytes", {})
+            c, eb = block["sampled_vs_topk"], payload.get("equal_bytes", {})
+            sizes = {str(k): v for k, v in eb.get("topk_bytes_per_text_row", {}).items()}
             lines += ["", f"Top-k vs sampled at equal bytes (paired over seeds {c['seeds']}): sampled ({SAMPLES} draws, "
                       f"{eb.get('sampled_bytes_per_text_row')} B per text row) − top-{eb.get('chosen_k')} "
-                      f"({eb.get('topk_bytes_per_text_row', {}).get(str(eb.get('chosen_k')), eb.get('topk_bytes_per_text_row', {}).get(eb.get('chosen_k')))} B): "
-                      f"task score {_ci(c['task_diff'])} points, answer NLL {_ci(c['nll_diff'], 1, 3)}."]
+                      f"({sizes.get(str(eb.get('chosen_k')))} B; candidates {sizes}): task score "
+                      f"{_ci(c['task_diff'])} points, answer NLL {_ci(c['nll_diff'], 1, 3)}."]
         if block["cache_vs_exact"]:
             c = block["cache_vs_exact"]
             lines += ["", f"Cache − exact online targets (paired over seeds {c['seeds']}): task score "
                       f"{_ci(c['task_diff'])} points, answer NLL {_ci(c['nll_diff'], 1, 3)}."]
-        lines += ["", "Per question type, exact match % (mean ± sd over seeds):", "",
+        lines += ["", "Per question type, score % (mean ± sd over seeds):", "",
                   "| type | " + " | ".join(LABELS[a] for a in block["table"]) + " |",
                   "|---|" + "---:|" * len(block["table"])]
         types = sorted(next(iter(block["table"].values()))["per_type"])
@@ -396,19 +463,18 @@ def markdown(payload: dict) -> str:
             lines.append(f"| {ty}{' (gated)' if ty in gated else ''} | "
                          + " | ".join(_ms(block["table"][a]["per_type"][ty]) for a in block["table"]) + " |")
         lines.append("")
-    lines += ["## Wall time", "", f"Teacher training: {payload['teacher_seconds']:.0f} s. Student runs (train + "
-              "eval, one thread each) are listed per arm above (train seconds per run).", ""]
-    return "\n".join(lines)
+    return lines
 
 
-def write_docs(payload: dict, docs_md: Path) -> None:
-    text = markdown(payload)
-    marks = ("<!-- discussion (kept when benchmarks/quality.py rewrites this file) -->", "<!-- /discussion -->")
-    if docs_md.exists():  # keep the hand-written discussion
+def write_docs(results: list[Path], docs_md: Path) -> None:
+    """Regenerate docs_md from the result files that exist, keeping its hand-written discussion."""
+    payloads = [json.loads(p.read_text(encoding="utf-8")) for p in results if p.exists()]
+    text = markdown(payloads)
+    if docs_md.exists():
         old = docs_md.read_text(encoding="utf-8")
-        a, b = old.find(marks[0]), old.find(marks[1])
+        a, b = old.find(DISCUSSION[0]), old.find(DISCUSSION[1])
         if 0 <= a < b:
-            text = text.replace("\n".join(marks), old[a:b + len(marks[1])])
+            text = text.replace("\n".join(DISCUSSION), old[a:b + len(DISCUSSION[1])])
     docs_md.write_text(text, encoding="utf-8")
 
 
@@ -417,13 +483,15 @@ def write_docs(payload: dict, docs_md: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="bench-out/quality", help="working folder (reused on a rerun)")
+    ap.add_argument("--setting", choices=("A", "B"), default="A",
+                    help="A: scarce labels, long schedule; B: ambiguous answers, one pass over fresh records")
+    ap.add_argument("--out", help="working folder (reused on a rerun) [default: bench-out/quality-<setting>]")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--n", type=int, nargs="+", default=[200, 1000], help="records per stage")
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--n", type=int, nargs="+", help="records per stage [default: A 200 1000; B 4800]")
+    ap.add_argument("--arms", nargs="+", choices=ARMS, help="[default: A all; B ce kd]")
     ap.add_argument("--jobs", type=int, default=2, help="single-thread processes at a time")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, numbers meaningless")
-    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "quality_A.json"))
+    ap.add_argument("--results", help="[default: benchmarks/results/quality_<setting>.json]")
     ap.add_argument("--docs", default=str(ROOT / "docs" / "results.md"))
     ap.add_argument("--run-one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -431,8 +499,13 @@ def main(argv: list[str] | None = None) -> None:
         run_one(json.loads(args.run_one))
         return
     t0 = time.perf_counter()
-    s = QUICK if args.quick else SETTING_A
-    out = Path(args.out)
+    b = args.setting == "B"
+    s = (QUICK_B if b else QUICK) if args.quick else (SETTING_B if b else SETTING_A)
+    out = Path(args.out or f"bench-out/quality-{args.setting}")
+    args.n = args.n or ([64] if args.quick and b else [B_POOL] if b else [200, 1000])
+    args.arms = args.arms or list(ARMS_B if b else ARMS)
+    default_results = str(ROOT / "benchmarks" / "results" / f"quality_{args.setting}.json")
+    args.results = args.results or default_results
     with demo._cpu_threads(2):
         shared = prepare(out, s, args.n, progress=False)
     print(f"[quality] teacher ready; gated types: {shared['gated']}", flush=True)
@@ -450,13 +523,14 @@ def main(argv: list[str] | None = None) -> None:
                "wall_minutes": (time.perf_counter() - t0) / 60, "jobs": args.jobs, "seeds": args.seeds,
                "settings": s.to_dict(), "gated_types": shared["gated"], "teacher_seconds": shared["teacher_seconds"],
                "teacher_eval": report.summary(shared["teacher_eval"]), "summary": summary,
-               "equal_bytes": EQUAL_BYTES,
+               "equal_bytes": EQUAL_BYTES, "setting": args.setting, "cached_entropy": shared["entropy"],
                "runs": sorted(results, key=lambda r: (r["n"], r["seed"], ARMS.index(r["arm"])))}
-    if args.quick and args.results == ap.get_default("results"):  # a smoke run never overwrites the published study
+    if args.quick and args.results == default_results:  # a smoke run never overwrites the published study
         args.results, args.docs = str(out / "quality_quick.json"), str(out / "results_quick.md")
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-    write_docs(payload, Path(args.docs))
+    published = [ROOT / "benchmarks" / "results" / f"quality_{x}.json" for x in ("A", "B")]
+    write_docs([Path(args.results)] if args.results not in map(str, published) else published, Path(args.docs))
     print(f"[quality] wrote {args.results} and {args.docs} ({payload['wall_minutes']:.0f} min)")
 
 
