@@ -1,0 +1,191 @@
+"""Does the cache lose gradient that matters? Cosine between the MDist / RDist gradients a student gets from
+cached targets and from the exact teacher, at the loss levels DFT actually trains at (issue 11, item 3).
+
+    python -m benchmarks.target_fidelity                 # after `python -m benchmarks.quality` (setting A)
+
+For each cache option (top-k for MDist; the Gram encoding and tolerance for RDist) a real cache is built with
+`kd cache build` over the same records and read back with `kd_cache.open_cache`. For students taken at the start
+of DFT (the SFT output) and at its end, per sample:
+* MDist: d/dz of the forward KL on the response rows, from the cached top-k + tail targets (kd_train.losses.
+  mdist_loss) vs from the exact full-vocabulary teacher distribution (dense KL); also on the visual rows;
+* RDist: d/dz of 1 − cos(R_S, R_T) with R_T decoded from the cache vs the exact R_T = Z_T Z_Tᵀ.
+The cosine between the two gradients (flattened over the sample's rows) is summarised by its median and 10th
+percentile, with the loss value at which it was measured, and the bytes per row / per Gram each option costs
+(`kd cache info`). Results: benchmarks/results/target_fidelity.json and a section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from kd_eval import report  # noqa: E402
+
+TOPK = (16, 64, 256)
+GRAMS = (("lowrank", 1e-4), ("lowrank", 1e-6), ("dense", 1e-4))
+MARK = ("<!-- target_fidelity -->", "<!-- /target_fidelity -->")
+
+
+def build_caches(out: Path, teacher: Path, data: Path, images: Path) -> dict[str, Path]:
+    from kd_cache.build import BuildConfig, build
+
+    caches = {}
+    for k in TOPK:
+        caches[f"top{k}"] = out / f"top{k}"
+        build(BuildConfig(teacher=str(teacher), data=str(data), images=str(images), out=str(caches[f"top{k}"]),
+                          top_k=k, visual_top_k=k, gram=False, batch_size=32, progress=False))
+    for enc, tol in GRAMS:
+        name = f"gram-{enc}-{tol:g}"
+        caches[name] = out / name
+        build(BuildConfig(teacher=str(teacher), data=str(data), images=str(images), out=str(caches[name]),
+                          top_k=4, visual_top_k=4, gram_encoding=enc, gram_tolerance=tol, batch_size=32,
+                          progress=False))
+    return caches
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def measure(student_dir: Path, teacher_dir: Path, caches: dict[str, Path], data: Path, images: Path,
+            limit: int) -> dict:
+    """Gradient cosines (cached vs exact targets) of one student over the first `limit` cached samples."""
+    from kd_cache import open_cache
+    from kd_cache.data import RecordSource
+    from kd_cache.targets import topk_targets
+    from kd_train.batch import encoder_for
+    from kd_train.losses import gram, mdist_loss, rdist_loss
+    from kd_train.objective import RowLogits
+    from kd_train.student import load_student
+
+    student, proc = load_student(student_dir)
+    teacher, tproc = load_student(teacher_dir)
+    student.eval()
+    teacher.eval()
+    records = RecordSource(str(data))
+    enc_s = encoder_for(proc, student.config, image_root=str(images), max_length=None)
+    enc_t = encoder_for(tproc, teacher.config, image_root=str(images), max_length=None)
+    rows_s, rows_t = RowLogits(student), RowLogits(teacher)
+    cached = {name: {s["sample_index"]: s for _, s in zip(range(limit), open_cache(str(path)))}
+              for name, path in caches.items()}
+    out: dict[str, dict[str, list[float]]] = {}
+
+    def add(name: str, key: str, value: float) -> None:
+        out.setdefault(name, {}).setdefault(key, []).append(value)
+
+    for index in list(cached["top64"])[:limit]:
+        rec = records[index]
+        e_s, e_t = enc_s.encode(rec, index), enc_t.encode(rec, index)
+        inputs = lambda e: ({**{k: torch.as_tensor(v) for k, v in e.model_inputs.items()},  # noqa: E731
+                             "input_ids": torch.as_tensor(e.input_ids)[None]})
+        pos = lambda p: torch.stack([torch.zeros(len(p), dtype=torch.long), torch.as_tensor(p)])  # noqa: E731
+        with torch.no_grad():
+            zt_t, zv_t, _ = rows_t(inputs(e_t), pos(e_t.text_positions), pos(e_t.visual_positions))
+            zt_s0, zv_s0, _ = rows_s(inputs(e_s), pos(e_s.text_positions), pos(e_s.visual_positions))
+        for rows, z_t, z_s0 in (("text", zt_t, zt_s0), ("visual", zv_t, zv_s0)):
+            z_s = z_s0.detach().double().requires_grad_(True)
+            p_t = torch.softmax(z_t.double(), -1)
+            exact = (p_t * (torch.log_softmax(z_t.double(), -1) - torch.log_softmax(z_s, -1))).sum()
+            g_exact, = torch.autograd.grad(exact, z_s)
+            for k in TOPK:
+                c = cached[f"top{k}"][index]
+                loss = mdist_loss(z_s, torch.as_tensor(c[f"{rows}_topk_ids"]).long(),
+                                  torch.as_tensor(c[f"{rows}_topk_logprobs"]).double(),
+                                  torch.as_tensor(c[f"{rows}_tail_logprob"]).double())
+                g, = torch.autograd.grad(loss, z_s)
+                add(f"mdist-{rows}-top{k}", "cos", _cos(g, g_exact))
+                add(f"mdist-{rows}-top{k}", "loss", float(exact) / len(z_s))
+            # the same top-64 + tail unquantized (from the exact logits): separates truncation from quantization
+            t = topk_targets(z_t.double(), 64)
+            g, = torch.autograd.grad(mdist_loss(z_s, t.topk_ids, t.topk_logprobs, t.tail_logprob), z_s)
+            add(f"mdist-{rows}-top64-unquantized", "cos", _cos(g, g_exact))
+            add(f"mdist-{rows}-top64-unquantized", "loss", float(exact) / len(z_s))
+        z_s = zv_s0.detach().double().requires_grad_(True)
+        r_exact = gram(zv_t.double())
+        l_exact = rdist_loss(gram(z_s), r_exact, is_gram=True)
+        g_exact, = torch.autograd.grad(l_exact, z_s)
+        for enc, tol in GRAMS:
+            name = f"gram-{enc}-{tol:g}"
+            r_c = torch.as_tensor(np.asarray(cached[name][index]["gram"]), dtype=torch.float64)
+            g, = torch.autograd.grad(rdist_loss(gram(z_s), r_c, is_gram=True), z_s)
+            add(f"rdist-{enc}-{tol:g}", "cos", _cos(g, g_exact))
+            add(f"rdist-{enc}-{tol:g}", "loss", float(l_exact))
+    return {name: {"median_cos": float(np.median(v["cos"])), "p10_cos": float(np.percentile(v["cos"], 10)),
+                   "min_cos": float(np.min(v["cos"])), "mean_loss": float(np.mean(v["loss"])), "samples": len(v["cos"])}
+            for name, v in out.items()}
+
+
+def markdown(payload: dict) -> str:
+    lines = [MARK[0], "## Cached vs exact targets: gradient cosine where DFT trains (issue 11)", "",
+             f"{payload['date']}, {payload['machine']}; `{payload['command']}` ({payload['seconds']:.0f} s). Raw: "
+             "[`benchmarks/results/target_fidelity.json`](../benchmarks/results/target_fidelity.json).", "",
+             "Teacher and students of the quality study (setting A, N = 200, seed 0). Cosine between the gradient "
+             "w.r.t. the student's logits from the cached targets and from the exact teacher (full-vocabulary "
+             "forward KL; exact Gram), per sample, over the sample's rows; the loss is the exact one at that state.",
+             "", "| target | bytes | student | loss (exact) | median cos | 10th pct cos | min cos |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for state, res in payload["students"].items():
+        for name, r in res.items():
+            lines.append(f"| {name} | {payload['bytes'].get(name, '–')} | {state} | {r['mean_loss']:.4g} | "
+                         f"{r['median_cos']:.4f} | {r['p10_cos']:.4f} | {r['min_cos']:.4f} |")
+    lines += ["", "Bytes: per response / visual row for MDist (`kd cache info`), per sample's Gram for RDist.", MARK[1]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from kd_cache.verify import info
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--study", default="bench-out/quality", help="the quality study's working folder (setting A)")
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=100, help="samples measured")
+    ap.add_argument("--out", default="bench-out/target_fidelity")
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "target_fidelity.json"))
+    ap.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    torch.set_num_threads(2)
+    study = Path(args.study)
+    teacher = study / "teacher" / "sft" / "final"
+    data, images = study / "data" / f"student_train_{args.n}.json", study / "data" / "images"
+    run = study / f"N{args.n}" / f"seed-{args.seed}" / "kd" / "train"
+    caches = build_caches(Path(args.out), teacher, data, images)
+    sizes = {}
+    for name, path in caches.items():
+        d = info(str(path))
+        if name.startswith("top"):
+            sizes[f"mdist-text-{name}"] = d["bytes_per_text_row"]
+            sizes[f"mdist-visual-{name}"] = d["bytes_per_visual_row"]
+        else:
+            sizes["rdist-" + name[len("gram-"):]] = d["bytes_per_gram"]
+    students = {"start of DFT (SFT output)": run / "sft" / "final", "end of DFT": run / "dft" / "final"}
+    payload = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+               "machine": report.machine_description(),
+               "command": "python -m benchmarks.target_fidelity " + " ".join(sys.argv[1:] if argv is None else argv),
+               "bytes": sizes,
+               "students": {state: measure(path, teacher, caches, data, images, args.limit)
+                            for state, path in students.items()}}
+    payload["seconds"] = time.perf_counter() - t0
+    Path(args.results).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    docs = Path(args.docs)
+    text = docs.read_text(encoding="utf-8") if docs.exists() else ""
+    block = markdown(payload)
+    a, b = text.find(MARK[0]), text.find(MARK[1])
+    text = text[:a] + block + text[b + len(MARK[1]):] if 0 <= a < b else text.rstrip() + "\n\n" + block + "\n"
+    docs.write_text(text, encoding="utf-8")
+    print(block)
+
+
+if __name__ == "__main__":
+    main()
