@@ -54,7 +54,10 @@ from kd_eval import demo, report, synth  # noqa: E402
 ARMS = ("ce", "ce-es", "ce-ls", "kd", "kd-exact", "kd-sampled", "kd-topk-eq")
 LABELS = {"ce": "CE (baseline)", "ce-es": "CE + early stopping", "ce-ls": "CE + label smoothing 0.1",
           "kd": "LLaVA-KD from the cache", "kd-exact": "LLaVA-KD, exact online targets",
-          "kd-sampled": "LLaVA-KD, sampled targets (50 draws)", "kd-topk-eq": "LLaVA-KD, top-k at the sampled bytes"}
+          "kd-sampled": "LLaVA-KD, sampled targets (50 draws)", "kd-topk-eq": "LLaVA-KD, top-k at the sampled bytes",
+          "kd-text": "CE + response MDist", "kd-visual": "CE + visual MDist", "kd-rdist": "CE + RDist",
+          "kd-full": "LLaVA-KD (all terms)"}
+ALL_ARMS = tuple(LABELS)  # every arm of every setting, in report order (CE first)
 SAMPLES = 50  # draws per row of the sampled cache
 TOPK_CANDIDATES = (4, 6, 8, 12, 16, 24, 32)  # the equal-bytes top-k is the one whose text row is closest in bytes
 GATE = 0.90  # the teacher's accuracy a question type needs to count in the primary metrics
@@ -72,7 +75,13 @@ SETTING_B = dataclasses.replace(SETTING_A, mode="study-B", question_types=synth.
                                 caption_type="describe-any", n_caption=2000 + B_POOL, n_train=3000 + B_POOL)
 QUICK_B = dataclasses.replace(QUICK, mode="study-quick-B", question_types=synth.AMBIGUOUS_TYPES,
                               caption_type="describe-any", n_caption=96 + 64, n_train=160 + 64)
-N_VAL = {"study-A": 200, "study-quick": 16, "study-B": 200, "study-quick-B": 16}
+# Setting C ("visual terms that carry signal"): 16 visual tokens per image (patch 16 at 64 px), a student LM
+# pretrained on the data's text (images removed) and frozen in DPT as in the paper; ablation of the KD terms.
+SETTING_C = dataclasses.replace(SETTING_A, mode="study-C", patch_size=16)
+QUICK_C = dataclasses.replace(QUICK, mode="study-quick-C", patch_size=16)
+LM_PRETRAIN_STEPS = {"study-C": 600, "study-quick-C": 8}
+ARMS_C = ("ce", "kd-text", "kd-visual", "kd-rdist", "kd-full")
+N_VAL = {"study-A": 200, "study-quick": 16, "study-B": 200, "study-quick-B": 16, "study-C": 200, "study-quick-C": 16}
 TEACHER_SHARE = {"study-B": (2000, 3000), "study-quick-B": (96, 160)}  # (caption, instruct) records of the teacher
 ARMS_B = ("ce", "kd")
 
@@ -126,9 +135,35 @@ def prepare(out: Path, s: demo.DemoSettings, ns: list[int], progress: bool) -> d
         if n == min(ns) and s.mode not in TEACHER_SHARE:  # top-k vs sampled at equal bytes: setting A's scarcest N
             caches.update(equal_bytes_caches(out / f"cache-{n}", s, teacher, d))
         subsets[n] = {"data": d, "caches": caches}
+    llm = pretrain_llm(out / "student-llm", s, caption + train) if s.mode in LM_PRETRAIN_STEPS else None
     entropy = cached_entropy(subsets[max(ns)]["caches"]["topk"][1], subsets[max(ns)]["data"].student_train)
     return {"teacher": teacher, "teacher_eval": teacher_eval, "gated": gated, "subsets": subsets,
-            "val": data_root / "instruct_val.json", "teacher_seconds": teacher_seconds, "entropy": entropy}
+            "val": data_root / "instruct_val.json", "teacher_seconds": teacher_seconds, "entropy": entropy,
+            "pretrained_llm": llm}
+
+
+def pretrain_llm(root: Path, s: demo.DemoSettings, records: list[dict]) -> str:
+    """Setting C's student LM: the demo's small random-init LM trained (`kd train --stage sft`) on the teacher's
+    training conversations with the images removed: the data's words and answer formats, no vision."""
+    from kd_cache.tiny import make_tiny_teacher
+    from kd_train.train import TrainConfig, run
+
+    final = root / "sft" / "final"
+    if (final / "config.json").exists():
+        return str(final)
+    text = [{"id": r["id"], "conversations": [{"from": t["from"], "value": t["value"].replace("<image>\n", "")}
+                                              for t in r["conversations"]]} for r in records]
+    path = root / "text.json"
+    demo._atomic_write(path, json.dumps(text) + "\n")
+    init = root / "init"
+    if not (init / "config.json").exists():
+        make_tiny_teacher(init, "causal-lm", hidden_size=s.student_hidden, num_layers=s.student_layers, seed=0,
+                          vocab_size=s.vocab_size, corpus=s.corpus())
+    steps = LM_PRETRAIN_STEPS[s.mode]
+    run(TrainConfig(student=str(init), out=str(root / "sft"), stage="sft", data=str(path), lr=s.student_lr,
+                    max_steps=steps, epochs=demo._epochs(steps, s.batch_size, len(text)), batch_size=s.batch_size,
+                    num_workers=0, progress=False))
+    return str(final)
 
 
 def cached_entropy(cache: Path, records_path: Path) -> dict:
@@ -196,6 +231,11 @@ def arm_overrides(arm: str, val: Path) -> tuple[str, dict, bool]:
         "kd-exact": ("llava-kd", {"online_top_k": 0, "online_visual_top_k": 0}, True),
         "kd-sampled": ("llava-kd", {}, False),
         "kd-topk-eq": ("llava-kd", {}, False),
+        # setting C: the stage presets decide what trains (DPT freezes the pretrained LM), one KD term at a time
+        "kd-text": ("llava-kd", {"mdist_visual_weight": 0.0, "rdist_weight": 0.0}, False),
+        "kd-visual": ("llava-kd", {"mdist_text_weight": 0.0, "rdist_weight": 0.0}, False),
+        "kd-rdist": ("llava-kd", {"mdist_text_weight": 0.0, "mdist_visual_weight": 0.0}, False),
+        "kd-full": ("llava-kd", {}, False),
     }[arm]
 
 
@@ -213,32 +253,43 @@ def run_one(spec: dict) -> dict:
     chosen = spec["caches"] if isinstance(spec["caches"], list) else spec["caches"][CACHE_OF_ARM.get(arm, "topk")]
     caches = tuple(Path(p) for p in chosen)
     recipe, overrides, online = arm_overrides(arm, Path(spec["val"]))
+    if spec.get("pretrained_llm"):  # setting C: the presets decide what trains (not the demo's train_llm=True)
+        overrides = {"train_llm": None, **overrides}
     run_dir = out / f"N{n}" / f"seed-{seed}" / arm
     result_path = run_dir / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
     t0 = time.perf_counter()
     with demo._quiet_transformers():
-        student = _student_init(out / "students" / f"seed-{seed}", s, Path(spec["teacher"]), seed)
+        student = _student_init(out / "students" / f"seed-{seed}", s, Path(spec["teacher"]), seed,
+                                spec.get("pretrained_llm"))
         finals = demo.train_student(run_dir / "train", recipe, s, student, data, None if online else caches,
                                     seed=seed, online_teacher=spec["teacher"] if online else None, **overrides)
         train_seconds = time.perf_counter() - t0
         r = demo.evaluate_model(finals[-1], data, s, run_dir / "eval.json")
+        r_dpt = demo.evaluate_model(finals[0], data, s, run_dir / "eval_dpt.json") if spec.get("eval_dpt") else None
     res = {"arm": arm, "n": n, "seed": seed, "train_seconds": round(train_seconds, 1),
            "eval_seconds": round(time.perf_counter() - t0 - train_seconds, 1), "eval": report.summary(r),
+           "eval_dpt": report.summary(r_dpt) if r_dpt is not None else None,
            "kept_steps": {p.parent.name: json.loads((p / "kd_stage.json").read_text()).get("kept_step")
                           for p in finals}}
     demo._atomic_write(result_path, json.dumps(res, indent=1) + "\n")
     return res
 
 
-def _student_init(root: Path, s: demo.DemoSettings, teacher: Path, seed: int) -> Path:
-    """The seed's student init, composed once (a lock-free race between arms is settled by an atomic rename)."""
+def _student_init(root: Path, s: demo.DemoSettings, teacher: Path, seed: int, llm: str | None = None) -> Path:
+    """The seed's student init, composed once (a lock-free race between arms is settled by an atomic rename):
+    the teacher's tower + a fresh projector + a random-init LM, or the given pretrained `llm`."""
+    from kd_train.student import compose_student
+
     init = root / "init"
     if (init / "config.json").exists():
         return init
     tmp = root.with_name(f"{root.name}.tmp.{os.getpid()}")
-    made = demo.make_student(tmp, s, teacher, seed=seed)
+    if llm is None:
+        made = demo.make_student(tmp, s, teacher, seed=seed)
+    else:
+        made = compose_student(tmp / "init", vision=str(teacher), llm=llm, processor_from=str(teacher), seed=seed)
     root.mkdir(parents=True, exist_ok=True)
     try:
         os.rename(made, init)
@@ -322,7 +373,7 @@ def summarise(results: list[dict], teacher_eval: dict, gated: list[str], seed_li
     by = {(r["n"], r["arm"], r["seed"]): r for r in results}
     out: dict[str, Any] = {"teacher": teacher, "by_n": {}}
     for n in sorted({r["n"] for r in results}):
-        arms = [a for a in ARMS if any((n, a, s) in by for s in seed_list)]
+        arms = [a for a in ALL_ARMS if any((n, a, s) in by for s in seed_list)]
         table, vs_ce = {}, {}
         for arm in arms:
             seeds = [s for s in seed_list if (n, arm, s) in by]
@@ -335,6 +386,12 @@ def summarise(results: list[dict], teacher_eval: dict, gated: list[str], seed_li
                                                               for s in seeds])
                                        for t in by[(n, arm, seeds[0])]["eval"]["per_type"]},
                           "train_seconds": report.mean_spread([by[(n, arm, s)]["train_seconds"] for s in seeds])}
+            if all(by[(n, arm, s)].get("eval_dpt") for s in seeds):  # setting C: also scored right after DPT
+                dpt = [task_score(by[(n, arm, s)]["eval_dpt"], gated) for s in seeds]
+                table[arm]["task_after_dpt"] = dpt
+                table[arm]["task_after_dpt_mean_sd"] = report.mean_spread(dpt)
+                table[arm]["nll_after_dpt_mean_sd"] = report.mean_spread(
+                    [gated_nll(by[(n, arm, s)]["eval_dpt"], gated) for s in seeds])
         if "ce" in table:
             for arm in arms:
                 if arm == "ce":
@@ -383,7 +440,8 @@ def _ms(d: dict, scale: float = 100.0, digits: int = 1) -> str:
     return "–" if d["mean"] is None else f"{scale * d['mean']:.{digits}f} ± {scale * d['sd']:.{digits}f}"
 
 
-TITLES = {"A": "Setting A: scarce labels, long schedule", "B": "Setting B: ambiguous answers, one pass over fresh records"}
+TITLES = {"A": "Setting A: scarce labels, long schedule", "B": "Setting B: ambiguous answers, one pass over fresh records",
+          "C": "Setting C: visual terms that carry signal (16 visual tokens, text-pretrained student LM)"}
 DISCUSSION = ("<!-- discussion (kept when benchmarks/quality.py rewrites this file) -->", "<!-- /discussion -->")
 
 
@@ -444,6 +502,11 @@ def section(payload: dict) -> list[str]:
         for arm, d in block["vs_ce"].items():
             lines.append(f"| {LABELS[arm]} | {_ci(d['task_diff'])} | {_ci(d['task_gap'], 100, 0)} % | "
                          f"{_ci(d['nll_diff'], 1, 3)} | {_ci(d['nll_gap'], 100, 0)} % |")
+        if all("task_after_dpt_mean_sd" in row for row in block["table"].values()):
+            lines += ["", "Right after DPT (the projector alone trained; the pretrained LM frozen):", "",
+                      "| arm | task score % after DPT | answer NLL after DPT |", "|---|---:|---:|"]
+            lines += [f"| {LABELS[a]} | {_ms(row['task_after_dpt_mean_sd'])} | {_ms(row['nll_after_dpt_mean_sd'], 1, 3)} |"
+                      for a, row in block["table"].items()]
         if block.get("sampled_vs_topk"):
             c, eb = block["sampled_vs_topk"], payload.get("equal_bytes", {})
             sizes = {str(k): v for k, v in eb.get("topk_bytes_per_text_row", {}).items()}
@@ -483,12 +546,13 @@ def write_docs(results: list[Path], docs_md: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--setting", choices=("A", "B"), default="A",
-                    help="A: scarce labels, long schedule; B: ambiguous answers, one pass over fresh records")
+    ap.add_argument("--setting", choices=("A", "B", "C"), default="A",
+                    help="A: scarce labels, long schedule; B: ambiguous answers, one pass over fresh records; "
+                         "C: 16 visual tokens, a text-pretrained student LM frozen in DPT, KD terms one at a time")
     ap.add_argument("--out", help="working folder (reused on a rerun) [default: bench-out/quality-<setting>]")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--n", type=int, nargs="+", help="records per stage [default: A 200 1000; B 4800]")
-    ap.add_argument("--arms", nargs="+", choices=ARMS, help="[default: A all; B ce kd]")
+    ap.add_argument("--arms", nargs="+", choices=ALL_ARMS, help="[default: every arm of the setting]")
     ap.add_argument("--jobs", type=int, default=2, help="single-thread processes at a time")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, numbers meaningless")
     ap.add_argument("--results", help="[default: benchmarks/results/quality_<setting>.json]")
@@ -500,10 +564,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     t0 = time.perf_counter()
     b = args.setting == "B"
-    s = (QUICK_B if b else QUICK) if args.quick else (SETTING_B if b else SETTING_A)
+    s = {"A": (SETTING_A, QUICK), "B": (SETTING_B, QUICK_B), "C": (SETTING_C, QUICK_C)}[args.setting][args.quick]
     out = Path(args.out or f"bench-out/quality-{args.setting}")
-    args.n = args.n or ([64] if args.quick and b else [B_POOL] if b else [200, 1000])
-    args.arms = args.arms or list(ARMS_B if b else ARMS)
+    args.n = args.n or ([64] if args.quick and b else [B_POOL] if b else [200] if args.setting == "C" else [200, 1000])
+    args.arms = args.arms or list({"A": ARMS, "B": ARMS_B, "C": ARMS_C}[args.setting])
     default_results = str(ROOT / "benchmarks" / "results" / f"quality_{args.setting}.json")
     args.results = args.results or default_results
     with demo._cpu_threads(2):
@@ -512,7 +576,8 @@ def main(argv: list[str] | None = None) -> None:
     specs = [{"settings": s.to_dict(), "out": str(out), "seed": seed, "arm": arm, "n": n,
               "teacher": str(shared["teacher"]), "val": str(shared["val"]),
               "data": [str(p) for p in dataclasses.astuple(shared["subsets"][n]["data"])],
-              "caches": {k: [str(p) for p in v] for k, v in shared["subsets"][n]["caches"].items()}}
+              "caches": {k: [str(p) for p in v] for k, v in shared["subsets"][n]["caches"].items()},
+              "pretrained_llm": shared["pretrained_llm"], "eval_dpt": args.setting == "C"}
              for n in args.n for seed in args.seeds for arm in args.arms
              if arm not in CACHE_OF_ARM or n == min(args.n)]
     results = run_all(specs, args.jobs)
@@ -524,12 +589,12 @@ def main(argv: list[str] | None = None) -> None:
                "settings": s.to_dict(), "gated_types": shared["gated"], "teacher_seconds": shared["teacher_seconds"],
                "teacher_eval": report.summary(shared["teacher_eval"]), "summary": summary,
                "equal_bytes": EQUAL_BYTES, "setting": args.setting, "cached_entropy": shared["entropy"],
-               "runs": sorted(results, key=lambda r: (r["n"], r["seed"], ARMS.index(r["arm"])))}
+               "runs": sorted(results, key=lambda r: (r["n"], r["seed"], ALL_ARMS.index(r["arm"])))}
     if args.quick and args.results == default_results:  # a smoke run never overwrites the published study
         args.results, args.docs = str(out / "quality_quick.json"), str(out / "results_quick.md")
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-    published = [ROOT / "benchmarks" / "results" / f"quality_{x}.json" for x in ("A", "B")]
+    published = [ROOT / "benchmarks" / "results" / f"quality_{x}.json" for x in ("A", "B", "C")]
     write_docs([Path(args.results)] if args.results not in map(str, published) else published, Path(args.docs))
     print(f"[quality] wrote {args.results} and {args.docs} ({payload['wall_minutes']:.0f} min)")
 
