@@ -2,7 +2,8 @@
 
 Pre-registered setting A ("scarce labels, long schedule"; issue 11). Run from the repository root:
 
-    python -m benchmarks.quality                      # everything: 5 seeds, N = 200 and 1000, all arms, 2 jobs
+    python -m benchmarks.quality                      # setting A: 5 seeds, N = 200 (all arms) and 1000 (CE, KD)
+    python -m benchmarks.quality --setting B          # then B and C (each ~20-40 min on 2 cores)
     python -m benchmarks.quality --seeds 0 1 --n 200  # a subset (finished runs are reused on a rerun)
     python -m benchmarks.quality --quick              # a smoke run of the same code paths (numbers meaningless)
 
@@ -14,14 +15,16 @@ two one-thread processes are far faster than one two-thread process):
   metrics use only the question types on which the teacher reaches >= 90 % exact match.
 * students: per seed, the teacher's vision tower + a fresh projector + a small random-init LM (the seed sets the
   init and the data order), trained DPT -> SFT -> DFT with the same steps on the first N caption and N
-  instruction records (N = 200: labels scarce for the steps; N = 1000: as many as the earlier study). Arms, all
-  from the same init per seed:
+  instruction records (N = 200: labels scarce for the steps, every arm; N = 1000: as many as the earlier study,
+  CE and KD only, to see whether the edge stays). Arms, all from the same init per seed:
     ce        `--recipe baseline` (CE only)
     ce-es     ce with early stopping: `--val-data` (val split) `--val-every 25 --keep-best`
     ce-ls     ce with `--label-smoothing 0.1`
     kd        `--recipe llava-kd` from the cache (format v2: top-64 + tail, 1/16-nat codes, low-rank Gram)
     kd-exact  `--recipe llava-kd --online-teacher` with full-vocabulary targets (`--online-top-k 0`) and exact Gram:
               what the cache would give if it lost nothing
+    kd-sampled / kd-topk-eq  sampled targets (50 draws) vs the top-k whose text row costs the same bytes
+Settings B and C: see SETTING_B / SETTING_C below.
 * metrics (`kd eval` on the test split): task score = exact match over the gated types; held-out
   teacher-forced answer NLL (nats/token) over the gated types. Per seed: arm - ce; mean over seeds with a 95 %
   bootstrap interval (seeds resampled); gap recovered = (arm - ce) / (teacher - ce) as a ratio of means with a
@@ -553,6 +556,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--n", type=int, nargs="+", help="records per stage [default: A 200 1000; B 4800]")
     ap.add_argument("--arms", nargs="+", choices=ALL_ARMS, help="[default: every arm of the setting]")
+    ap.add_argument("--large-n-arms", nargs="+", choices=ALL_ARMS, default=["ce", "kd"],
+                    help="arms run at the N values above the smallest (the controls matter where labels are scarce)")
     ap.add_argument("--jobs", type=int, default=2, help="single-thread processes at a time")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, numbers meaningless")
     ap.add_argument("--results", help="[default: benchmarks/results/quality_<setting>.json]")
@@ -579,7 +584,7 @@ def main(argv: list[str] | None = None) -> None:
               "caches": {k: [str(p) for p in v] for k, v in shared["subsets"][n]["caches"].items()},
               "pretrained_llm": shared["pretrained_llm"], "eval_dpt": args.setting == "C"}
              for n in args.n for seed in args.seeds for arm in args.arms
-             if arm not in CACHE_OF_ARM or n == min(args.n)]
+             if n == min(args.n) or arm in args.large_n_arms]
     results = run_all(specs, args.jobs)
     summary = summarise(results, shared["teacher_eval"], shared["gated"], args.seeds)
     payload = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
