@@ -85,7 +85,7 @@ class DemoSettings:
                             or self.caption_type != "describe")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # JSON types (lists), as demo.json reads back
 
 
 FULL = DemoSettings(mode="full", n_caption=2000, n_train=3000, n_test=300, student_caption=1000,
