@@ -4,6 +4,7 @@ Pre-registered setting A ("scarce labels, long schedule"; issue 11). Run from th
 
     python -m benchmarks.quality                      # setting A: 5 seeds, N = 200 (all arms) and 1000 (CE, KD)
     python -m benchmarks.quality --setting B          # then B and C (each ~20-40 min on 2 cores)
+    python -m benchmarks.quality --setting all        # A, B and C in one command (about two hours)
     python -m benchmarks.quality --seeds 0 1 --n 200  # a subset (finished runs are reused on a rerun)
     python -m benchmarks.quality --quick              # a smoke run of the same code paths (numbers meaningless)
 
@@ -549,9 +550,10 @@ def write_docs(results: list[Path], docs_md: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--setting", choices=("A", "B", "C"), default="A",
+    ap.add_argument("--setting", choices=("A", "B", "C", "all"), default="A",
                     help="A: scarce labels, long schedule; B: ambiguous answers, one pass over fresh records; "
-                         "C: 16 visual tokens, a text-pretrained student LM frozen in DPT, KD terms one at a time")
+                         "C: 16 visual tokens, a text-pretrained student LM frozen in DPT, KD terms one at a time; "
+                         "all: A, B, then C (about two hours on 2 cores)")
     ap.add_argument("--out", help="working folder (reused on a rerun) [default: bench-out/quality-<setting>]")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--n", type=int, nargs="+", help="records per stage [default: A 200 1000; B 4800]")
@@ -564,13 +566,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--docs", default=str(ROOT / "docs" / "results.md"))
     ap.add_argument("--run-one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.setting == "all":  # each setting in turn, with the same options; each reuses its finished runs
+        rest = [a for a in (sys.argv[1:] if argv is None else argv)]
+        i = rest.index("--setting")
+        for setting in ("A", "B", "C"):
+            main(rest[:i] + ["--setting", setting] + rest[i + 2:])
+        return
     if args.run_one:
         run_one(json.loads(args.run_one))
         return
     t0 = time.perf_counter()
     b = args.setting == "B"
     s = {"A": (SETTING_A, QUICK), "B": (SETTING_B, QUICK_B), "C": (SETTING_C, QUICK_C)}[args.setting][args.quick]
-    out = Path(args.out or f"bench-out/quality-{args.setting}")
+    out = Path(args.out or ("bench-out/quality" if args.setting == "A" else f"bench-out/quality-{args.setting}"))
     args.n = args.n or ([64] if args.quick and b else [B_POOL] if b else [200] if args.setting == "C" else [200, 1000])
     args.arms = args.arms or list({"A": ARMS, "B": ARMS_B, "C": ARMS_C}[args.setting])
     default_results = str(ROOT / "benchmarks" / "results" / f"quality_{args.setting}.json")
