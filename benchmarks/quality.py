@@ -570,7 +570,11 @@ def main(argv: list[str] | None = None) -> None:
         rest = [a for a in (sys.argv[1:] if argv is None else argv)]
         i = rest.index("--setting")
         for setting in ("A", "B", "C"):
-            main(rest[:i] + ["--setting", setting] + rest[i + 2:])
+            one = rest[:i] + ["--setting", setting] + rest[i + 2:]
+            if args.out:  # one working folder per setting below the given one
+                j = one.index("--out")
+                one[j + 1] = str(Path(args.out) / setting)
+            main(one)
         return
     if args.run_one:
         run_one(json.loads(args.run_one))
