@@ -99,17 +99,17 @@ def measure(student_dir: Path, teacher_dir: Path, caches: dict[str, Path], data:
             g_exact, = torch.autograd.grad(exact, z_s)
             for k in TOPK:
                 c = cached[f"top{k}"][index]
-                loss = mdist_loss(z_s, torch.as_tensor(c[f"{rows}_topk_ids"]).long(),
-                                  torch.as_tensor(c[f"{rows}_topk_logprobs"]).double(),
-                                  torch.as_tensor(c[f"{rows}_tail_logprob"]).double())
+                loss = mdist_loss(z_s, torch.as_tensor(np.array(c[f"{rows}_topk_ids"])).long(),
+                                  torch.as_tensor(np.array(c[f"{rows}_topk_logprobs"])).double(),
+                                  torch.as_tensor(np.array(c[f"{rows}_tail_logprob"])).double())
                 g, = torch.autograd.grad(loss, z_s)
                 add(f"mdist-{rows}-top{k}", "cos", _cos(g, g_exact))
-                add(f"mdist-{rows}-top{k}", "loss", float(exact) / len(z_s))
+                add(f"mdist-{rows}-top{k}", "loss", float(exact.detach()) / len(z_s))
             # the same top-64 + tail unquantized (from the exact logits): separates truncation from quantization
             t = topk_targets(z_t.double(), 64)
             g, = torch.autograd.grad(mdist_loss(z_s, t.topk_ids, t.topk_logprobs, t.tail_logprob), z_s)
             add(f"mdist-{rows}-top64-unquantized", "cos", _cos(g, g_exact))
-            add(f"mdist-{rows}-top64-unquantized", "loss", float(exact) / len(z_s))
+            add(f"mdist-{rows}-top64-unquantized", "loss", float(exact.detach()) / len(z_s))
         z_s = zv_s0.detach().double().requires_grad_(True)
         r_exact = gram(zv_t.double())
         l_exact = rdist_loss(gram(z_s), r_exact, is_gram=True)
@@ -119,7 +119,7 @@ def measure(student_dir: Path, teacher_dir: Path, caches: dict[str, Path], data:
             r_c = torch.as_tensor(np.asarray(cached[name][index]["gram"]), dtype=torch.float64)
             g, = torch.autograd.grad(rdist_loss(gram(z_s), r_c, is_gram=True), z_s)
             add(f"rdist-{enc}-{tol:g}", "cos", _cos(g, g_exact))
-            add(f"rdist-{enc}-{tol:g}", "loss", float(l_exact))
+            add(f"rdist-{enc}-{tol:g}", "loss", float(l_exact.detach()))
     return {name: {"median_cos": float(np.median(v["cos"])), "p10_cos": float(np.percentile(v["cos"], 10)),
                    "min_cos": float(np.min(v["cos"])), "mean_loss": float(np.mean(v["loss"])), "samples": len(v["cos"])}
             for name, v in out.items()}
