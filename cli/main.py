@@ -38,6 +38,9 @@ def demo(cfg: DemoConfig) -> None:
         typer.echo("gap recovered: n/a (the teacher is not above the baseline)")
     else:
         typer.echo(f"gap recovered by llava-kd: {100 * result.gap_recovered:.0f} % of (teacher - baseline)")
+    if result.nll_gap_recovered is not None:
+        typer.echo(f"held-out answer NLL: llava-kd recovers {100 * result.nll_gap_recovered:.0f} % of "
+                   "(baseline - teacher)")
     if result.settings.mode == "quick":
         typer.echo("(--quick is a smoke run: tiny data and few steps, the numbers are not meaningful)")
     else:
