@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import glob
 import json
 import logging
 import os
