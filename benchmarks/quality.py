@@ -453,7 +453,7 @@ DISCUSSION = ("<!-- discussion (kept when benchmarks/quality.py rewrites this fi
 def markdown(payloads: list[dict]) -> str:
     """docs/results.md from the settings' result files (each section regenerated from its JSON)."""
     lines = ["# Results: does distilling from the cache make a better student?", "",
-             "Pre-registered study of issue 11, run by `python -m benchmarks.quality --setting A|B` (every number "
+             "Pre-registered study of issue 11, run by `python -m benchmarks.quality --setting A|B|C|all` (every number "
              "below is read from `benchmarks/results/quality_<setting>.json`).", "", *DISCUSSION, ""]
     for payload in payloads:
         lines += section(payload)
@@ -466,8 +466,9 @@ def section(payload: dict) -> list[str]:
     metric = "exact match (set-F1 / membership for answers with several right forms)"
     lines = [f"## {TITLES[setting]}", "",
              f"* date: {payload['date']}; machine: {payload['machine']}",
-             f"* command: `{payload['command']}` ({payload['wall_minutes']:.0f} min wall, {payload['jobs']} "
-             f"single-thread processes at a time); raw numbers: "
+             f"* command: `{payload['command']}` ({payload['wall_minutes']:.0f} min wall for this invocation, which "
+             f"reuses finished runs; the student runs took {_compute_minutes(payload):.0f} min of single-thread "
+             f"compute, {payload['jobs']} processes at a time); raw numbers: "
              f"[`benchmarks/results/quality_{setting}.json`](../benchmarks/results/quality_{setting}.json)",
              f"* teacher: tiny LLaVA trained once from random init ({st['teacher_steps']} steps, "
              f"{payload['teacher_seconds']:.0f} s of optimizer steps); test split of "
@@ -535,6 +536,10 @@ def section(payload: dict) -> list[str]:
                          + " | ".join(_ms(block["table"][a]["per_type"][ty]) for a in block["table"]) + " |")
         lines.append("")
     return lines
+
+
+def _compute_minutes(payload: dict) -> float:
+    return sum(r.get("train_seconds", 0) + r.get("eval_seconds", 0) for r in payload.get("runs", [])) / 60
 
 
 def write_docs(results: list[Path], docs_md: Path) -> None:
