@@ -139,16 +139,20 @@ def prepare(out: Path, s: demo.DemoSettings, ns: list[int], progress: bool) -> d
         if n == min(ns) and s.mode not in TEACHER_SHARE:  # top-k vs sampled at equal bytes: setting A's scarcest N
             caches.update(equal_bytes_caches(out / f"cache-{n}", s, teacher, d))
         subsets[n] = {"data": d, "caches": caches}
-    llm = pretrain_llm(out / "student-llm", s, caption + train) if s.mode in LM_PRETRAIN_STEPS else None
+    llm = pretrain_llm(out / "student-llm", s, caption + train, teacher) if s.mode in LM_PRETRAIN_STEPS else None
     entropy = cached_entropy(subsets[max(ns)]["caches"]["topk"][1], subsets[max(ns)]["data"].student_train)
     return {"teacher": teacher, "teacher_eval": teacher_eval, "gated": gated, "subsets": subsets,
             "val": data_root / "instruct_val.json", "teacher_seconds": teacher_seconds, "entropy": entropy,
             "pretrained_llm": llm}
 
 
-def pretrain_llm(root: Path, s: demo.DemoSettings, records: list[dict]) -> str:
+def pretrain_llm(root: Path, s: demo.DemoSettings, records: list[dict], teacher: Path) -> str:
     """Setting C's student LM: the demo's small random-init LM trained (`kd train --stage sft`) on the teacher's
-    training conversations with the images removed: the data's words and answer formats, no vision."""
+    training conversations with the images removed: the data's words and answer formats, no vision. It reads the
+    teacher's tokenizer and chat template from the start, so its embeddings mean the ids the student will see
+    (with its own tokenizer, 509 of 512 ids would land on other rows once composed with the teacher's)."""
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
     from kd_cache.tiny import make_tiny_teacher
     from kd_train.train import TrainConfig, run
 
@@ -163,6 +167,13 @@ def pretrain_llm(root: Path, s: demo.DemoSettings, records: list[dict]) -> str:
     if not (init / "config.json").exists():
         make_tiny_teacher(init, "causal-lm", hidden_size=s.student_hidden, num_layers=s.student_layers, seed=0,
                           vocab_size=s.vocab_size, corpus=s.corpus())
+        proc = AutoProcessor.from_pretrained(teacher)
+        tok = proc.tokenizer
+        tok.chat_template = proc.chat_template
+        lm = AutoModelForCausalLM.from_pretrained(init)
+        lm.resize_token_embeddings(len(tok))
+        lm.save_pretrained(init)
+        tok.save_pretrained(init)
     steps = LM_PRETRAIN_STEPS[s.mode]
     run(TrainConfig(student=str(init), out=str(root / "sft"), stage="sft", data=str(path), lr=s.student_lr,
                     max_steps=steps, epochs=demo._epochs(steps, s.batch_size, len(text)), batch_size=s.batch_size,
