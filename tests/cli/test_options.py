@@ -226,7 +226,9 @@ def test_train_saves_every_flag(tmp_path, llava_cache, llava_teacher, tiny_data)
             "--ce-weight", "0.5", "--mdist-text-weight", "2", "--mdist-visual-weight", "0.5", "--rdist-weight", "0",
             "--kind", "jsd", "--temperature", "2", "--no-tail", "--jsd-beta", "0.25", "--seed", "5",
             "--shuffle-buffer", "8", "--checkpoint-every", "1", "--keep-checkpoints", "1", "--log-every", "2",
-            "--mixed-precision", "no", "--skip-corrupt-shards", "--skip-missing-images", "--quiet"]
+            "--mixed-precision", "no", "--skip-corrupt-shards", "--skip-missing-images", "--quiet",
+            "--label-smoothing", "0.1", "--visual-temperature", "3", "--val-data", str(data), "--val-images",
+            str(images), "--val-every", "1", "--append-eos"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     saved = json.loads((out / "train_config.json").read_text())["config"]
@@ -235,10 +237,15 @@ def test_train_saves_every_flag(tmp_path, llava_cache, llava_teacher, tiny_data)
               "max_grad_norm": 0.5, "ce_weight": 0.5, "mdist_text_weight": 2.0, "mdist_visual_weight": 0.5,
               "rdist_weight": 0.0, "kind": "jsd", "temperature": 2.0, "use_tail": False, "jsd_beta": 0.25,
               "seed": 5, "shuffle_buffer": 8, "checkpoint_every": 1, "keep_checkpoints": 1, "log_every": 2,
-              "mixed_precision": "no", "skip_corrupt_shards": True, "skip_missing_images": True, "progress": False}
+              "mixed_precision": "no", "skip_corrupt_shards": True, "skip_missing_images": True, "progress": False,
+              "label_smoothing": 0.1, "visual_temperature": 3.0, "val_data": str(data), "val_images": str(images),
+              "val_every": 1, "append_eos": True}
     assert {k: saved[k] for k in expect} == expect
     loss = json.loads((out / "train_config.json").read_text())["loss"]
     assert (loss["kind"], loss["temperature"], loss["use_tail"], loss["rdist_weight"]) == ("jsd", 2.0, False, 0.0)
+    assert (loss["label_smoothing"], loss["visual_temperature"]) == (0.1, 3.0)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_nll" in row for row in logged)  # --val-data was scored
 
 
 def test_compose_synth_and_eval_save_every_flag(tmp_path, llava_teacher):
