@@ -95,6 +95,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kd_cache.tiny import chat_template
+
 REPO = Path(__file__).resolve().parent.parent
 GOALS = {"build_over_forward": 1.03, "dft_over_sft": 1.15}
 IMAGE_TOKEN = "<image>"
@@ -104,23 +106,8 @@ ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 H200 = {"bf16_dense_tflops": 790.0, "hbm_tb_per_s": 4.8}
 PHASES = ("build", "train", "rdist", "accelerate")
 
-# ChatML, as kd_cache/tiny.py writes it: no default system prompt, "<image>\n" per image item.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '" + IM_START + "' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}"
-    "{{- message['content'] -}}"
-    "{%- else -%}"
-    "{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}{{- '<image>\\n' -}}"
-    "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- '" + IM_END + "\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '" + IM_START + "assistant\\n' -}}{%- endif -%}"
-)
+# ChatML, the template kd_cache/tiny.py gives its tiny models: no default system prompt, "<image>\n" per image.
+CHAT_TEMPLATE = chat_template(IMAGE_TOKEN)
 
 WORDS = (
     "the a an of and to in is it that this there what which where when how many much more most some any each "

@@ -129,7 +129,7 @@ def _corpus() -> list[str]:
     return lines
 
 
-def _chat_template(image_placeholder: str | None) -> str:
+def chat_template(image_placeholder: str | None) -> str:
     """ChatML template; ``image_placeholder`` is emitted per image item (None: images are an error).
 
     No default system prompt is injected, so rendering ``messages[:i]`` is always a prefix of
@@ -208,7 +208,7 @@ def train_tiny_tokenizer(
         padding_side="right",
         clean_up_tokenization_spaces=False,
     )
-    hf_tok.chat_template = _chat_template(_placeholder_for(special))
+    hf_tok.chat_template = chat_template(_placeholder_for(special))
     return hf_tok
 
 
