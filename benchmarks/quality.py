@@ -21,7 +21,10 @@ two one-thread processes are far faster than one two-thread process):
     ce        `--recipe baseline` (CE only)
     ce-es     ce with early stopping: `--val-data` (val split) `--val-every 25 --keep-best`
     ce-ls     ce with `--label-smoothing 0.1`
-    kd        `--recipe llava-kd` from the cache (format v2: top-64 + tail, 1/16-nat codes, low-rank Gram)
+    kd        `--recipe llava-kd` from the default cache (format v2: top-64 + tail with 1/16-nat codes on the
+              response rows, 50 sampled draws on the visual rows, low-rank Gram)
+    kd-topk64 the same from a cache with top-64 + tail on the visual rows too (`--visual-targets topk`, the
+              default before the gradient measurements of benchmarks/target_fidelity.py)
     kd-exact  `--recipe llava-kd --online-teacher` with full-vocabulary targets (`--online-top-k 0`) and exact Gram:
               what the cache would give if it lost nothing
     kd-sampled / kd-topk-eq  sampled targets (50 draws) vs the top-k whose text row costs the same bytes
@@ -55,9 +58,10 @@ sys.path.insert(0, str(ROOT))
 
 from kd_eval import demo, report, synth  # noqa: E402
 
-ARMS = ("ce", "ce-es", "ce-ls", "kd", "kd-exact", "kd-sampled", "kd-topk-eq")
+ARMS = ("ce", "ce-es", "ce-ls", "kd", "kd-topk64", "kd-exact", "kd-sampled", "kd-topk-eq")
 LABELS = {"ce": "CE (baseline)", "ce-es": "CE + early stopping", "ce-ls": "CE + label smoothing 0.1",
-          "kd": "LLaVA-KD from the cache", "kd-exact": "LLaVA-KD, exact online targets",
+          "kd": "LLaVA-KD from the cache (defaults)", "kd-topk64": "LLaVA-KD, top-64 cache on the visual rows too",
+          "kd-exact": "LLaVA-KD, exact online targets",
           "kd-sampled": "LLaVA-KD, sampled targets (50 draws)", "kd-topk-eq": "LLaVA-KD, top-k at the sampled bytes",
           "kd-text": "CE + response MDist", "kd-visual": "CE + visual MDist", "kd-rdist": "CE + RDist",
           "kd-full": "LLaVA-KD (all terms)"}
@@ -93,8 +97,8 @@ ARMS_B = ("ce", "kd")
 # --------------------------------------------------------------------------------------------- shared steps
 
 
-def prepare(out: Path, s: demo.DemoSettings, ns: list[int], progress: bool) -> dict:
-    """Data (with a val split), the teacher and its evaluation, the gate, and one cache pair per N."""
+def prepare(out: Path, s: demo.DemoSettings, ns: list[int], progress: bool, arms: list[str]) -> dict:
+    """Data (with a val split), the teacher and its evaluation, the gate, and the cache pairs of each N."""
     from kd_eval import synth
 
     data_root = out / "data"
@@ -135,12 +139,15 @@ def prepare(out: Path, s: demo.DemoSettings, ns: list[int], progress: bool) -> d
                           teacher_data.test)
         demo._atomic_write(d.student_caption, json.dumps(pool_caption[:n]) + "\n")
         demo._atomic_write(d.student_train, json.dumps(pool_train[:n]) + "\n")
-        caches = {"topk": demo.build_caches(out / f"cache-{n}", s, teacher, d, progress=progress)}
+        caches = {"default": demo.build_caches(out / f"cache-{n}", s, teacher, d, progress=progress)}
+        if "kd-topk64" in arms:
+            caches["vtopk"] = demo.build_caches(out / f"cache-{n}-vtopk", s, teacher, d, progress=progress,
+                                                visual_targets="topk")
         if n == min(ns) and s.mode not in TEACHER_SHARE:  # top-k vs sampled at equal bytes: setting A's scarcest N
             caches.update(equal_bytes_caches(out / f"cache-{n}", s, teacher, d))
         subsets[n] = {"data": d, "caches": caches}
     llm = pretrain_llm(out / "student-llm", s, caption + train, teacher) if s.mode in LM_PRETRAIN_STEPS else None
-    entropy = cached_entropy(subsets[max(ns)]["caches"]["topk"][1], subsets[max(ns)]["data"].student_train)
+    entropy = cached_entropy(subsets[max(ns)]["caches"]["default"][1], subsets[max(ns)]["data"].student_train)
     return {"teacher": teacher, "teacher_eval": teacher_eval, "gated": gated, "subsets": subsets,
             "val": data_root / "instruct_val.json", "teacher_seconds": teacher_seconds, "entropy": entropy,
             "pretrained_llm": llm}
@@ -179,6 +186,15 @@ def pretrain_llm(root: Path, s: demo.DemoSettings, records: list[dict], teacher:
                     max_steps=steps, epochs=demo._epochs(steps, s.batch_size, len(text)), batch_size=s.batch_size,
                     num_workers=0, progress=False))
     return str(final)
+
+
+def cache_targets(cache: Path) -> dict:
+    """What a cache holds per kind of row, in words ("top-64 + tail", "50 sampled draws")."""
+    from kd_cache import open_cache
+
+    targets = open_cache(str(cache)).manifest["targets"]
+    return {rows: f"{t['samples']} sampled draws" if t["kind"] == "sampled" else f"top-{t['k']} + tail"
+            for rows, t in (("response", targets["text"]), ("visual", targets["visual"]))}
 
 
 def cached_entropy(cache: Path, records_path: Path) -> dict:
@@ -227,7 +243,8 @@ def equal_bytes_caches(root: Path, s: demo.DemoSettings, teacher: Path, d: demo.
     want = info(str(sampled[1]))["bytes_per_text_row"]
     sizes = {}
     for k in TOPK_CANDIDATES:
-        sizes[k] = info(str(pair(f"top{k}", top_k=k, visual_top_k=k)[1]))["bytes_per_text_row"]
+        # top-k on every row against sampled on every row
+        sizes[k] = info(str(pair(f"top{k}", top_k=k, visual_top_k=k, visual_targets="topk")[1]))["bytes_per_text_row"]
     k = min(sizes, key=lambda k: abs(sizes[k] - want))
     EQUAL_BYTES.update({"sampled_bytes_per_text_row": want, "topk_bytes_per_text_row": sizes, "chosen_k": k})
     return {"sampled": sampled, "topk-eq": (root / f"top{k}" / "caption", root / f"top{k}" / "instruct")}
@@ -243,6 +260,7 @@ def arm_overrides(arm: str, val: Path) -> tuple[str, dict, bool]:
         "ce-es": ("baseline", {"val_data": str(val), "val_every": 25, "keep_best": True}, False),
         "ce-ls": ("baseline", {"label_smoothing": 0.1}, False),
         "kd": ("llava-kd", {}, False),
+        "kd-topk64": ("llava-kd", {}, False),
         "kd-exact": ("llava-kd", {"online_top_k": 0, "online_visual_top_k": 0}, True),
         "kd-sampled": ("llava-kd", {}, False),
         "kd-topk-eq": ("llava-kd", {}, False),
@@ -254,7 +272,7 @@ def arm_overrides(arm: str, val: Path) -> tuple[str, dict, bool]:
     }[arm]
 
 
-CACHE_OF_ARM = {"kd-sampled": "sampled", "kd-topk-eq": "topk-eq"}  # the other arms read the top-64 cache
+CACHE_OF_ARM = {"kd-sampled": "sampled", "kd-topk-eq": "topk-eq", "kd-topk64": "vtopk"}  # others: the default
 
 
 def run_one(spec: dict) -> dict:
@@ -265,7 +283,7 @@ def run_one(spec: dict) -> dict:
     s = demo.DemoSettings(**spec["settings"])
     out, seed, arm, n = Path(spec["out"]), spec["seed"], spec["arm"], spec["n"]
     data = demo.DemoData(*[Path(p) for p in spec["data"]])
-    chosen = spec["caches"] if isinstance(spec["caches"], list) else spec["caches"][CACHE_OF_ARM.get(arm, "topk")]
+    chosen = spec["caches"] if isinstance(spec["caches"], list) else spec["caches"][CACHE_OF_ARM.get(arm, "default")]
     caches = tuple(Path(p) for p in chosen)
     recipe, overrides, online = arm_overrides(arm, Path(spec["val"]))
     if spec.get("pretrained_llm"):  # setting C: the presets decide what trains (not the demo's train_llm=True)
@@ -425,7 +443,8 @@ def summarise(results: list[dict], teacher_eval: dict, gated: list[str], seed_li
         cache_vs_exact = _paired(table, "kd", "kd-exact", rng)
         out["by_n"][str(n)] = {"table": table, "vs_ce": vs_ce, "cache_vs_exact": cache_vs_exact,
                                "sampled_vs_topk": _paired(table, "kd-sampled", "kd-topk-eq", rng),
-                               "sampled_vs_exact": _paired(table, "kd-sampled", "kd-exact", rng)}
+                               "sampled_vs_exact": _paired(table, "kd-sampled", "kd-exact", rng),
+                               "topk64_vs_exact": _paired(table, "kd-topk64", "kd-exact", rng)}
     return out
 
 
@@ -495,6 +514,11 @@ def section(payload: dict) -> list[str]:
              + (" (a pool disjoint from the teacher's: every record fresh, seen once per stage)." if setting == "B"
                 else " (the first N of the teacher's)."),
              "* arms: " + "; ".join(f"`{a}` {LABELS[a]}" for a in sm["by_n"][next(iter(sm["by_n"]))]["table"]) + ".",
+             # results written before the visual-row default changed carry no cache_targets: top-64 on every row
+             "* the cache the KD arms read by default: " + ", ".join(
+                 f"{rows} rows {kind}" for rows, kind in payload.get(
+                     "cache_targets", {"response": "top-64 + tail", "visual": "top-64 + tail (the default then)"}).items())
+             + ".",
              f"* metrics: task score = {metric} over the gated types; NLL = held-out teacher-forced answer NLL over the "
              "gated types (lower is better). Differences are arm − CE per seed; brackets are 95 % bootstrap intervals "
              "over seeds. Gap recovered = (arm − CE) / (teacher − CE), ratio of the means.", ""]
@@ -532,7 +556,8 @@ def section(payload: dict) -> list[str]:
                       f"{eb.get('sampled_bytes_per_text_row')} B per text row) − top-{eb.get('chosen_k')} "
                       f"({sizes.get(str(eb.get('chosen_k')))} B; candidates {sizes}): task score "
                       f"{_ci(c['task_diff'])} points, answer NLL {_ci(c['nll_diff'], 1, 3)}."]
-        for key, what in (("cache_vs_exact", "Cache (top-64, the default) − exact online targets"),
+        for key, what in (("cache_vs_exact", "Cache with the default targets − exact online targets"),
+                          ("topk64_vs_exact", "Cache with top-64 on the visual rows too − exact online targets"),
                           ("sampled_vs_exact", "Cache with sampled targets − exact online targets")):
             if block.get(key):
                 c = block[key]
@@ -578,7 +603,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--n", type=int, nargs="+", help="records per stage [default: A 200 1000; B 4800]")
     ap.add_argument("--arms", nargs="+", choices=ALL_ARMS, help="[default: every arm of the setting]")
-    ap.add_argument("--large-n-arms", nargs="+", choices=ALL_ARMS, default=["ce", "kd"],
+    ap.add_argument("--large-n-arms", nargs="+", choices=ALL_ARMS, default=["ce", "kd", "kd-topk64"],
                     help="arms run at the N values above the smallest (the controls matter where labels are scarce)")
     ap.add_argument("--jobs", type=int, default=2, help="single-thread processes at a time")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, numbers meaningless")
@@ -608,7 +633,7 @@ def main(argv: list[str] | None = None) -> None:
     default_results = str(ROOT / "benchmarks" / "results" / f"quality_{args.setting}.json")
     args.results = args.results or default_results
     with demo._cpu_threads(2):
-        shared = prepare(out, s, args.n, progress=False)
+        shared = prepare(out, s, args.n, progress=False, arms=args.arms)
     print(f"[quality] teacher ready; gated types: {shared['gated']}", flush=True)
     specs = [{"settings": s.to_dict(), "out": str(out), "seed": seed, "arm": arm, "n": n,
               "teacher": str(shared["teacher"]), "val": str(shared["val"]),
@@ -626,6 +651,7 @@ def main(argv: list[str] | None = None) -> None:
                "settings": s.to_dict(), "gated_types": shared["gated"], "teacher_seconds": shared["teacher_seconds"],
                "teacher_eval": report.summary(shared["teacher_eval"]), "summary": summary,
                "equal_bytes": EQUAL_BYTES, "setting": args.setting, "cached_entropy": shared["entropy"],
+               "cache_targets": cache_targets(shared["subsets"][min(args.n)]["caches"]["default"][1]),
                "runs": sorted(results, key=lambda r: (r["n"], r["seed"], ALL_ARMS.index(r["arm"])))}
     if args.quick and args.results == default_results:  # a smoke run never overwrites the published study
         args.results, args.docs = str(out / "quality_quick.json"), str(out / "results_quick.md")

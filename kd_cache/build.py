@@ -62,6 +62,7 @@ def _empty_cache_folder(out: str) -> bool:
 def _check_same_config(saved: dict, want: dict, where: str) -> None:
     # caches from before these fields existed: built by transformers, with no EOS appended to answers
     saved = {"backend": "transformers", "append_eos": False, **saved}
+    saved.setdefault("visual_targets", saved.get("targets"))  # one kind for both row types before visual_targets
     have = {k: saved.get(k) for k in want}
     diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
     if diff:
@@ -162,7 +163,8 @@ def _build_locked(cfg: BuildConfig, records: RecordSource, rank: int, world: int
         teacher = VllmTeacher(cfg.teacher, records=records, image_root=cfg.images, device=cfg.device, dtype=cfg.dtype,
                               trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, top_k=cfg.top_k,
                               visual_top_k=cfg.visual_top_k, gram=cfg.gram, max_length=cfg.max_length,
-                              batch_size=cfg.batch_size, max_images=cfg.max_images, targets_kind=cfg.targets)
+                              batch_size=cfg.batch_size, max_images=cfg.max_images, text_kind=cfg.targets,
+                              visual_kind=cfg.visual_targets)
         vocab = teacher.vocab_size
     else:
         teacher = Teacher(cfg.teacher, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
@@ -178,12 +180,12 @@ def _build_locked(cfg: BuildConfig, records: RecordSource, rank: int, world: int
     encoder = Encoder(processor, teacher.image_token_id, image_root=cfg.images, max_length=cfg.max_length,
                       max_images=max_images, append_eos=cfg.append_eos)
 
-    opts = TargetOptions(text_kind=cfg.targets, text_k=k_text, visual_kind=cfg.targets, visual_k=k_vis,
+    opts = TargetOptions(text_kind=cfg.targets, text_k=k_text, visual_kind=cfg.visual_targets, visual_k=k_vis,
                          samples=cfg.samples, gram=cfg.gram, gram_lowrank=cfg.gram_encoding == "lowrank",
                          gram_tolerance=cfg.gram_tolerance, seed=cfg.seed)
     writer = ShardWriter(out, rank, world, start=start, shard_size=cfg.shard_size,
                          teacher_fingerprint=header["teacher"]["fingerprint"], targets=header["targets"],
-                         schema=fmt.schema(cfg.targets, cfg.targets, vocab), compression_level=cfg.compression_level,
+                         schema=fmt.schema(cfg.targets, cfg.visual_targets, vocab), compression_level=cfg.compression_level,
                          on_shard=remote.shard_written if remote is not None else None)
     timings = {"load_seconds": round(load_seconds, 3), "prepare_seconds": 0.0, "teacher_seconds": 0.0,
                "writer_wait_seconds": 0.0}
@@ -266,7 +268,7 @@ def _header(cfg: BuildConfig, config, processor, teacher_id, records, multimodal
         "image_processor": image_processor.to_dict() if image_processor is not None else None,
         "targets": {
             "text": fmt.TargetSpec(cfg.targets, k=k_text, samples=cfg.samples).to_dict(),
-            "visual": fmt.TargetSpec(cfg.targets, k=k_vis, samples=cfg.samples).to_dict(),
+            "visual": fmt.TargetSpec(cfg.visual_targets, k=k_vis, samples=cfg.samples).to_dict(),
             "gram": {"enabled": cfg.gram, "encoding": "lowrank-int8 or dense-upper-fp32 per sample"
                      if cfg.gram_encoding == "lowrank" else "dense-upper-fp32", "tolerance": cfg.gram_tolerance,
                      "vocab_size": vocab},

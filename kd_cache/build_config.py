@@ -23,14 +23,19 @@ class BuildConfig:
     out: str = option(help="Output cache folder or URL (s3://, gs://, hf://...): new, or a partial build of the "
                            "same config to resume.")
     images: str | None = option(None, help="Root folder that image paths in the data are relative to.")
-    top_k: int = option(64, help="Top-k ids kept per response row.")
-    visual_top_k: int = option(64, help="Top-k ids kept per visual row.")
+    top_k: int = option(64, help="Top-k ids kept per response row (--targets topk).")
+    visual_top_k: int = option(64, help="Top-k ids kept per visual row (--visual-targets topk).")
     max_length: int | None = option(4096, help="Max tokens per sample; responses are truncated, visual tokens never.")
     max_images: int | None = option(None, help="Max images per sample.",
                                     default_help="1 for LLaVA-1.5, else unlimited")
     shard_size: int = option(1024, help="Samples per Parquet shard.")
     targets: str = option("topk", choices=TARGET_KINDS,
-                          help="topk (k ids per row) or sampled (random-sampling KD: --samples draws per row).")
+                          help="Response rows: topk (--top-k ids + tail per row) or sampled (random-sampling KD: "
+                               "--samples draws per row).")
+    visual_targets: str = option("sampled", choices=TARGET_KINDS,
+                                 help="Visual rows: sampled (unbiased; the teacher's image-position distributions "
+                                      "are near flat, where top-k + tail keeps a small part of the gradient: "
+                                      "docs/results.md) or topk (--visual-top-k ids + tail per row).")
     samples: int = option(50, help="Sampled targets: draws per row (<= 255).")
     gram: bool = option(True, flag="--gram/--no-gram", help="Store the visual Gram matrix (the RDist target).")
     gram_encoding: str = option("lowrank", choices=("lowrank", "dense"),
@@ -63,9 +68,9 @@ class BuildConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if self.targets not in TARGET_KINDS:
-            raise ValueError(f"targets must be one of {', '.join(TARGET_KINDS)}, got {self.targets!r}")
-        if self.targets == "sampled" and self.samples > 255:
+        check_choice("targets", self.targets, TARGET_KINDS)
+        check_choice("visual_targets", self.visual_targets, TARGET_KINDS)
+        if "sampled" in (self.targets, self.visual_targets) and self.samples > 255:
             raise ValueError(f"samples must be <= 255 (counts are stored as uint8), got {self.samples!r}")
         if self.gram_encoding not in ("lowrank", "dense"):
             raise ValueError(f"gram_encoding must be lowrank or dense, got {self.gram_encoding!r}")

@@ -87,9 +87,9 @@ configs:
 
 Offline LLaVA-KD targets written by `kd cache build` (cache format v{m['format_version']}, see
 `docs/cache-format.md` in the kd repository). One Parquet row per sample: the teacher's `input_ids`,
-top-k log-probs, tail mass and logsumexp at the response rows (k={m['targets']['text']['k']}) and at the
-visual rows (k={m['targets']['visual']['k']}), and the Gram matrix R = Z Zᵀ of the raw logits at the
-visual rows.
+{_targets(m['targets']['text'])} at the response rows, {_targets(m['targets']['visual'])} at the visual
+rows, and {"the Gram matrix R = Z Zᵀ of the raw logits at the visual rows" if m['targets'].get('gram', {}).get(
+'enabled', True) else "no Gram matrix (built `--no-gram`)"}.
 
 | | |
 |---|---|
@@ -103,6 +103,13 @@ visual rows.
 Read it with `kd_cache.open_cache(path_or_url)`, or as plain Parquet (pandas, duckdb, `datasets`).
 `manifest.json` lists every shard with its sha256; `kd cache verify` checks them.
 """
+
+
+def _targets(spec: dict) -> str:
+    """The card's words for one kind of row's targets (`targets.text` / `targets.visual` of the manifest)."""
+    if spec["kind"] == "sampled":
+        return f"{spec['samples']} draws from the teacher distribution (unique ids + counts) and the logsumexp"
+    return f"the top-{spec['k']} log-probs, tail mass and logsumexp"
 
 
 def _eos_rule(m: dict) -> str:

@@ -70,6 +70,7 @@ def info(path_or_url: str) -> dict:
         "gram_samples": m["num_gram_samples"],
         "k": {"text": m["targets"]["text"]["k"], "visual": m["targets"]["visual"]["k"]},
         "targets": {"text": m["targets"]["text"]["kind"], "visual": m["targets"]["visual"]["kind"]},
+        "samples_per_row": {p: m["targets"][p].get("samples") for p in ("text", "visual")},
         "total_bytes": m["total_bytes"],
         "bytes_per_text_row": per(by_group["text"], m["num_text_rows"]),
         "bytes_per_visual_row": per(by_group["visual"], m["num_visual_rows"]),
@@ -91,8 +92,8 @@ def format_info(d: dict) -> str:
         f"cache        {d['path']}  (format v{d['format_version']}, {d['backend']} backend)",
         f"teacher      {d['teacher']}",
         f"samples      {d['samples']:,}   shards {len(d['shards'])}   total {d['total_bytes']:,} bytes",
-        f"rows         text {d['text_rows']:,} (k={d['k']['text']})   visual {d['visual_rows']:,} "
-        f"(k={d['k']['visual']})   grams {d['gram_samples']:,}",
+        f"rows         text {d['text_rows']:,} ({_kind(d, 'text')})   visual {d['visual_rows']:,} "
+        f"({_kind(d, 'visual')})   grams {d['gram_samples']:,}",
         f"bytes/row    text {fmt_b(d['bytes_per_text_row'])}   visual {fmt_b(d['bytes_per_visual_row'])}   "
         f"gram {fmt_b(d['bytes_per_gram'])} per sample   common {fmt_b(d['bytes_per_sample_common'])} per sample",
         f"skipped      {d['skipped']['total']}" + "".join(f"\n  {r:<28} {n}" for r, n in d["skipped"]["by_reason"].items()),
@@ -101,6 +102,13 @@ def format_info(d: dict) -> str:
     lines += [f"  {s['name']:<48} {s['rows']:>7} rows {s['bytes']:>12,} B  {s['row_groups']} row groups"
               for s in d["shards"]]
     return "\n".join(lines)
+
+
+def _kind(d: dict, rows: str) -> str:
+    """"top-64" or "sampled, 50 draws" for one kind of row in `kd cache info`."""
+    if d["targets"][rows] == "sampled":
+        return f"sampled, {d['samples_per_row'][rows]} draws"
+    return f"top-{d['k'][rows]}"
 
 
 def verify(path_or_url: str, *, checksums: bool = True) -> list[str]:

@@ -27,7 +27,8 @@ Two modes, chosen from what the build asks for (so they follow the cache's seman
   mass is well above that error, and a tail mass below float32 rounding (~1e-7) reads as `-inf`. The
   **logsumexp is not available** from top-k prompt log-probs (vLLM returns log-probs or logits, never both, and
   no other per-row quantity): it is stored as **NaN** (no kd loss uses it; raw top-k logits cannot be rebuilt).
-* **full** (multimodal teacher with the Gram, or `--targets sampled`, which draws from the whole distribution):
+* **full** (multimodal teacher with the Gram or sampled visual targets (the default), or `--targets sampled`;
+  sampled targets draw from the whole distribution):
   `logprobs_mode="raw_logits"`, `prompt_logprobs=-1`, `max_logprobs=-1`: vLLM returns the whole raw-logit row at
   every prompt position (image rows included), and kd's own target code (`kd_cache.targets`) computes every
   target from those rows exactly as the transformers backend does: top-k, tail, logsumexp, sampled targets
@@ -87,10 +88,10 @@ def vllm_version() -> str | None:
     return "unknown"
 
 
-def needs_full_logits(multimodal: bool, gram: bool, kind: str = "topk") -> bool:
+def needs_full_logits(multimodal: bool, gram: bool, text_kind: str = "topk", visual_kind: str = "topk") -> bool:
     """The Gram R = Z Zᵀ (whole raw-logit rows at the image rows) and sampled targets (draws from the whole
-    distribution) need the full logit rows; top-k targets do not."""
-    return bool(multimodal and gram) or kind != "topk"
+    distribution) need the full logit rows; top-k targets do not. Visual rows exist only in a multimodal teacher."""
+    return bool(multimodal and (gram or visual_kind != "topk")) or text_kind != "topk"
 
 
 def preflight() -> None:
@@ -118,7 +119,8 @@ class VllmTeacher:
     def __init__(self, name: str, *, records, image_root: str | None = None, device: str | None = None,
                  dtype: str | None = None, trust_remote_code: bool = False, revision: str | None = None,
                  top_k: int = 64, visual_top_k: int = 64, gram: bool = True, max_length: int | None = None,
-                 batch_size: int = 8, max_images: int | None = None, targets_kind: str = "topk",
+                 batch_size: int = 8, max_images: int | None = None, text_kind: str = "topk",
+                 visual_kind: str = "topk",
                  engine_args: dict | None = None):
         preflight()
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -129,7 +131,7 @@ class VllmTeacher:
         tok = getattr(self.processor, "tokenizer", self.processor)
         self.image_token_id = image_token_id_of(self.config, tok) if self.multimodal else None
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        self.full = needs_full_logits(self.multimodal, gram, targets_kind)
+        self.full = needs_full_logits(self.multimodal, gram, text_kind, visual_kind)
 
         from vllm import LLM
         from vllm.platforms import current_platform
@@ -250,8 +252,9 @@ class VllmTeacher:
         if opts is None:
             opts = _Options(text_k=top_k, visual_k=visual_top_k, gram=True if with_gram is None else with_gram)
         if not self.full:
-            if opts.text_kind != "topk" or opts.visual_kind != "topk":
-                raise ValueError("sampled targets need the full logit rows; start VllmTeacher with targets_kind")
+            if opts.text_kind != "topk" or (self.multimodal and opts.visual_kind != "topk"):
+                raise ValueError("sampled targets need the full logit rows; start VllmTeacher with text_kind/"
+                                 "visual_kind")
             if max(opts.text_k, opts.visual_k if self.multimodal else 0) > self.k_request:
                 raise ValueError(f"the vLLM engine was started for k <= {self.k_request}, asked for "
                                  f"text k={opts.text_k}, visual k={opts.visual_k}")

@@ -208,9 +208,10 @@ def make_student(root: str | os.PathLike, s: DemoSettings, teacher: str | os.Pat
 
 
 def build_caches(root: str | os.PathLike, s: DemoSettings, teacher: str | os.PathLike, data: DemoData, *,
-                 progress: bool = False) -> tuple[Path, Path]:
+                 progress: bool = False, **options: Any) -> tuple[Path, Path]:
     """`kd cache build` over the student's caption and instruction data; returns (caption cache, instruct cache).
-    A complete cache is reused as it is (the builder checks that its configuration matches)."""
+    `options`: other BuildConfig fields. A complete cache is reused as it is (the builder checks that its
+    configuration matches)."""
     from kd_cache.build import BuildConfig, build
 
     root = Path(root)
@@ -218,7 +219,8 @@ def build_caches(root: str | os.PathLike, s: DemoSettings, teacher: str | os.Pat
     for name, path in (("caption", data.student_caption), ("instruct", data.student_train)):
         out = root / name
         build(BuildConfig(teacher=str(teacher), data=str(path), images=str(data.images), out=str(out),
-                          top_k=s.top_k, visual_top_k=s.visual_top_k, batch_size=32, progress=progress))
+                          top_k=s.top_k, visual_top_k=s.visual_top_k, batch_size=32, progress=progress,
+                          **options))
         outs.append(out)
     return outs[0], outs[1]
 
@@ -456,8 +458,8 @@ def _markdown(result: DemoResult, payload: dict, curves: dict) -> str:
               f"`kd train --recipe baseline` / `--recipe llava-kd`: DPT, SFT, DFT × {s.student_steps} steps, "
               f"lr {s.student_lr:g}, batch {s.batch_size}, same init and seed |",
               "", f"Images {s.image_size} px, {(s.image_size // s.patch_size) ** 2} visual tokens per image; "
-              f"vocabulary {s.vocab_size}; cache top-k {s.top_k} (text) / {s.visual_top_k} (visual) + tail, Gram "
-              f"matrices for RDist; evaluation: greedy, up to {s.max_new_tokens} new tokens, "
+              f"vocabulary {s.vocab_size}; cache: top-{s.top_k} + tail on the response rows, sampled draws on the "
+              f"visual rows (the build's defaults), Gram matrices for RDist; evaluation: greedy, up to {s.max_new_tokens} new tokens, "
               f"{payload['results']['teacher']['n']} test records.", ""]
     lines += ["## Wall time", "", _timings_md(result.timings) + "<!-- /timings -->", ""]
     lines += ["## Training curves", "", "Running mean of each logged term per optimizer step (log scale); "

@@ -201,7 +201,9 @@ def fit_loss_to_cache(loss: Any, cfg: Any, manifest: dict) -> tuple[Any, list[st
     and the cache cannot give; turns off, with a warning, what only the stage preset asked for.
 
     - RDist with a cache built `--no-gram`: refused when `rdist_weight` was set > 0, else off with a warning.
-    - A sampled-target cache with top-k-only MDist options (kind, temperatures, --no-tail, jsd_beta) set: refused.
+    - Sampled response targets with top-k-only MDist options (kind, temperatures, --no-tail, jsd_beta) set: refused.
+    - Sampled visual targets only (the build default): --visual-temperature refused; the other options shape the
+      response rows, and a warning says the visual rows take the sampled forward-KL estimate.
     """
     import dataclasses
 
@@ -214,12 +216,25 @@ def fit_loss_to_cache(loss: Any, cfg: Any, manifest: dict) -> tuple[Any, list[st
         warnings.append("the cache was built without the Gram matrix (--no-gram): RDist is off for this stage "
                         "(the stage preset asked for it)")
         loss = dataclasses.replace(loss, rdist_weight=0.0)  # KDLossConfig refuses all-zero weights
-    if manifest["targets"]["text"].get("kind") == "sampled":
-        set_ = {k: getattr(cfg, k) for k, default in _TOPK_ONLY.items() if getattr(cfg, k) != default}
-        if cfg.kind != "jsd":
-            set_.pop("jsd_beta", None)  # only meaningful with jsd, which is refused anyway
+    text_sampled = manifest["targets"]["text"].get("kind") == "sampled"
+    visual_sampled = manifest["targets"]["visual"].get("kind") == "sampled"
+    set_ = {k: getattr(cfg, k) for k, default in _TOPK_ONLY.items() if getattr(cfg, k) != default}
+    if cfg.kind != "jsd":
+        set_.pop("jsd_beta", None)  # only meaningful with jsd
+    if text_sampled:
+        if not visual_sampled:
+            set_.pop("visual_temperature", None)  # shapes the visual rows, which hold top-k targets
         if set_:
             raise ValueError(f"the cache holds sampled targets (random-sampling KD), whose loss is an importance-"
                              f"weighted CE; the top-k MDist options {set_} do not apply to it: leave them at their "
                              "defaults or use a top-k cache")
+    elif visual_sampled and loss.mdist_visual_weight:
+        if "visual_temperature" in set_:
+            raise ValueError(f"visual_temperature={cfg.visual_temperature} but the cache's visual rows hold sampled "
+                             "targets (random-sampling KD: forward KL at T = 1): leave it unset or rebuild the cache "
+                             "with --visual-targets topk")
+        if set_:
+            warnings.append(f"the cache's visual rows hold sampled targets: their MDist is the sampled forward-KL "
+                            f"estimate at T = 1; {set_} shape the response rows only (rebuild with "
+                            "--visual-targets topk to apply them to the visual rows too)")
     return loss, warnings

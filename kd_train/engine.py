@@ -242,7 +242,7 @@ class StageRunner:
         max_length = cfg.max_length
         append_eos = cfg.append_eos if cfg.append_eos is not None else True
         self.teacher_vocab = None
-        self.n_draws = 0
+        self.n_draws = {"text": 0, "visual": 0}
         if self.uses_cache and cfg.online_teacher is None:
             from kd_cache import open_cache
             from kd_train.compat import fit_loss_to_cache, require_compatible
@@ -256,7 +256,7 @@ class StageRunner:
             max_length = manifest["config"].get("max_length")
             append_eos = cache_append_eos(manifest, cfg.append_eos)
             self.teacher_vocab = manifest["vocab_size"]
-            self.n_draws = int(manifest["targets"]["text"].get("samples") or 0)
+            self.n_draws = {rows: int(manifest["targets"][rows].get("samples") or 0) for rows in self.n_draws}
         encoder = encoder_for(self.processor, self.model.config, image_root=cfg.images, max_length=max_length,
                               append_eos=append_eos)
         if self.uses_cache and cfg.online_teacher is not None:

@@ -81,11 +81,12 @@ class StepCounts:
 
 def micro_batch_loss(zt: torch.Tensor, zv: torch.Tensor, batch: Batch, cfg: KDLossConfig, counts: StepCounts,
                      world_size: int, teacher_vocab: int | None = None, hv: torch.Tensor | None = None,
-                     student_gram: StudentGram | None = None, n_draws: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+                     student_gram: StudentGram | None = None, n_draws: dict[str, int] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum of the terms for one micro-batch, each normalised by its step-wide row count.
 
     Summing these over the step's micro-batches gives per-row means over the global batch; multiplying by
-    `world_size` undoes DDP's gradient averaging. Returns (loss to backward, summed term values for logging).
+    `world_size` undoes DDP's gradient averaging. `n_draws`: draws per row of the "text" / "visual" rows that hold
+    sampled targets. Returns (loss to backward, summed term values for logging).
     """
     sums: dict[str, torch.Tensor] = {}
     if cfg.ce_weight:
@@ -96,7 +97,7 @@ def micro_batch_loss(zt: torch.Tensor, zv: torch.Tensor, batch: Batch, cfg: KDLo
         def mdist(z: torch.Tensor, prefix: str) -> torch.Tensor:
             if f"{prefix}_sample_ids" in t:  # random-sampling KD targets (importance-weighted CE)
                 return sampled_kd_loss(z, t[f"{prefix}_sample_ids"], t[f"{prefix}_sample_counts"],
-                                       t[f"{prefix}_sample_row_lengths"], n_draws)
+                                       t[f"{prefix}_sample_row_lengths"], (n_draws or {}).get(prefix, 0))
             kw = cfg.mdist_kwargs(prefix) | {"teacher_vocab_size": teacher_vocab}
             return mdist_loss(z, t[f"{prefix}_topk_ids"], t[f"{prefix}_topk_logprobs"], t[f"{prefix}_tail_logprob"], **kw)
 

@@ -75,13 +75,26 @@ def save_image(path: Path, seed: int = 0, size: int = 40) -> None:
 
 @pytest.fixture(scope="session")
 def llava_cache(tmp_path_factory, llava_teacher, tiny_data) -> Path:
-    """A complete cache of the tiny dataset built by the llava teacher (small shards: several files)."""
+    """A complete cache of the tiny dataset built by the llava teacher with the default options (top-k response
+    rows, sampled visual rows; small shards: several files)."""
     from kd_cache.build import BuildConfig, build
 
     out = tmp_path_factory.mktemp("cache") / "llava"
     data, images = tiny_data
     build(BuildConfig(teacher=str(llava_teacher), data=str(data), images=str(images), out=str(out), batch_size=3,
                       shard_size=5, progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def llava_topk_cache(tmp_path_factory, llava_teacher, tiny_data) -> Path:
+    """`llava_cache` with top-k targets on the visual rows too (`--visual-targets topk`; the default is sampled)."""
+    from kd_cache.build import BuildConfig, build
+
+    out = tmp_path_factory.mktemp("cache") / "llava-topk"
+    data, images = tiny_data
+    build(BuildConfig(teacher=str(llava_teacher), data=str(data), images=str(images), out=str(out), batch_size=3,
+                      shard_size=5, visual_targets="topk", progress=False))
     return out
 
 

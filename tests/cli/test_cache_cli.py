@@ -40,8 +40,10 @@ def test_build_from_config_file_with_flag_override(tmp_path, llava_teacher, tiny
     assert r.exit_code == 0
     d = json.loads(r.output)
     assert d["k"] == {"text": 8, "visual": 4} and d["bytes_per_text_row"] > 0
+    assert d["targets"] == {"text": "topk", "visual": "sampled"} and d["samples_per_row"]["visual"] == 50
     r = runner.invoke(app, ["cache", "info", str(out)])
     assert r.exit_code == 0 and "bytes/row" in r.output
+    assert "(top-8)" in r.output and "(sampled, 50 draws)" in r.output, r.output
 
     r = runner.invoke(app, ["cache", "verify", str(out)])
     assert r.exit_code == 0 and r.output.startswith("OK")

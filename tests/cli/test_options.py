@@ -191,7 +191,7 @@ def sampled_cache(tmp_path_factory, llava_teacher, tiny_data):
     data, images = tiny_data
     out = tmp_path_factory.mktemp("opts") / "cache"
     args = ["cache", "build", "--teacher", str(llava_teacher), "--data", str(data), "--images", str(images),
-            "--out", str(out), "--targets", "sampled", "--samples", "20", "--seed", "3", "--gram-encoding", "dense",
+            "--out", str(out), "--targets", "sampled", "--visual-targets", "topk", "--samples", "20", "--seed", "3", "--gram-encoding", "dense",
             "--gram-tolerance", "0.001", "--top-k", "8", "--visual-top-k", "4", "--max-length", "600",
             "--max-images", "1", "--shard-size", "5", "--no-append-eos", "--dtype", "float32", "--revision", "main",
             "--trust-remote-code", "--batch-size", "2", "--device", "cpu", "--num-workers", "1",
@@ -203,7 +203,7 @@ def sampled_cache(tmp_path_factory, llava_teacher, tiny_data):
 
 def test_cache_build_saves_every_flag_and_builds_what_they_say(sampled_cache):
     saved = json.loads((sampled_cache / fmt.CONFIG_NAME).read_text())
-    expect = {"targets": "sampled", "samples": 20, "seed": 3, "gram_encoding": "dense", "gram_tolerance": 0.001,
+    expect = {"targets": "sampled", "visual_targets": "topk", "samples": 20, "seed": 3, "gram_encoding": "dense", "gram_tolerance": 0.001,
               "top_k": 8, "visual_top_k": 4, "max_length": 600, "max_images": 1, "shard_size": 5,
               "append_eos": False, "dtype": "float32", "revision": "main", "trust_remote_code": True,
               "compression_level": 5}
@@ -212,15 +212,19 @@ def test_cache_build_saves_every_flag_and_builds_what_they_say(sampled_cache):
                             "out": str(sampled_cache), "staging": None}
     manifest = json.loads((sampled_cache / fmt.MANIFEST_NAME).read_text())
     assert manifest["targets"]["text"]["kind"] == "sampled" and manifest["targets"]["text"]["samples"] == 20
+    assert manifest["targets"]["visual"] == {"kind": "topk", "k": 4, "logprob_encoding": fmt.LOGPROB_ENCODING}
     assert manifest["targets"]["gram"]["encoding"] == "dense-upper-fp32"
-    assert "`append_eos` off: nothing appended" in (sampled_cache / fmt.CARD_NAME).read_text()
+    card = (sampled_cache / fmt.CARD_NAME).read_text()
+    assert "`append_eos` off: nothing appended" in card
+    assert ("20 draws from the teacher distribution (unique ids + counts) and the logsumexp at the response rows, the "
+            "top-4 log-probs, tail mass and logsumexp at the visual\nrows") in card
 
 
-def test_train_saves_every_flag(tmp_path, llava_cache, llava_teacher, tiny_data):
+def test_train_saves_every_flag(tmp_path, llava_topk_cache, llava_teacher, tiny_data):
     data, images = tiny_data
     out = tmp_path / "run"
     args = ["train", "--student", str(llava_teacher), "--out", str(out), "--stage", "dft", "--cache",
-            str(llava_cache), "--data", str(data), "--images", str(images), "--lr", "0.0003", "--train-vision",
+            str(llava_topk_cache), "--data", str(data), "--images", str(images), "--lr", "0.0003", "--train-vision",
             "--freeze-projector", "--train-llm", "--epochs", "2", "--max-steps", "1", "--batch-size", "2",
             "--grad-accum", "2", "--warmup-ratio", "0.1", "--weight-decay", "0.01", "--max-grad-norm", "0.5",
             "--ce-weight", "0.5", "--mdist-text-weight", "2", "--mdist-visual-weight", "0.5", "--rdist-weight", "0",

@@ -43,12 +43,43 @@ def reference_forward(teacher_dir, record, index, images_root):
         return s, model(**inputs).logits[0].float()
 
 
-def assert_targets_match(sample, ref_sample, logits, k_text, k_vis):
+def assert_sampled_match(sample, prefix: str, logits: torch.Tensor, n_draws: int) -> float:
+    """Sampled targets of the `prefix` rows against the full logits: layout, logsumexp, and draws that follow the
+    teacher's distribution (their mean log-prob equals minus the entropy, within 4 standard errors). Returns the
+    z-score."""
+    rows = torch.tensor(sample[f"{prefix}_positions"], dtype=torch.long)
+    n = len(rows)
+    lengths = sample[f"{prefix}_sample_row_lengths"]
+    ids, counts = sample[f"{prefix}_sample_ids"], sample[f"{prefix}_sample_counts"]
+    assert lengths.shape == (n,) and lengths.sum() == len(ids) == len(counts)
+    row_of = np.repeat(np.arange(n), lengths)
+    assert (np.bincount(row_of, weights=counts, minlength=n) == n_draws).all()
+    if n == 0:
+        return 0.0
+    for r in range(n):  # unique ids, ascending, within a row
+        assert np.all(np.diff(ids[row_of == r]) > 0)
+    z = logits[rows].double()
+    assert torch.allclose(torch.tensor(sample[f"{prefix}_logsumexp"]).double(), torch.logsumexp(z, -1), atol=LOGIT_ATOL)
+    lp = torch.log_softmax(z, -1)
+    p = lp.exp()
+    drawn = float((torch.from_numpy(counts).double() * lp[torch.from_numpy(row_of), torch.from_numpy(ids).long()]).sum())
+    expected = float((p * lp).sum()) * n_draws  # E[sum of drawn log-probs] = -n_draws * sum of row entropies
+    var = float(((p * lp * lp).sum(-1) - (p * lp).sum(-1) ** 2).sum()) * n_draws
+    zscore = (drawn - expected) / max(var, 1e-12) ** 0.5
+    assert abs(zscore) < 4, (prefix, drawn, expected, var)
+    return zscore
+
+
+def assert_targets_match(sample, ref_sample, logits, k_text, k_vis, n_draws: int = 50):
     assert np.array_equal(sample["input_ids"], ref_sample.input_ids)
     assert np.array_equal(sample["text_positions"], ref_sample.text_positions)
     assert np.array_equal(sample["visual_positions"], ref_sample.visual_positions)
     for prefix, k in (("text", k_text), ("visual", k_vis)):
         rows = torch.tensor(sample[f"{prefix}_positions"])
+        if f"{prefix}_sample_ids" in sample:
+            assert f"{prefix}_topk_ids" not in sample
+            assert_sampled_match(sample, prefix, logits, n_draws)
+            continue
         if len(rows) == 0:
             assert sample[f"{prefix}_topk_ids"].shape == (0, k)
             continue
@@ -80,13 +111,18 @@ def assert_targets_match(sample, ref_sample, logits, k_text, k_vis):
         assert 1 - cos(got_c, ref_c) <= GRAM_TOLERANCE
 
 
-@pytest.mark.parametrize("family", ALL_FAMILIES)
-def test_cached_targets_equal_direct_forward(tmp_path, teacher_factory, tiny_data, family):
+@pytest.mark.parametrize("family,visual_targets", [
+    *(pytest.param(f.values[0], "sampled", marks=f.marks, id=f.values[0]) for f in ALL_FAMILIES),
+    pytest.param("llava", "topk", id="llava-visual-topk")])
+def test_cached_targets_equal_direct_forward(tmp_path, teacher_factory, tiny_data, family, visual_targets):
+    """The default build (top-k response rows, sampled visual rows) and a visual top-k build, row by row."""
     teacher = teacher_factory(family)
     data, images = tiny_data
     out = tmp_path / "cache"
+    kw = {} if visual_targets == "sampled" else {"visual_targets": visual_targets}  # the default: sampled
     m = build(BuildConfig(teacher=str(teacher), data=str(data), images=str(images), out=str(out), top_k=8,
-                          visual_top_k=5, batch_size=4, shard_size=4, progress=False))
+                          visual_top_k=5, batch_size=4, shard_size=4, progress=False, **kw))
+    assert m["targets"]["visual"]["kind"] == visual_targets and m["targets"]["text"]["kind"] == "topk"
     assert m is not None and m["num_samples"] > 0
     assert verify(str(out)) == []
     records = RecordSource(str(data))

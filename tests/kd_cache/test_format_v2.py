@@ -136,8 +136,8 @@ def _write_v1_cache(src, dst):
     return samples
 
 
-def test_version_1_caches_are_still_read(tmp_path, llava_cache):
-    v2 = _write_v1_cache(llava_cache, tmp_path / "v1")
+def test_version_1_caches_are_still_read(tmp_path, llava_topk_cache):
+    v2 = _write_v1_cache(llava_topk_cache, tmp_path / "v1")  # v1 held top-k targets only
     old = open_cache(str(tmp_path / "v1"))
     assert old.version == 1 and len(old) == len(v2)
     for a, b in zip(old, v2):

@@ -113,7 +113,7 @@ def test_shard_metadata_repeats_version_and_teacher(llava_cache):
         assert kv[b"kd.format_version"] == str(fmt.FORMAT_VERSION).encode()
         assert kv[b"kd.teacher_fingerprint"].decode() == cache.manifest["teacher"]["fingerprint"]
         assert json.loads(kv[b"kd.targets"])["text"]["k"] == 64
-    assert pq.read_schema(str(llava_cache / cache.shards[0]["name"])).remove_metadata().equals(fmt.schema())
+    assert pq.read_schema(str(llava_cache / cache.shards[0]["name"])).remove_metadata().equals(fmt.schema("topk", "sampled"))
 
 
 def test_reader_resumes_at_a_position_and_reads_row_groups_lazily(llava_cache):

@@ -396,11 +396,26 @@ def test_smollm2_raw_agreement(tmp_path, smollm2):
 @needs_vllm
 def test_llava_full_logits_mode_visual_rows_and_gram(tmp_path, vllm_llava, tiny_data, vllm_env):
     """Multimodal teacher with the Gram: vLLM's full raw-logit rows (image rows included) give text + visual
-    targets and the Gram equal to the transformers backend's; a sample over the entry budget is refused."""
+    targets and the Gram equal to the transformers backend's; a sample over the entry budget is refused. Then the
+    default visual targets (sampled, same seeding) drawn from vLLM's rows equal the transformers backend's draws."""
     data, images = tiny_data
     raw = _raw(tmp_path, env=vllm_env, teacher=str(vllm_llava), data=str(data), images=str(images), top_k=8,
                visual_top_k=8, gram=True, max_length=512, budget_check=True)
     stats = _raw_stats(raw, kinds=("text", "visual"), exact=True)
+    sampled = _raw(tmp_path, env=vllm_env, teacher=str(vllm_llava), data=str(data), images=str(images), top_k=8,
+                   visual_top_k=8, gram=False, max_length=512, visual_kind="sampled")
+    rows = same = 0
+    for j in range(int(sampled["n"])):
+        p = f"{j}/visual/"
+        assert "v/" + p + "topk_ids" not in sampled
+        v_ids, t_ids = sampled.get("v/" + p + "sample_ids"), sampled.get("t/" + p + "sample_ids")
+        if t_ids is None or not len(t_ids):
+            continue
+        rows += 1  # per sample: the sorted unique ids and their counts, all rows together
+        same += (np.array_equal(v_ids, t_ids)
+                 and np.array_equal(sampled["v/" + p + "sample_counts"], sampled["t/" + p + "sample_counts"]))
+    print(f"\n[vllm] default sampled visual targets: {same}/{rows} samples drew the same ids and counts")
+    assert rows >= 4 and same >= rows - 1  # a draw on a bucket edge may flip under ~1e-6 logit differences
     gram_rel = max(float(raw[f"gram_rel/{j}"]) for j in range(int(raw["n"])))
     print(f"\n[vllm] tiny LLaVA full-logits mode vs transformers: {stats}, Gram max rel diff {gram_rel:.2e}")
     assert gram_rel <= 1e-5
@@ -416,10 +431,11 @@ def test_llava_cache_no_gram_matches_transformers(tmp_path, vllm_llava, tiny_dat
 
     data, images = tiny_data
     args = ["--teacher", str(vllm_llava), "--data", str(data), "--images", str(images), "--top-k", "8",
-            "--visual-top-k", "8", "--no-gram", "--batch-size", "4", "--max-length", "512"]
+            "--visual-targets", "topk", "--visual-top-k", "8", "--no-gram", "--batch-size", "4", "--max-length", "512"]
     _kd_build([*args, "--backend", "vllm", "--out", str(tmp_path / "vllm")], env=vllm_env)
     build(BuildConfig(teacher=str(vllm_llava), data=str(data), images=str(images), out=str(tmp_path / "tf"),
-                      top_k=8, visual_top_k=8, gram=False, batch_size=4, max_length=512, progress=False))
+                      top_k=8, visual_targets="topk", visual_top_k=8, gram=False, batch_size=4, max_length=512,
+                      progress=False))
     stats = _compare_caches(tmp_path / "vllm", tmp_path / "tf", kinds=("text", "visual"))
     print(f"\n[vllm] tiny LLaVA --no-gram cache vs transformers: {stats}")
     cv, ct, pairs = _cache_pairs(tmp_path / "vllm", tmp_path / "tf")
@@ -450,7 +466,8 @@ def _raw_compare(a: dict) -> None:
     try:
         from kd_cache.targets import TargetOptions
 
-        opts = TargetOptions(text_k=a["top_k"], visual_k=a["visual_top_k"], gram=a["gram"], gram_lowrank=False)
+        opts = TargetOptions(text_k=a["top_k"], visual_k=a["visual_top_k"], gram=a["gram"], gram_lowrank=False,
+                             visual_kind=a.get("visual_kind", "topk"), samples=50)
         call = {"opts": opts}
     except ImportError:  # the keyword interface
         call = {"top_k": a["top_k"], "visual_top_k": a["visual_top_k"], "with_gram": a["gram"]}
@@ -458,7 +475,7 @@ def _raw_compare(a: dict) -> None:
     del tf
     v = VllmTeacher(a["teacher"], records=records, image_root=a.get("images"), dtype="float32", top_k=a["top_k"],
                     visual_top_k=a["visual_top_k"], gram=a["gram"], max_length=a["max_length"],
-                    batch_size=len(samples))
+                    batch_size=len(samples), visual_kind=a.get("visual_kind", "topk"))
     t0 = time.perf_counter()
     got = v.targets(samples, **call)
     seconds = time.perf_counter() - t0

@@ -159,8 +159,8 @@ def test_fit_loss_to_cache_refuses_or_warns_once(tmp_path):
     from kd_train.config import TrainConfig
     from kd_train.stages import PRESETS
 
-    def manifest(gram: bool, kind: str = "topk") -> dict:
-        return {"targets": {"text": {"kind": kind}, "visual": {"kind": kind}, "gram": {"enabled": gram}}}
+    def manifest(gram: bool, kind: str = "topk", visual: str | None = None) -> dict:
+        return {"targets": {"text": {"kind": kind}, "visual": {"kind": visual or kind}, "gram": {"enabled": gram}}}
 
     def cfg(**kw):
         return TrainConfig(student="s", out=str(tmp_path), stage="dft", cache="c", data="d.json", **kw)
@@ -183,6 +183,21 @@ def test_fit_loss_to_cache_refuses_or_warns_once(tmp_path):
             fit_loss_to_cache(c.loss_config(preset), c, manifest(gram=True, kind="sampled"))
     c = cfg(jsd_beta=0.3)  # jsd_beta alone is inert without jsd: not refused
     assert fit_loss_to_cache(c.loss_config(preset), c, manifest(gram=True, kind="sampled"))[1] == []
+    # the build default: top-k response rows, sampled visual rows
+    default = manifest(gram=True, visual="sampled")
+    assert fit_loss_to_cache(c.loss_config(preset), cfg(), default)[1] == []
+    c = cfg(visual_temperature=2.0)
+    with pytest.raises(ValueError, match="visual_temperature=2.0 but the cache's visual rows hold sampled"):
+        fit_loss_to_cache(c.loss_config(preset), c, default)
+    for kw in ({"kind": "reverse_kl"}, {"temperature": 2.0}, {"use_tail": False}):
+        c = cfg(**kw)
+        loss, notes = fit_loss_to_cache(c.loss_config(preset), c, default)
+        assert len(notes) == 1 and "shape the response rows only" in notes[0] and "--visual-targets topk" in notes[0]
+        assert loss == c.loss_config(preset)  # applied to the response rows, unchanged
+    c = cfg(kind="reverse_kl", mdist_visual_weight=0.0)  # no visual MDist: nothing to say
+    assert fit_loss_to_cache(c.loss_config(preset), c, default)[1] == []
+    c = cfg(visual_temperature=2.0)  # sampled response rows with top-k visual rows: the visual option applies
+    assert fit_loss_to_cache(c.loss_config(preset), c, manifest(gram=True, kind="sampled", visual="topk"))[1] == []
 
 
 def test_the_student_follows_the_caches_eos_rule():

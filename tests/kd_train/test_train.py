@@ -311,12 +311,13 @@ def test_dft_memory_holds_no_teacher(tmp_path, tiny_data, student):
     assert peaks["dft"] - peaks["sft"] < 0.25 * teacher_bytes, (peaks, teacher_bytes)
 
 
-def test_online_teacher_reference_matches_the_cache(tmp_path, student, tiny_data, llava_cache, llava_teacher):
-    """One step over the whole dataset: the online teacher's loss equals the cached one up to quantization."""
+def test_online_teacher_reference_matches_the_cache(tmp_path, student, tiny_data, llava_topk_cache, llava_teacher):
+    """One step over the whole dataset: the online teacher's loss equals the cached one (top-k on every row) up to
+    quantization."""
     data, images = tiny_data
     common = dict(student=str(student), stage="dft", data=str(data), images=str(images), batch_size=12,
                   max_steps=1, progress=False)
-    run(TrainConfig(out=str(tmp_path / "cached"), cache=str(llava_cache), **common))
+    run(TrainConfig(out=str(tmp_path / "cached"), cache=str(llava_topk_cache), **common))
     run(TrainConfig(out=str(tmp_path / "online"), online_teacher=str(llava_teacher), **common))
     cached, online = metrics(tmp_path / "cached")[1], metrics(tmp_path / "online")[1]
     assert cached["text_rows"] == online["text_rows"] and cached["visual_rows"] == online["visual_rows"]
@@ -328,4 +329,4 @@ def test_online_teacher_reference_matches_the_cache(tmp_path, student, tiny_data
     bound = (2e-4) ** 0.5 * (2 * cached["rdist"]) ** 0.5 + 1e-4
     assert online["rdist"] == pytest.approx(cached["rdist"], abs=bound)
     with pytest.raises(ValueError, match="either a cache or online_teacher"):
-        TrainConfig(out="o", cache=str(llava_cache), online_teacher=str(llava_teacher), **common)
+        TrainConfig(out="o", cache=str(llava_topk_cache), online_teacher=str(llava_teacher), **common)
