@@ -126,13 +126,13 @@ def encoded_batches(teacher_dir: Path, data: Path, batch_size: int, max_length: 
     import torch
 
     from kd_cache.data import Encoder, RecordSource
-    from kd_cache.teacher import collate, load_processor_and_config
+    from kd_cache.hf import collate, load_processor_and_config, pad_token_id
 
     _, tok, _ = load_processor_and_config(str(teacher_dir))
     enc = Encoder(tok, None, max_length=max_length)
     records = RecordSource(str(data))
     samples = [enc.encode(records[i], i) for i in range(len(records))]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_token_id(tok)
     batches = [collate(samples[i: i + batch_size], pad) for i in range(0, len(samples), batch_size)]
     rows = []  # (batch index, position) of the response rows of each batch: the rows the build keeps
     for i in range(0, len(samples), batch_size):

@@ -923,7 +923,8 @@ def gram_study(Z: np.ndarray, label: str, tmpdir: str) -> dict:
 @torch.no_grad()
 def tiny_teacher_logits(tmpdir: str, n_samples: int = 48):
     from kd_cache.data import Encoder, RecordSource, SkipSample
-    from kd_cache.teacher import Teacher, collate
+    from kd_cache.teacher import Teacher
+    from kd_cache.hf import collate
     from kd_cache.tiny import make_tiny_dataset, make_tiny_teacher
 
     tdir = make_tiny_teacher(os.path.join(tmpdir, "tiny-teacher"), "llava")

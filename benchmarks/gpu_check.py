@@ -632,7 +632,8 @@ def phase_build(ctx: Context) -> dict:
     from kd_cache.build import BuildConfig, build
     from kd_cache.data import Encoder, RecordSource
     from kd_cache.targets import TargetOptions, gram_factors, row_targets, to_host
-    from kd_cache.teacher import Teacher, collate
+    from kd_cache.teacher import Teacher
+    from kd_cache.hf import collate
     from kd_cache.verify import info as cache_info
 
     s, dev, bs = ctx.sizes, ctx.dev, ctx.sizes.build_batch

@@ -354,9 +354,10 @@ def synthetic_cache(work: Path, n: int, *, length: int = 32, rows: int = 16, k: 
     from kd_cache import format as fmt
     from kd_cache.build import BuildConfig, build
     from kd_cache.manifest import done_path, try_finalize
-    from kd_cache.teacher import SampleTargets
+    from kd_cache.targets import SampleTargets
     from kd_cache.tiny import make_tiny_teacher
-    from kd_cache.writer import ShardWriter, atomic_write_text
+    from kd_cache.writer import ShardWriter
+    from kd_cache.files import atomic_write_text
 
     t0 = time.perf_counter()
     # header (teacher, tokenizer, targets, config): from a real build with a tiny causal LM

@@ -73,7 +73,7 @@ def check(path: str = typer.Argument(..., help="Cache folder or URL."),
     from transformers import AutoConfig
 
     from kd_cache import open_cache
-    from kd_cache.teacher import load_processor_and_config
+    from kd_cache.hf import load_processor_and_config
     from kd_train.compat import check_compatibility
 
     with reported():

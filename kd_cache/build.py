@@ -18,7 +18,9 @@ from kd_cache.targets import TargetOptions
 from kd_cache.manifest import done_path, try_finalize
 from kd_cache.remote import RemoteOutput, is_remote
 from kd_cache.lock import BuildLock, is_lock_file
-from kd_cache.writer import ShardWriter, atomic_write_text, journal_path, read_journal, remove_stale_temps
+from kd_cache.writer import ShardWriter, journal_path, read_journal
+from kd_cache.files import atomic_write_text, remove_stale_temps
+from kd_cache.hf import text_config
 
 log = logging.getLogger("kd_cache")
 
@@ -73,7 +75,7 @@ def _check_same_config(saved: dict, want: dict, where: str) -> None:
 
 def build(cfg: BuildConfig) -> dict | None:
     """Build (or resume) the cache. Returns the manifest when this rank completed it, else None."""
-    from kd_cache.teacher import load_processor_and_config
+    from kd_cache.hf import load_processor_and_config
 
     t_start = time.time()
     rank, world = dist_env()
@@ -119,7 +121,8 @@ def _build_locked(cfg: BuildConfig, records: RecordSource, rank: int, world: int
                   remote: RemoteOutput | None, t_start: float, config, processor, multimodal: bool) -> dict | None:
     """The rest of `build()`, with this rank's lock on `out` (the output or staging folder) held."""
     from kd_cache.progress import quiet_library_bars
-    from kd_cache.teacher import Teacher, weights_fingerprint
+    from kd_cache.teacher import Teacher
+    from kd_cache.hf import weights_fingerprint
 
     if remote is None and os.path.exists(os.path.join(out, fmt.MANIFEST_NAME)):  # finished before the lock was ours
         log.info("cache at %s is already complete", cfg.out)
@@ -169,7 +172,7 @@ def _build_locked(cfg: BuildConfig, records: RecordSource, rank: int, world: int
     else:
         teacher = Teacher(cfg.teacher, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                           revision=cfg.revision)
-        vocab = teacher.model.get_output_embeddings().weight.shape[0]
+        vocab = teacher.vocab_size
     load_seconds = time.perf_counter() - t_load
     k_text, k_vis = min(cfg.top_k, vocab), min(cfg.visual_top_k, vocab)
     teacher_id = teacher_id_future.result()
@@ -246,7 +249,7 @@ def _finalize(out: str, world: int, header: dict, remote: RemoteOutput | None) -
 def _header(cfg: BuildConfig, config, processor, teacher_id, records, multimodal, k_text=None, k_vis=None,
             dtype=None, vocab=None) -> dict:
     """Manifest fields that describe the build (identical on every rank)."""
-    from kd_cache.teacher import tokenizer_fingerprint, weights_fingerprint
+    from kd_cache.hf import tokenizer_fingerprint, weights_fingerprint
 
     if teacher_id is None:
         teacher_id = weights_fingerprint(cfg.teacher, cfg.revision or getattr(config, "_commit_hash", None))
@@ -255,7 +258,7 @@ def _header(cfg: BuildConfig, config, processor, teacher_id, records, multimodal
     teacher_id["model_type"] = config.model_type
     teacher_id["multimodal"] = multimodal
     if vocab is None:
-        text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text_cfg = text_config(config)
         vocab = text_cfg.vocab_size
     k_text = k_text or min(cfg.top_k, vocab)
     k_vis = k_vis or min(cfg.visual_top_k, vocab)

@@ -17,6 +17,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from kd_cache.files import sha256_file
+
 IMAGE_PLACEHOLDER = "<image>"
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -134,15 +136,6 @@ def _line_offsets(path: Path) -> np.ndarray:
                 offsets.append(pos)
             pos += len(line)
     return np.asarray(offsets, dtype=np.int64)
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Streaming sha256 of a local file (data fingerprints, shard checksums)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _sha256_bytes(b: bytes) -> str:

@@ -9,7 +9,8 @@ from typing import Any, Callable
 
 from kd_cache import format as fmt
 from kd_cache.errors import StorageError
-from kd_cache.writer import atomic_write_text, journal_path, read_journal
+from kd_cache.files import atomic_write_text
+from kd_cache.writer import journal_path, read_journal
 
 
 def done_path(out_dir: str, rank: int, world_size: int) -> str:

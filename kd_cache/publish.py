@@ -18,7 +18,7 @@ from kd_cache import format as fmt
 from kd_cache.manifest import dataset_card
 from kd_cache.remote import is_remote
 from kd_cache.verify import verify
-from kd_cache.writer import atomic_write_text
+from kd_cache.files import atomic_write_text
 
 log = logging.getLogger("kd_cache")
 

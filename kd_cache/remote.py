@@ -34,7 +34,8 @@ import uuid
 from kd_cache import format as fmt
 from kd_cache.errors import StorageError, describe, storage_errors
 from kd_cache.manifest import done_path, try_finalize
-from kd_cache.writer import atomic_write_text, journal_path, parse_journal, read_journal
+from kd_cache.files import atomic_write_text
+from kd_cache.writer import journal_path, parse_journal, read_journal
 
 log = logging.getLogger("kd_cache")
 

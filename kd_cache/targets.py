@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -201,3 +202,17 @@ def gram_factors(logits: torch.Tensor, *, tolerance: float = 1e-4, lowrank: bool
         return GramFactors(dense=r_full)
     rank, q, scales = best
     return GramFactors(mean=m, eigvals=evals[:rank].float(), scales=scales.float(), eigvecs=q.to(torch.int16))
+
+
+@dataclass
+class SampleTargets:
+    """Host-side targets for one sample, ready for the writer."""
+
+    sample_index: int
+    sample_id: str
+    input_ids: np.ndarray
+    text_positions: np.ndarray
+    visual_positions: np.ndarray
+    text: dict  # numpy arrays: topk_ids/topk_logprobs/tail_logprob/logsumexp or sample_ids/sample_counts/...
+    visual: dict
+    gram: dict | None  # {"dense": (Nv, Nv)} or the low-rank parts {mean, eigvals, scales, eigvecs}

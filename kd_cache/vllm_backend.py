@@ -59,7 +59,8 @@ import torch
 
 from kd_cache import targets as kd_targets
 from kd_cache.data import EncodedSample, image_token_id_of, load_images
-from kd_cache.teacher import SampleTargets, load_processor_and_config, pick_dtype
+from kd_cache.targets import SampleTargets
+from kd_cache.hf import load_processor_and_config, pad_token_id, pick_dtype, text_config
 
 log = logging.getLogger("kd_cache")
 # The threads vLLM's engine client (V1, multiprocessing) starts in this process; close() waits for them. Both end
@@ -130,7 +131,7 @@ class VllmTeacher:
             name, trust_remote_code=trust_remote_code, revision=revision)
         tok = getattr(self.processor, "tokenizer", self.processor)
         self.image_token_id = image_token_id_of(self.config, tok) if self.multimodal else None
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.pad_id = pad_token_id(tok)
         self.full = needs_full_logits(self.multimodal, gram, text_kind, visual_kind)
 
         from vllm import LLM
@@ -147,7 +148,7 @@ class VllmTeacher:
             os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("LOCAL_RANK", "0")  # one GPU per build rank
         self.device = torch.device("cpu" if on_cpu else "cuda")
         self.dtype = pick_dtype(self.device, dtype)
-        text_cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        text_cfg = text_config(self.config)
         vocab = int(text_cfg.vocab_size)
         self.k_text, self.k_vis = min(top_k, vocab), min(visual_top_k, vocab)
         self.k_request = max(self.k_text, self.k_vis) if self.multimodal else self.k_text

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kd_cache import format as fmt
-from kd_cache.data import sha256_file
+from kd_cache.files import fsync_dir, sha256_file
 from kd_cache.errors import ShardWriterError, describe
-from kd_cache.teacher import SampleTargets
+from kd_cache.targets import SampleTargets
 
 
 def _list_array(chunks: list[np.ndarray], dtype: pa.DataType) -> pa.ListArray:
@@ -71,67 +71,6 @@ def encode_table(samples: list[SampleTargets], sch: pa.Schema) -> pa.Table:
 def _sample_bytes_estimate(s: SampleTargets) -> int:
     n = s.input_ids.nbytes + sum(v.nbytes for v in s.text.values()) + sum(v.nbytes for v in s.visual.values())
     return n + sum(v.nbytes for v in (s.gram or {}).values())
-
-
-def fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write `path` whole or not at all: `<path>.tmp.<pid>.<host>`, fsync, rename. A failed write (ENOSPC...)
-    removes its temporary file; one left by a killed process is removed by the next build (`remove_stale_temps`)."""
-    from kd_cache.lock import _safe_host
-
-    tmp = f"{path}.tmp.{os.getpid()}.{_safe_host()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    fsync_dir(os.path.dirname(path) or ".")
-
-
-def remove_stale_temps(out_dir: str, rank: int, world_size: int) -> list[str]:
-    """Remove what killed or failed writers left in a cache (or staging) folder; called by a build holding this
-    rank's lock, before it writes anything. This rank's own temporary files (its journal and done file, its
-    `.parquet.tmp` shards) always go: no live process can own them while the lock is held. Folder-level ones
-    (`manifest.json`, the card, the configuration) and other ranks' go when their writer (pid, host in the name)
-    is gone, or when they are older than ten minutes. Returns the removed paths."""
-    from kd_cache.lock import stale_temp
-
-    mine = f"rank-{rank:05d}-of-{world_size:05d}."
-    removed = []
-    for sub in ("", fmt.PROGRESS_DIR, fmt.SHARD_DIR):
-        folder = os.path.join(out_dir, sub) if sub else out_dir
-        try:
-            names = os.listdir(folder)
-        except OSError:
-            continue
-        for name in names:
-            path = os.path.join(folder, name)
-            if sub == fmt.SHARD_DIR:
-                stale = name.endswith(".tmp") and name.startswith(f"shard-r{rank:05d}-")
-            else:
-                stale = ".tmp." in name and stale_temp(path, own=sub == fmt.PROGRESS_DIR and name.startswith(mine))
-            if stale and os.path.isfile(path):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-                removed.append(path)
-    return removed
 
 
 @dataclass

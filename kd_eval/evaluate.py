@@ -107,9 +107,8 @@ def evaluate(model_path: str | os.PathLike, data: Any, images: str | os.PathLike
     """
     import torch
 
-    from kd_cache.data import (Encoder, RecordSource, SkipSample, build_messages, image_token_id_of, load_images,
-                               sample_id_of)
-    from kd_cache.teacher import pick_device
+    from kd_cache.data import Encoder, RecordSource, SkipSample, build_messages, image_token_id_of, load_images, sample_id_of
+    from kd_cache.hf import pick_device
     from kd_train.student import load_student
 
     for name, v in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):

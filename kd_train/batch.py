@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from kd_cache.data import EncodedSample, Encoder
-from kd_cache.teacher import collate as collate_model_inputs
+from kd_cache.hf import collate as collate_model_inputs
 
 TARGET_KEYS = ("topk_ids", "topk_logprobs", "tail_logprob")
 SAMPLED_KEYS = ("sample_ids", "sample_counts", "sample_row_lengths")

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from kd_cache.hf import text_config, tokenizer_fingerprint
+
 __all__ = [
     "IncompatibleCacheError",
     "cached_visual_tokens_per_image",
@@ -99,7 +101,6 @@ def check_compatibility(manifest: Any, processor: Any, model_config: Any, *, sam
     on (default: a blank image at the teacher's image size; pass a cached sample's image for processors whose
     count depends on the image size).
     """
-    from kd_cache.teacher import tokenizer_fingerprint
 
     from kd_train.student import visual_tokens_per_image
 
@@ -133,7 +134,7 @@ def check_compatibility(manifest: Any, processor: Any, model_config: Any, *, sam
                         f"{want['fingerprint']} ({teacher})")
 
     # ---- vocabulary rows: every cached id must index a row of the student's LM head
-    text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    text_cfg = text_config(model_config)
     rows, head, n_tok = int(text_cfg.vocab_size), int(manifest["vocab_size"]), int(want.get("vocab_size") or 0)
     if rows < n_tok:
         problems.append(f"student LM vocabulary has {rows} rows, fewer than the cache's tokenizer ({n_tok} tokens): "

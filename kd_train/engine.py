@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from kd_cache.hf import pad_token_id
 from kd_cache.targets import TargetOptions
 from kd_train.batch import Batch, encoder_for, features, make_batch
 from kd_train.objective import TERMS, RowLogits, StepCounts, StudentGram, micro_batch_loss
@@ -175,7 +176,7 @@ class _OnlineData(_RecordData):
         super().__init__(cfg, encoder, acc, pad_id)
         self.dataset.teacher_encoder = teacher_encoder
         self.teacher = teacher
-        vocab = teacher.model.get_output_embeddings().weight.shape[0]
+        vocab = teacher.vocab_size
         self.k = cfg.online_top_k or vocab
         self.kv = cfg.online_visual_top_k or vocab
 
@@ -238,7 +239,7 @@ class StageRunner:
         log.info("stage %s: trainable parameters %s", preset.name, counts)
 
         tok = getattr(self.processor, "tokenizer", self.processor)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        pad = pad_token_id(tok)
         max_length = cfg.max_length
         append_eos = cfg.append_eos if cfg.append_eos is not None else True
         self.teacher_vocab = None
@@ -300,7 +301,8 @@ class StageRunner:
         self.best: tuple[float, int, dict] | None = None  # (val nll, step, CPU state_dict)
 
     def _online_data(self, cfg: TrainConfig, encoder, pad: int, max_length):
-        from kd_cache.teacher import Teacher, tokenizer_fingerprint
+        from kd_cache.teacher import Teacher
+        from kd_cache.hf import tokenizer_fingerprint
 
         teacher = Teacher(cfg.online_teacher, device=str(self.acc.device), dtype="float32"
                           if self.acc.mixed_precision == "no" else "bfloat16")
@@ -309,7 +311,7 @@ class StageRunner:
         if have["fingerprint"] != want["fingerprint"]:
             raise ValueError(f"online teacher {cfg.online_teacher} and the student tokenize differently "
                              f"(fingerprints {want['fingerprint']} vs {have['fingerprint']})")
-        self.teacher_vocab = teacher.model.get_output_embeddings().weight.shape[0]
+        self.teacher_vocab = teacher.vocab_size
         t_encoder = encoder_for(teacher.processor, teacher.config, image_root=cfg.images, max_length=max_length,
                                 append_eos=encoder.append_eos)
         return _OnlineData(cfg, encoder, self.acc, pad, teacher, t_encoder)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kd_cache.teacher import logit_transform
+from kd_cache.hf import logit_transform
 from kd_train.batch import Batch
 from kd_train.losses import (KDLossConfig, ce_loss, gram, gram_from_hidden, mdist_loss, rdist_loss,
                              sampled_kd_loss)

@@ -50,7 +50,7 @@ SUPPORTED_VISION_TOWERS: tuple[str, ...] = ("siglip_vision_model", "clip_vision_
 
 def _torch_dtype(dtype: str | torch.dtype | None, device: torch.device | None = None) -> torch.dtype:
     """None -> float32: students train with fp32 master weights (autocast gives bf16 speed)."""
-    from kd_cache.teacher import pick_dtype
+    from kd_cache.hf import pick_dtype
 
     if dtype is None:
         return torch.float32
@@ -116,7 +116,7 @@ def _load_tokenizer(processor_from: str | None, llm: str) -> tuple[Any, str | No
     """(tokenizer, chat template, image token). `processor_from` wins so the student sees the cache's exact ids."""
     from transformers import AutoTokenizer
 
-    from kd_cache.teacher import load_processor_and_config
+    from kd_cache.hf import load_processor_and_config
 
     if processor_from is not None:
         _, src, _ = load_processor_and_config(processor_from)
@@ -306,7 +306,7 @@ def load_student(path: str | Path, *, dtype: str | torch.dtype | None = None,
     + tokenizer. dtype None loads float32 (master weights for training)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from kd_cache.teacher import load_processor_and_config
+    from kd_cache.hf import load_processor_and_config
 
     _, processor, multimodal = load_processor_and_config(str(path))
     dev = torch.device(device) if device is not None else None

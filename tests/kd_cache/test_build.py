@@ -13,7 +13,7 @@ from kd_cache import format as fmt
 from kd_cache import open_cache
 from kd_cache.build import BuildConfig, build
 from kd_cache.data import Encoder, RecordSource
-from kd_cache.teacher import load_processor_and_config
+from kd_cache.hf import load_processor_and_config
 from kd_cache.data import image_token_id_of
 from kd_cache.verify import info, verify
 from tests.conftest import ALL_FAMILIES, save_image, write_records

@@ -22,7 +22,7 @@ import pytest
 from kd_cache import format as fmt
 from kd_cache import lock as lockmod
 from kd_cache.lock import BuildLock, BuildLocked, is_lock_file, lock_name
-from kd_cache.writer import atomic_write_text, remove_stale_temps
+from kd_cache.files import atomic_write_text, remove_stale_temps
 
 HOST = lockmod._safe_host()
 

@@ -9,7 +9,7 @@ import torch
 import transformers
 from PIL import Image
 
-from kd_cache.teacher import tokenizer_fingerprint
+from kd_cache.hf import tokenizer_fingerprint
 from kd_train.student import (
     STAGES,
     compose_student,
