@@ -28,7 +28,7 @@ wall time, i.e. spinning). One thread keeps the ratios repeatable; they compare 
   (`resource.getrusage(RUSAGE_SELF).ru_maxrss`; the process is forked by a small shell so that Linux does not
   carry this process's RSS over into it). The RSS of a process that only imports the stack is the runtime
   baseline.
-* (c) Loader throughput: the trainer's own data path (`engine._CacheData`: `CacheStream` + the trainer's
+* (c) Loader throughput: the trainer's own data path (`engine.CacheData`: `CacheStream` + the trainer's
   transform, which re-encodes each record and loads its image, + the `make_batch` collate, through its
   DataLoader, num_workers=0), whole epochs for >= 4 s, vs the samples/s a DFT step consumes (batch size / the
   DFT engine step time of (a)).
@@ -244,7 +244,7 @@ def direct_steps(m: dict, work: Path, conf: dict) -> dict:
         runners[name].data.mark = lambda tags: None  # the same micro-batch is reused: keep the data state out of it
     # the online runner's first micro-batch (student + teacher encodings of each record) ...
     items, otags = next(iter(runners["online"].data.loader(0)))
-    # ... and the same samples with their cached targets, collated as the DFT loader does (engine._CacheData)
+    # ... and the same samples with their cached targets, collated as the DFT loader does (engine.CacheData)
     cache = {s["sample_id"]: s for s in open_cache(str(m["cache"]))}
     tok = getattr(runners["dft"].processor, "tokenizer", runners["dft"].processor)
     batch = make_batch([features(it["encoded"], cache[it["encoded"].sample_id]) for it in items], tok.pad_token_id)
@@ -317,10 +317,10 @@ def separate_runs(m: dict, work: Path, conf: dict) -> dict:
 
 
 def loader_throughput(m: dict, conf: dict, min_seconds: float = 4.0) -> dict:
-    """The trainer's cache data path (engine._CacheData) iterated for whole epochs."""
+    """The trainer's cache data path (engine.CacheData) iterated for whole epochs."""
     from kd_cache import open_cache
     from kd_train.batch import encoder_for
-    from kd_train.engine import _CacheData
+    from kd_train.engine import CacheData
     from kd_train.student import load_student
     from kd_train.train import TrainConfig
 
@@ -330,7 +330,7 @@ def loader_throughput(m: dict, conf: dict, min_seconds: float = 4.0) -> dict:
     max_length = open_cache(str(m["cache"])).manifest["config"].get("max_length")
     encoder = encoder_for(processor, model.config, image_root=cfg.images, max_length=max_length)
     tok = getattr(processor, "tokenizer", processor)
-    data = _CacheData(cfg, encoder, SimpleNamespace(num_processes=1, process_index=0), tok.pad_token_id)
+    data = CacheData(cfg, encoder, SimpleNamespace(num_processes=1, process_index=0), tok.pad_token_id)
     del model
     n = epoch = 0
     t0, c0 = time.perf_counter(), time.process_time()
@@ -354,7 +354,7 @@ def synthetic_cache(work: Path, n: int, *, length: int = 32, rows: int = 16, k: 
     from kd_cache import format as fmt
     from kd_cache.build import BuildConfig, build
     from kd_cache.manifest import done_path, try_finalize
-    from kd_cache.targets import SampleTargets
+    from kd_cache.codec import SampleTargets
     from kd_cache.tiny import make_tiny_teacher
     from kd_cache.writer import ShardWriter
     from kd_cache.files import atomic_write_text

@@ -149,7 +149,11 @@ def _build_locked(cfg: BuildConfig, records: RecordSource, rank: int, world: int
     start = entries[-1]["end"] if entries else 0
     if os.path.exists(done_path(out, rank, world)) and start >= n_local:
         log.info("rank %d already finished; finalizing", rank)
-        return _finalize(out, world, _header(cfg, config, processor, None, records, multimodal), remote)
+        with open(done_path(out, rank, world)) as f:
+            header = json.load(f).get("header")  # what the shards were written with (teacher dtype, head rows)
+        if header is None:  # a done file of an older kd: rebuilt without the loaded teacher
+            header = _header(cfg, config, processor, None, records, multimodal)
+        return _finalize(out, world, header, remote)
     if start:
         log.info("rank %d resuming at local sample %d of %d", rank, start, n_local)
 
@@ -233,7 +237,7 @@ def _build_locked(cfg: BuildConfig, records: RecordSource, rank: int, world: int
     done = {"rank": rank, "samples_this_run": done_samples, "wall_seconds": round(wall, 3),
             "samples_per_second": round(done_samples / wall, 3) if wall > 0 else None,
             "writer_encode_seconds": round(writer.encode_seconds, 3), "device": str(teacher.device),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **timings}
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **timings, "header": header}
     atomic_write_text(done_path(out, rank, world), json.dumps(done, indent=1, sort_keys=True))
     manifest = _finalize(out, world, header, remote)
     if manifest is None:

@@ -14,12 +14,16 @@ from kd_cache import format as fmt
 BLOCK = 1 << 22  # bytes read per step when hashing
 
 
-def sha256_stream(f: BinaryIO, block: int = BLOCK) -> str:
-    """Hex sha256 of what remains of an open binary file (local or fsspec), read in blocks."""
-    h = hashlib.sha256()
+def hash_stream(h: Any, f: BinaryIO, block: int = BLOCK) -> Any:
+    """Feed what remains of an open binary file (local or fsspec) to the hash object `h`, in blocks; returns `h`."""
     while chunk := f.read(block):
         h.update(chunk)
-    return h.hexdigest()
+    return h
+
+
+def sha256_stream(f: BinaryIO, block: int = BLOCK) -> str:
+    """Hex sha256 of what remains of an open binary file (local or fsspec), read in blocks."""
+    return hash_stream(hashlib.sha256(), f, block).hexdigest()
 
 
 def sha256_file(path: str | os.PathLike, fs: Any = None, block: int = BLOCK) -> str:

@@ -1,8 +1,9 @@
-"""The cache format: one versioned contract shared by the writer, the reader and `kd cache verify`.
+"""The cache format: one versioned contract shared by the writer, the reader, the stream and `kd cache verify`.
 
-Everything that decides how bytes on disk map to targets lives here, so `docs/cache-format.md` has one
-place to follow. One Parquet row holds one sample; per-row targets are stored as flattened lists
-(row-major), and their shapes are recovered from the position columns and the target specs.
+Here: the names (files, folders, columns), the version and its check, the Arrow schema, the target specs and the
+shard metadata. How targets become those columns and back is `kd_cache/codec.py`; `docs/cache-format.md`
+documents both. One Parquet row holds one sample; per-row targets are stored as flattened lists (row-major), and
+their shapes are recovered from the position columns and the target specs.
 
 Version 2 (written now) chose its encodings by measurement (`benchmarks/cache_size.py`): top-k ids as uint16
 when the vocabulary fits (else uint32), log-probs as delta-coded uint8 codes of 1/8 nat, the Gram as its
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 
 FORMAT_VERSION = 2
@@ -117,112 +117,6 @@ def _leaf(field: pa.Field) -> str:
 
 READ_OPTIONS = {"page_checksum_verification": True}
 """Keyword arguments for `pyarrow.parquet.ParquetFile` wherever shards are read."""
-
-
-# ------------------------------------------------------------------------------------------ log-probs
-
-
-def encode_logprobs(logprobs: np.ndarray) -> np.ndarray:
-    """(N, k) log-probs in descending order -> (N, k) uint8 delta codes (first code absolute)."""
-    lp = np.asarray(logprobs, dtype=np.float64)
-    if lp.size == 0:
-        return np.zeros(lp.shape, np.uint8)
-    codes = np.clip(np.rint(-lp * LOGPROB_SCALE), 0, LOGPROB_MAX_CODE).astype(np.int16)
-    codes = np.maximum.accumulate(codes, axis=1)  # ties at equal probability may round apart: keep monotone
-    delta = np.diff(codes, axis=1, prepend=0)
-    return delta.astype(np.uint8)
-
-
-def decode_logprobs(delta: np.ndarray) -> np.ndarray:
-    """(N, k) uint8 delta codes -> (N, k) float32 log-probs."""
-    codes = np.cumsum(np.asarray(delta, dtype=np.int32), axis=1)
-    return (codes.astype(np.float32) * np.float32(-1.0 / LOGPROB_SCALE)).astype(np.float32)
-
-
-def decode_logprobs_v1(codes: np.ndarray) -> np.ndarray:
-    """v1 uint16 codes -> float32 log-probs."""
-    return (np.asarray(codes, dtype=np.float32) * np.float32(-1.0 / V1_LOGPROB_SCALE)).astype(np.float32)
-
-
-# ------------------------------------------------------------------------------------------ sampled targets
-
-
-def ids_to_gaps(ids: np.ndarray, row_lengths: np.ndarray) -> np.ndarray:
-    """Ascending ids per row -> gaps (first id of a row absolute): small numbers compress far better."""
-    ids = np.asarray(ids, dtype=np.int64)
-    gaps = np.diff(ids, prepend=0)
-    starts = np.cumsum(row_lengths) - row_lengths
-    starts = starts[row_lengths > 0]
-    gaps[starts] = ids[starts]
-    return gaps
-
-
-def gaps_to_ids(gaps: np.ndarray, row_lengths: np.ndarray) -> np.ndarray:
-    """Inverse of `ids_to_gaps`."""
-    gaps = np.asarray(gaps, dtype=np.int64)
-    total = np.cumsum(gaps)
-    starts = np.cumsum(row_lengths) - row_lengths
-    before = np.where(starts > 0, total[np.maximum(starts - 1, 0)], 0) if len(gaps) else np.zeros(0, np.int64)
-    return total - np.repeat(before, row_lengths)
-
-
-def sampled_rows(counts: np.ndarray, n_draws: int, n_rows: int) -> np.ndarray:
-    """Unique ids per row from the counts alone: every row's counts sum to `n_draws`."""
-    counts = np.asarray(counts, dtype=np.int64)
-    before = np.cumsum(counts) - counts
-    row = before // n_draws
-    return np.bincount(row, minlength=n_rows).astype(np.int64)
-
-
-# ------------------------------------------------------------------------------------------ Gram
-
-
-def gram_to_upper(gram: np.ndarray) -> np.ndarray:
-    """(Nv, Nv) symmetric matrix -> its upper triangle (diagonal included), row-major, float32."""
-    iu = np.triu_indices(gram.shape[0])
-    return np.ascontiguousarray(gram[iu], dtype=np.float32)
-
-
-def gram_from_upper(upper: np.ndarray, n: int) -> np.ndarray:
-    """Inverse of `gram_to_upper`: rebuild the full symmetric (n, n) float32 matrix."""
-    expected = n * (n + 1) // 2
-    if upper.shape[0] != expected:
-        raise ValueError(f"gram upper triangle for {n} visual rows needs {expected} values, got {upper.shape[0]}")
-    out = np.zeros((n, n), dtype=np.float32)
-    iu = np.triu_indices(n)
-    out[iu] = upper
-    out.T[iu] = upper
-    return out
-
-
-def eigvec_codes_to_bytes(codes: np.ndarray) -> tuple[bytes, bytes]:
-    """(Nv, r) integer codes -> (int16 bytes of the first GRAM_HI_VECTORS columns, int8 bytes of the rest)."""
-    h = min(GRAM_HI_VECTORS, codes.shape[1])
-    return (np.ascontiguousarray(codes[:, :h], dtype="<i2").tobytes(),
-            np.ascontiguousarray(codes[:, h:], dtype=np.int8).tobytes())
-
-
-def eigvec_codes_from_bytes(hi: bytes, lo: bytes, n: int, r: int) -> np.ndarray:
-    """Inverse of `eigvec_codes_to_bytes`: the (n, r) int32 code matrix."""
-    h = min(GRAM_HI_VECTORS, r)
-    out = np.empty((n, r), dtype=np.int32)
-    out[:, :h] = np.frombuffer(hi, dtype="<i2").reshape(n, h)
-    out[:, h:] = np.frombuffer(lo, dtype=np.int8).reshape(n, r - h)
-    return out
-
-
-def gram_from_lowrank(mean: np.ndarray, eigvals: np.ndarray, scales: np.ndarray, eigvecs: np.ndarray,
-                      vocab_size: int) -> np.ndarray:
-    """R = U diag(λ) Uᵀ + V m mᵀ, U = integer eigenvector codes (Nv, r) × per-column scales
-    (see `kd_cache.targets.gram_factors`).
-
-    Exact identity: with m the per-row mean logit and Z_c = Z − m 1ᵀ, Z_c 1 = 0, so Z Zᵀ = Z_c Z_cᵀ + V m mᵀ.
-    """
-    n, r = len(mean), len(eigvals)
-    u = np.asarray(eigvecs, dtype=np.float64).reshape(n, r) * np.asarray(scales, dtype=np.float64)[None, :]
-    m = np.asarray(mean, dtype=np.float64)
-    rc = (u * np.asarray(eigvals, dtype=np.float64)[None, :]) @ u.T
-    return (rc + float(vocab_size) * np.outer(m, m)).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from kd_cache.data import EncodedSample
-from kd_cache.files import sha256_stream
+from kd_cache.files import hash_stream
 
 
 def tokenizer_of(processor: Any) -> Any:
@@ -149,8 +149,7 @@ def weights_fingerprint(name: str, revision: str | None = None) -> dict:
         for f in files:
             h.update(f.name.encode())
             with open(f, "rb") as fh:
-                while block := fh.read(1 << 24):
-                    h.update(block)
+                hash_stream(h, fh, 1 << 24)
         out["weights_sha256"] = h.hexdigest()
         out["weight_files"] = [f.name for f in files]
     return out

@@ -33,8 +33,8 @@ def try_finalize(out_dir: str, world_size: int, header: dict,
         p = done_path(out_dir, r, world_size)
         if not os.path.exists(p):
             return None
-        with open(p) as f:
-            dones.append(json.load(f))
+        with open(p) as f:  # the header it carries is the manifest's top level (rank 0's is the one used)
+            dones.append({k: v for k, v in json.load(f).items() if k != "header"})
     shards, skipped = [], []
     totals = Counter()
     for r in range(world_size):

@@ -9,17 +9,17 @@ downloaded once, checked against the manifest's sha256 and read locally from the
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import numpy as np
 import pyarrow.parquet as pq
 
 from kd_cache import format as fmt
+from kd_cache.codec import CachedSample, columns, decode_row, row_of
+from kd_cache.files import sha256_stream
 
 
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
@@ -77,6 +77,7 @@ class Cache:
                     f"(known: {list(fmt.KNOWN_TARGET_KINDS)}); upgrade kd"
                 )
         self.shards: list[dict] = self.manifest["shards"]
+        self.gram_vocab = int(targets.get("gram", {}).get("vocab_size", self.manifest["vocab_size"]))
         if self.cache_dir is not None:  # sha256 values become local paths: refuse anything but hex digests
             for i in range(len(self.shards)):
                 self._sha256(i)
@@ -126,13 +127,11 @@ class Cache:
         tmp = f"{path}.tmp.{os.getpid()}.{os.urandom(4).hex()}"
         try:
             self.fs.get_file(self.shard_url(i), tmp)
-            h = hashlib.sha256()
             with open(tmp, "rb+") as f:
-                while block := f.read(1 << 22):
-                    h.update(block)
+                got = sha256_stream(f)
                 os.fsync(f.fileno())  # on disk before the rename makes it the cached copy (checked by size only)
-            if h.hexdigest() != sha:
-                raise ValueError(f"{s['name']}: the copy downloaded from {self.url} has sha256 {h.hexdigest()}, "
+            if got != sha:
+                raise ValueError(f"{s['name']}: the copy downloaded from {self.url} has sha256 {got}, "
                                  f"the manifest says {sha} (the object changed or is corrupt)")
             os.replace(tmp, path)  # concurrent readers (workers, ranks) may both download; each rename is whole
         finally:
@@ -164,68 +163,9 @@ class Cache:
                     for off in range(first, table.num_rows):
                         yield Position(si, rg, off), self.decode(row_of(cols, off))
 
-    def decode(self, row: dict[str, Any]) -> dict:
+    def decode(self, row: dict[str, Any]) -> CachedSample:
         """One stored row -> the documented sample dict of numpy arrays (dequantized, Gram dense)."""
-        tpos = np.asarray(row["text_positions"], dtype=np.int64)
-        vpos = np.asarray(row["visual_positions"], dtype=np.int64)
-        out = {
-            "sample_id": row["sample_id"],
-            "sample_index": int(row["sample_index"]),
-            "input_ids": np.asarray(row["input_ids"], dtype=np.int64),
-            "text_positions": tpos,
-            "visual_positions": vpos,
-        }
-        for prefix, spec, n in (("text", self.text_spec, len(tpos)), ("visual", self.visual_spec, len(vpos))):
-            get = lambda key: row[f"{prefix}_{key}"]  # noqa: E731
-            out[f"{prefix}_logsumexp"] = np.asarray(get("logsumexp"), dtype=np.float32)
-            if spec.kind == "sampled":
-                counts = np.asarray(get("sample_counts"), dtype=np.int64)
-                lengths = fmt.sampled_rows(counts, spec.samples, n)
-                out[f"{prefix}_sample_ids"] = fmt.gaps_to_ids(get("sample_ids"), lengths)
-                out[f"{prefix}_sample_counts"] = counts
-                out[f"{prefix}_sample_row_lengths"] = lengths
-                continue
-            out[f"{prefix}_topk_ids"] = np.asarray(get("topk_ids"), dtype=np.int64).reshape(n, spec.k)
-            if self.version == 1:
-                lp = fmt.decode_logprobs_v1(np.asarray(get("topk_logprobs")))
-            else:
-                lp = fmt.decode_logprobs(np.asarray(get("topk_codes")).reshape(n, spec.k))
-            out[f"{prefix}_topk_logprobs"] = lp.reshape(n, spec.k)
-            out[f"{prefix}_tail_logprob"] = np.asarray(get("tail_logprob"), dtype=np.float32)
-        out["gram"] = self._gram(row, len(vpos))
-        return out
-
-    def _gram(self, row: dict[str, Any], nv: int) -> np.ndarray:
-        dense = np.asarray(row["gram"], dtype=np.float32)
-        if nv == 0:
-            return np.zeros((0, 0), np.float32)
-        if len(dense) or self.version == 1:
-            return fmt.gram_from_upper(dense, nv)
-        if len(row["gram_mean"]) == 0:  # built with --no-gram
-            return np.zeros((0, 0), np.float32)
-        eigvals = np.asarray(row["gram_eigvals"])
-        codes = fmt.eigvec_codes_from_bytes(row["gram_eigvecs_hi"], row["gram_eigvecs"], nv, len(eigvals))
-        return fmt.gram_from_lowrank(np.asarray(row["gram_mean"]), eigvals, np.asarray(row["gram_eigvec_scales"]),
-                                     codes, self.manifest["targets"]["gram"].get("vocab_size", self.manifest["vocab_size"]))
-
-
-def columns(table) -> dict[str, Any]:
-    """A row group as {name: (offsets, values) for list columns, Python list otherwise}, decoded once."""
-    import pyarrow as pa
-
-    cols: dict[str, Any] = {}
-    for name in table.column_names:
-        col = table.column(name).combine_chunks()
-        if pa.types.is_list(col.type):
-            cols[name] = (np.asarray(col.offsets), col.values.to_numpy(zero_copy_only=False))
-        else:
-            cols[name] = col.to_pylist()
-    return cols
-
-
-def row_of(cols: dict[str, Any], i: int) -> dict[str, Any]:
-    """Row i of `columns(...)`: numpy slices for list columns (no per-element Python objects)."""
-    return {k: (v[1][v[0][i]:v[0][i + 1]] if isinstance(v, tuple) else v[i]) for k, v in cols.items()}
+        return decode_row(row, self.text_spec, self.visual_spec, self.version, self.gram_vocab)
 
 
 def open_cache(path_or_url: str, cache_dir: str | os.PathLike | None = None) -> Cache:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+
+from kd_cache.codec import quantize_eigvecs
 
 
 @dataclass(frozen=True)
@@ -178,18 +179,13 @@ def gram_factors(logits: torch.Tensor, *, tolerance: float = 1e-4, lowrank: bool
     r64 = rc + mm
 
     def build(rank: int):
-        u = evecs[:, :rank]
-        levels = torch.full((rank,), 127.0, dtype=u.dtype, device=u.device)
-        levels[:GRAM_HI_VECTORS] = 32767.0  # int16 for the leading vectors (most of ‖R_c‖), int8 for the rest
-        scales = u.abs().amax(dim=0).clamp_min(1e-30) / levels
-        q = torch.maximum(torch.minimum(torch.round(u / scales), levels), -levels)
+        q, scales = quantize_eigvecs(evecs[:, :rank])
         uq = q * scales
         rc_hat = (uq * evals[:rank]) @ uq.T
         ok = _cos_gap(rc_hat, rc) <= tolerance and _cos_gap(rc_hat + mm, r64) <= tolerance
         return ok, q, scales
 
     max_rank = int((2 * n * (n + 1) - 4 * n) // (n + 8))  # beyond this the dense upper triangle is smaller
-    from kd_cache.format import GRAM_HI_VECTORS
     lo, hi, best = 1, min(max_rank, n), None
     while lo <= hi:  # smallest passing rank (quantization noise makes the test nearly, not strictly, monotone)
         mid = (lo + hi) // 2
@@ -204,15 +200,3 @@ def gram_factors(logits: torch.Tensor, *, tolerance: float = 1e-4, lowrank: bool
     return GramFactors(mean=m, eigvals=evals[:rank].float(), scales=scales.float(), eigvecs=q.to(torch.int16))
 
 
-@dataclass
-class SampleTargets:
-    """Host-side targets for one sample, ready for the writer."""
-
-    sample_index: int
-    sample_id: str
-    input_ids: np.ndarray
-    text_positions: np.ndarray
-    visual_positions: np.ndarray
-    text: dict  # numpy arrays: topk_ids/topk_logprobs/tail_logprob/logsumexp or sample_ids/sample_counts/...
-    visual: dict
-    gram: dict | None  # {"dense": (Nv, Nv)} or the low-rank parts {mean, eigvals, scales, eigvecs}

@@ -9,7 +9,8 @@ import torch
 from kd_cache.data import EncodedSample, image_token_id_of
 from kd_cache.hf import (collate, head_vocab_size, load_processor_and_config, logit_transform, pad_token_id,
                          pick_device, pick_dtype, tokenizer_of)
-from kd_cache.targets import SampleTargets, TargetOptions, gram_factors, row_targets, to_host
+from kd_cache.codec import SampleTargets
+from kd_cache.targets import TargetOptions, gram_factors, row_targets, to_host
 
 
 class Teacher:

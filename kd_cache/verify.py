@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import defaultdict
 
-import pyarrow.parquet as pq
 
 from kd_cache import format as fmt
+from kd_cache.shards import footer_problems, open_parquet, shard_sha256
 from kd_cache.reader import _fs_and_root
 
 
@@ -44,8 +43,9 @@ def info(path_or_url: str) -> dict:
     col_bytes: dict[str, int] = defaultdict(int)
     shards = []
     for s in m["shards"]:
-        with fs.open(f"{root}/{s['name']}", "rb") as f:
-            md = pq.ParquetFile(f).metadata
+        fh, pf = open_parquet(fs, f"{root}/{s['name']}")
+        with fh:
+            md = pf.metadata
         for rg in range(md.num_row_groups):
             g = md.row_group(rg)
             for c in range(g.num_columns):
@@ -130,33 +130,19 @@ def verify(path_or_url: str, *, checksums: bool = True) -> list[str]:
         size = fs.size(path)
         if size != s["bytes"]:
             problems.append(f"{name}: size {size} bytes, manifest says {s['bytes']} (truncated or replaced)")
-        if checksums:
-            h = hashlib.sha256()
-            with fs.open(path, "rb") as f:
-                while block := f.read(1 << 22):
-                    h.update(block)
-            if h.hexdigest() != s["sha256"]:
-                problems.append(f"{name}: sha256 mismatch (content changed since the build)")
+        if checksums and shard_sha256(fs, path) != s["sha256"]:
+            problems.append(f"{name}: sha256 mismatch (content changed since the build)")
         try:
-            with fs.open(path, "rb") as f:
-                pf = pq.ParquetFile(f, **fmt.READ_OPTIONS)
-                schema = pf.schema_arrow
-                rows = pf.metadata.num_rows
-                kv = pf.metadata.metadata or {}
+            fh, pf = open_parquet(fs, path)
+            with fh:
+                schema, metadata = pf.schema_arrow, pf.metadata
         except Exception as e:  # noqa: BLE001 - any parse failure is a finding, not a crash
             problems.append(f"{name}: not a readable Parquet file ({type(e).__name__}: {e})")
             continue
         if not schema.remove_metadata().equals(want_schema):
             problems.append(f"{name}: schema differs from format v{m['format_version']} with these targets")
-        if rows != s["rows"]:
-            problems.append(f"{name}: {rows} rows, manifest says {s['rows']}")
-        version = kv.get(b"kd.format_version", b"").decode() or None
-        if version != str(m["format_version"]):
-            problems.append(f"{name}: format version {version!r} in the shard, manifest says {m['format_version']}")
-        fp = kv.get(b"kd.teacher_fingerprint", b"").decode()
-        if fp != m["teacher"]["fingerprint"]:
-            problems.append(f"{name}: teacher fingerprint {fp!r} differs from the manifest's")
-        total += rows
+        problems += [f"{name}: {p}" for p in footer_problems(metadata, s, m, strict=True)]
+        total += metadata.num_rows
     if total != m["num_samples"] and not any("missing" in p for p in problems):
         problems.append(f"shards hold {total} samples, manifest says {m['num_samples']}")
     return problems

@@ -59,7 +59,7 @@ import torch
 
 from kd_cache import targets as kd_targets
 from kd_cache.data import EncodedSample, image_token_id_of, load_images
-from kd_cache.targets import SampleTargets
+from kd_cache.codec import SampleTargets
 from kd_cache.hf import load_processor_and_config, pad_token_id, pick_dtype, text_config
 
 log = logging.getLogger("kd_cache")

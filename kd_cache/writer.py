@@ -6,7 +6,6 @@ journal, so a crash at any point leaves either a complete, recorded shard or not
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import queue
@@ -15,57 +14,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kd_cache import format as fmt
+from kd_cache.codec import encode_table
 from kd_cache.files import fsync_dir, sha256_file
 from kd_cache.errors import ShardWriterError, describe
-from kd_cache.targets import SampleTargets
-
-
-def _list_array(chunks: list[np.ndarray], dtype: pa.DataType) -> pa.ListArray:
-    """Arrow list column from per-sample 1-D arrays without a Python loop over elements."""
-    lengths = np.fromiter((len(c) for c in chunks), dtype=np.int64, count=len(chunks))
-    offsets = np.zeros(len(chunks) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate(chunks) if chunks else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, type=dtype))
-
-
-def encode_table(samples: list[SampleTargets], sch: pa.Schema) -> pa.Table:
-    """Samples -> one Arrow table in the v2 schema `sch` (log-probs as delta codes, Gram low-rank or dense)."""
-    cols: dict[str, Any] = {
-        "sample_id": pa.array([s.sample_id for s in samples], pa.string()),
-        "sample_index": pa.array([s.sample_index for s in samples], pa.int64()),
-        "input_ids": _list_array([s.input_ids.astype(np.int32) for s in samples], pa.int32()),
-    }
-    for prefix in ("text", "visual"):
-        cols[f"{prefix}_positions"] = _list_array(
-            [getattr(s, f"{prefix}_positions").astype(np.int32) for s in samples], pa.int32())
-        t = [getattr(s, prefix) for s in samples]
-        for name in sch.names:
-            if not name.startswith(prefix + "_") or name == f"{prefix}_positions":
-                continue
-            key = name[len(prefix) + 1:]
-            typ = sch.field(name).type.value_type
-            if key == "topk_codes":
-                chunks = [fmt.encode_logprobs(d["topk_logprobs"]).ravel() for d in t]
-            elif key == "sample_ids":
-                chunks = [fmt.ids_to_gaps(d["sample_ids"], d["sample_row_lengths"]) for d in t]
-            else:
-                chunks = [np.asarray(d[key]).ravel() for d in t]
-            cols[name] = _list_array([c.astype(typ.to_pandas_dtype()) for c in chunks], typ)
-    grams = [s.gram or {} for s in samples]
-    empty = np.zeros(0, np.float32)
-    cols["gram"] = _list_array([fmt.gram_to_upper(g["dense"]) if "dense" in g else empty for g in grams], pa.float32())
-    for name, key in (("gram_mean", "mean"), ("gram_eigvals", "eigvals"), ("gram_eigvec_scales", "scales")):
-        cols[name] = _list_array([g[key].astype(np.float32) if key in g else empty for g in grams], pa.float32())
-    packed = [fmt.eigvec_codes_to_bytes(g["eigvecs"]) if "eigvecs" in g else (b"", b"") for g in grams]
-    cols["gram_eigvecs_hi"] = pa.array([p[0] for p in packed], pa.binary())
-    cols["gram_eigvecs"] = pa.array([p[1] for p in packed], pa.binary())
-    return pa.table(cols, schema=sch)
+from kd_cache.codec import SampleTargets
 
 
 def _sample_bytes_estimate(s: SampleTargets) -> int:

@@ -12,18 +12,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kd_cache.data import EncodedSample, Encoder
+from kd_cache.codec import LOGPROB_KEYS, ROW_KEYS, CachedSample, target_keys
+from kd_cache.data import EncodedSample, Encoder, image_token_id_of
 from kd_cache.hf import collate as collate_model_inputs
-
-TARGET_KEYS = ("topk_ids", "topk_logprobs", "tail_logprob")
-SAMPLED_KEYS = ("sample_ids", "sample_counts", "sample_row_lengths")
+from kd_cache.hf import tokenizer_of
 
 
 class CacheMismatchError(ValueError):
     """The student's encoding of a sample differs from what the cache recorded."""
 
 
-def features(encoded: EncodedSample, cached: dict | None = None) -> dict:
+def features(encoded: EncodedSample, cached: CachedSample | None = None) -> dict:
     """One training example: the encoded sample and (for KD stages) its cached targets, as numpy arrays."""
     out = {"encoded": encoded, "n_tokens": len(encoded.input_ids)}
     if cached is None:
@@ -40,9 +39,8 @@ def features(encoded: EncodedSample, cached: dict | None = None) -> dict:
     for prefix in ("text", "visual"):
         if not np.array_equal(getattr(encoded, f"{prefix}_positions"), cached[f"{prefix}_positions"]):
             raise CacheMismatchError(f"sample {cached['sample_id']!r}: {prefix} positions differ from the cache's")
-        for key in TARGET_KEYS + SAMPLED_KEYS:
-            if f"{prefix}_{key}" in cached:
-                out[f"{prefix}_{key}"] = cached[f"{prefix}_{key}"]
+    for name in target_keys(cached):
+        out[name] = cached[name]
     out["gram"] = cached["gram"]
     return out
 
@@ -99,13 +97,12 @@ def make_batch(items: list[dict], pad_id: int) -> Batch:
     if "gram" in items[0]:
         targets = {}
         for prefix in ("text", "visual"):
-            for key in TARGET_KEYS + SAMPLED_KEYS:
+            for key in (k for keys in ROW_KEYS.values() for k in keys):
                 name = f"{prefix}_{key}"
                 if name not in items[0]:
                     continue
                 arr = np.concatenate([it[name] for it in items])
-                targets[name] = torch.as_tensor(arr, dtype=torch.float32 if key in ("topk_logprobs", "tail_logprob")
-                                                else torch.long)
+                targets[name] = torch.as_tensor(arr, dtype=torch.float32 if key in LOGPROB_KEYS else torch.long)
         grams = [torch.as_tensor(it["gram"]) for it in items]
     return Batch(model_inputs, text_rows, labels, visual_rows, [len(e.visual_positions) for e in encs], targets,
                  grams, int(sum(it["n_tokens"] for it in items)))
@@ -113,9 +110,7 @@ def make_batch(items: list[dict], pad_id: int) -> Batch:
 
 def encoder_for(processor, model_config, *, image_root: str | None, max_length: int | None,
                 max_images: int | None = None, append_eos: bool = True) -> Encoder:
-    from kd_cache.data import image_token_id_of
-
-    tok = getattr(processor, "tokenizer", processor)
+    tok = tokenizer_of(processor)
     multimodal = tok is not processor
     return Encoder(processor, image_token_id_of(model_config, tok) if multimodal else None, image_root=image_root,
                    max_length=max_length, max_images=max_images, append_eos=append_eos)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -11,14 +12,26 @@ import time
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 
-from kd_cache.hf import pad_token_id
-from kd_cache.targets import TargetOptions
-from kd_train.batch import Batch, encoder_for, features, make_batch
+from kd_cache.reader import open_cache
+from kd_cache.data import RecordSource
+from kd_cache.files import save_json
+from kd_cache.hf import pad_token_id, tokenizer_fingerprint
+from kd_cache.progress import progress, quiet_library_bars
+from kd_cache.teacher import Teacher
+from kd_train.batch import encoder_for
+from kd_train.checkpoint import CHECKPOINT_DIR, STATE_NAME, latest_checkpoint, prune_checkpoints
+from kd_train.compat import fit_loss_to_cache, require_compatible
+from kd_train.config import TrainConfig
 from kd_train.objective import TERMS, RowLogits, StepCounts, StudentGram, micro_batch_loss
+from kd_train.schedule import cosine_with_warmup
+from kd_train.sources import CacheData, OnlineData, RecordData
 from kd_train.stages import StagePreset
-from kd_train.train import (CHECKPOINT_DIR, STATE_NAME, TrainConfig, cosine_with_warmup, latest_checkpoint,
-                            prune_checkpoints, save_json)
+from kd_train.student import load_student, save_student, set_trainable
+from kd_train.tracking import make_tracker_class
+from kd_train.validate import answer_nll
 
 log = logging.getLogger("kd_train")
 
@@ -33,185 +46,11 @@ def cache_append_eos(manifest: dict, asked: bool | None) -> bool:
     return built
 
 
-class JsonlTracker:
-    """accelerate tracker writing one JSON object per logged step to `<out>/metrics.jsonl` (main process only)."""
-
-    name = "jsonl"
-    requires_logging_directory = True
-    main_process_only = True
-
-    def __init__(self, run_name: str, logging_dir: str):
-        os.makedirs(logging_dir, exist_ok=True)
-        self.path = os.path.join(logging_dir, "metrics.jsonl")
-        self.run_name = run_name
-        self._file = None  # opened on first write: a run refused before training leaves no log behind
-
-    @property
-    def _f(self):
-        if self._file is None:
-            self._file = open(self.path, "a")
-        return self._file
-
-    @property
-    def tracker(self):
-        return self._f
-
-    def start(self) -> None:  # accelerate >= 1.2 calls this lazily
-        pass
-
-    def store_init_configuration(self, values: dict) -> None:
-        self._f.write(json.dumps({"run": self.run_name, "config": values}, default=str) + "\n")
-        self._f.flush()
-
-    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
-        self._f.write(json.dumps({"step": step, **values}, default=float) + "\n")
-        self._f.flush()
-
-    def finish(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
-
-def _make_tracker_class():
-    from accelerate.tracking import GeneralTracker
-
-    return type("KdJsonlTracker", (JsonlTracker, GeneralTracker), {})
-
-
-class _CacheData:
-    """KD stages: the cache stream joined with the data's records and images."""
-
-    def __init__(self, cfg: TrainConfig, encoder, acc, pad_id: int):
-        from kd_cache.data import RecordSource
-        from kd_train.stream import CacheStream, collate_tags, ensure_nonempty
-
-        self.cache = ensure_nonempty(cfg.cache)
-        self.records = RecordSource(cfg.data)
-        self._collate_tags = collate_tags
-        records, pad = self.records, pad_id
-
-        def transform(s: dict) -> dict:
-            index = int(s["sample_index"])
-            feats = features(encoder.encode(records[index], index, images=s["images"]), s)
-            feats.update({k: s[k] for k in s if k in _TAGS})
-            return feats
-
-        kw = dict(records=self.records, image_root=cfg.images, world_size=acc.num_processes, seed=cfg.seed,
-                  shuffle_buffer=cfg.shuffle_buffer, skip_missing_images=cfg.skip_missing_images,
-                  skip_corrupt_shards=cfg.skip_corrupt_shards)
-        self.stream = CacheStream(cfg.cache, rank=acc.process_index, transform=transform, **kw)
-        # Shares differ by up to a shard: every rank takes the smallest share's number of steps.
-        self.per_rank = min(CacheStream(cfg.cache, rank=r, **kw).num_samples() for r in range(acc.num_processes))
-        self.cfg, self.pad = cfg, pad
-
-    def loader(self, epoch: int):
-        self.stream.set_epoch(epoch)
-        return torch.utils.data.DataLoader(self.stream, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
-                                           collate_fn=self._collate, persistent_workers=False)
-
-    def _collate(self, items: list[dict]):
-        return make_batch(items, self.pad), self._collate_tags(items)
-
-    def mark(self, tags) -> None:
-        self.stream.mark_consumed(tags)
-
-    def state(self) -> dict:
-        return self.stream.state_dict()
-
-    def load(self, state: dict) -> None:
-        self.stream.load_state_dict(state)
-
-    def stats(self) -> dict:
-        return self.stream.stats
-
-
-class _RecordData:
-    """Stages without a cache (SFT, baseline): the data file itself, a seeded permutation per epoch."""
-
-    def __init__(self, cfg: TrainConfig, encoder, acc, pad_id: int):
-        from kd_cache.data import RecordSource
-        from kd_train.records import RecordDataset, per_rank_count
-
-        self.records = RecordSource(cfg.data)
-        if len(self.records) == 0:
-            raise ValueError(f"data {cfg.data} holds no samples")
-        self.dataset = RecordDataset(self.records, encoder)
-        self.per_rank = per_rank_count(len(self.records), acc.num_processes)
-        self.cfg, self.acc, self.pad = cfg, acc, pad_id
-        self.epoch, self.consumed, self.skipped = 0, 0, 0
-
-    def loader(self, epoch: int):
-        from kd_train.records import EpochSampler
-
-        if epoch != self.epoch:
-            self.epoch, self.consumed = epoch, 0
-        sampler = EpochSampler(len(self.records), seed=self.cfg.seed, epoch=epoch, rank=self.acc.process_index,
-                               world_size=self.acc.num_processes, consumed=self.consumed, per_rank=self.per_rank)
-        return torch.utils.data.DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=sampler,
-                                           num_workers=self.cfg.num_workers, collate_fn=self._collate)
-
-    def _collate(self, items: list[dict]):
-        good = [it for it in items if "skip" not in it]
-        return (make_batch(good, self.pad) if good else None), {"n": len(items), "skipped": len(items) - len(good)}
-
-    def mark(self, tags) -> None:
-        self.consumed += tags["n"]
-        self.skipped += tags["skipped"]
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed, "skipped": self.skipped}
-
-    def load(self, state: dict) -> None:
-        self.epoch, self.consumed, self.skipped = state["epoch"], state["consumed"], state.get("skipped", 0)
-
-    def stats(self) -> dict:
-        return {"skipped_samples": self.skipped}
-
-
-class _OnlineData(_RecordData):
-    """The online reference: the teacher runs on every micro-batch (in the training process, like the paper's
-    code) and its targets are computed exactly as the cache builder computes them, minus quantization."""
-
-    def __init__(self, cfg: TrainConfig, encoder, acc, pad_id: int, teacher, teacher_encoder):
-        super().__init__(cfg, encoder, acc, pad_id)
-        self.dataset.teacher_encoder = teacher_encoder
-        self.teacher = teacher
-        vocab = teacher.vocab_size
-        self.k = cfg.online_top_k or vocab
-        self.kv = cfg.online_visual_top_k or vocab
-
-    def _collate(self, items: list[dict]):
-        good = [it for it in items if "skip" not in it]
-        return (good or None), {"n": len(items), "skipped": len(items) - len(good)}
-
-    def materialize(self, items: list[dict]) -> Batch:
-        """Teacher forward on the micro-batch -> the same targets a cache row would hold -> a Batch."""
-        opts = TargetOptions(text_k=self.k, visual_k=self.kv, gram_lowrank=False)
-        results = self.teacher.targets([(i, it["teacher"]) for i, it in enumerate(items)], opts)
-        feats = []
-        for it, r in zip(items, results):
-            nv = len(r.visual_positions)
-            target = {"sample_id": r.sample_id, "input_ids": r.input_ids, "text_positions": r.text_positions,
-                      "visual_positions": r.visual_positions,
-                      "gram": r.gram["dense"] if r.gram is not None else torch.zeros((nv, nv)).numpy()}
-            for prefix, d in (("text", r.text), ("visual", r.visual)):
-                for key, v in d.items():
-                    target[f"{prefix}_{key}"] = v
-            feats.append(features(it["encoded"], target))
-        return make_batch(feats, self.pad)
-
-
-_TAGS = ("position", "next_position", "stream_index", "worker_id", "num_workers", "stream_stats")
-
-
 class StageRunner:
     """Everything one stage needs; `fit()` trains it and writes `<out>/final`."""
 
     def __init__(self, cfg: TrainConfig, preset: StagePreset, student: str, out: str):
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
 
-        from kd_train.student import load_student, set_trainable
 
         self.cfg, self.preset, self.out = cfg, preset, out
         self.loss_cfg = cfg.loss_config(preset)
@@ -222,14 +61,13 @@ class StageRunner:
             mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
         trackers: list[Any] = []
         if "jsonl" in cfg.tracker_list():
-            trackers.append(_make_tracker_class()(run_name=preset.name, logging_dir=out))
+            trackers.append(make_tracker_class()(run_name=preset.name, logging_dir=out))
         if "tensorboard" in cfg.tracker_list():
             trackers.append("tensorboard")
         # cpu=True is what makes accelerate form a gloo process group from torchrun-style env on GPU-less hosts
         self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp, log_with=trackers or None,
                                project_dir=out)
         set_seed(cfg.seed)
-        from kd_cache.progress import quiet_library_bars
 
         quiet_library_bars()  # no loading bar frames in a log file (stderr not a terminal)
         self.model, self.processor = load_student(student)
@@ -245,8 +83,6 @@ class StageRunner:
         self.teacher_vocab = None
         self.n_draws = {"text": 0, "visual": 0}
         if self.uses_cache and cfg.online_teacher is None:
-            from kd_cache import open_cache
-            from kd_train.compat import fit_loss_to_cache, require_compatible
 
             cache = open_cache(cfg.cache)
             manifest = cache.manifest
@@ -263,9 +99,9 @@ class StageRunner:
         if self.uses_cache and cfg.online_teacher is not None:
             self.data = self._online_data(cfg, encoder, pad, max_length)
         elif self.uses_cache:
-            self.data = _CacheData(cfg, encoder, self.acc, pad)
+            self.data = CacheData(cfg, encoder, self.acc, pad)
         else:
-            self.data = _RecordData(cfg, encoder, self.acc, pad)
+            self.data = RecordData(cfg, encoder, self.acc, pad)
         per_step = cfg.batch_size * cfg.grad_accum
         self.steps_per_epoch = self.data.per_rank // per_step
         if self.steps_per_epoch == 0:
@@ -292,7 +128,6 @@ class StageRunner:
         # held-out teacher-forced answer NLL (--val-data), and the best weights so far (--keep-best)
         self.val = None
         if cfg.val_data is not None:
-            from kd_cache.data import RecordSource
 
             val_encoder = encoder_for(self.processor, self.model.config, image_root=cfg.val_images or cfg.images,
                                       max_length=max_length, append_eos=append_eos)
@@ -301,8 +136,6 @@ class StageRunner:
         self.best: tuple[float, int, dict] | None = None  # (val nll, step, CPU state_dict)
 
     def _online_data(self, cfg: TrainConfig, encoder, pad: int, max_length):
-        from kd_cache.teacher import Teacher
-        from kd_cache.hf import tokenizer_fingerprint
 
         teacher = Teacher(cfg.online_teacher, device=str(self.acc.device), dtype="float32"
                           if self.acc.mixed_precision == "no" else "bfloat16")
@@ -314,7 +147,7 @@ class StageRunner:
         self.teacher_vocab = teacher.vocab_size
         t_encoder = encoder_for(teacher.processor, teacher.config, image_root=cfg.images, max_length=max_length,
                                 append_eos=encoder.append_eos)
-        return _OnlineData(cfg, encoder, self.acc, pad, teacher, t_encoder)
+        return OnlineData(cfg, encoder, self.acc, pad, teacher, t_encoder)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
@@ -360,7 +193,6 @@ class StageRunner:
         acc.init_trackers(f"kd-{self.preset.name}", config={"stage": self.preset.name, **{
             k: v for k, v in cfg.__dict__.items() if isinstance(v, (int, float, str, bool))}})
         self.maybe_resume()
-        from kd_cache.progress import progress
 
         # a bar on a terminal, a plain line every 30 s in a log file (kd_cache/progress.py)
         bar = progress(self.total_steps, self.step, desc=f"kd train {self.preset.name}", unit="step",
@@ -400,7 +232,7 @@ class StageRunner:
     def _optimizer_step(self, group: list) -> dict[str, float]:
         acc = self.acc
         device = acc.device
-        if isinstance(self.data, _OnlineData):
+        if isinstance(self.data, OnlineData):
             group = [(None if b is None else self.data.materialize(b), t) for b, t in group]
         local = torch.tensor([[b.n_text, b.n_visual, b.n_gram, b.n_tokens] if b is not None else [0, 0, 0, 0]
                               for b, _ in group], dtype=torch.float64, device=device).sum(0)
@@ -410,7 +242,7 @@ class StageRunner:
         loss_value = 0.0
         for i, (batch, tags) in enumerate(group):
             last = i == len(group) - 1
-            ctx = acc.no_sync(self.wrapped) if not last else _nullcontext()
+            ctx = acc.no_sync(self.wrapped) if not last else contextlib.nullcontext()
             with ctx:
                 if batch is None:  # every sample of this micro-batch was skipped: keep DDP in step with a zero loss
                     loss = sum(p.sum() * 0.0 for p in self.wrapped.parameters() if p.requires_grad)
@@ -445,7 +277,6 @@ class StageRunner:
     def validate(self) -> dict[str, float]:
         """Teacher-forced answer NLL on --val-data (every rank scores all of it: small, and no collective); with
         --keep-best, a CPU copy of the weights when it is the lowest so far."""
-        from kd_train.validate import answer_nll
 
         records, encoder, pad = self.val
         model = self.acc.unwrap_model(self.wrapped).model
@@ -459,7 +290,6 @@ class StageRunner:
         return {"val_nll": res["nll"]}
 
     def _finish(self) -> None:
-        from kd_train.student import save_student
 
         acc = self.acc
         acc.wait_for_everyone()
@@ -484,14 +314,6 @@ class StageRunner:
             os.replace(tmp, final)
         acc.wait_for_everyone()
         acc.end_training()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _gather_objects(acc, obj) -> list:

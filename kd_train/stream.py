@@ -35,9 +35,10 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from kd_cache import format as fmt
 from kd_cache.errors import DataError
-from kd_cache.reader import Cache, Position, columns, open_cache, row_of
+from kd_cache.codec import columns, row_of
+from kd_cache.reader import Cache, Position, open_cache
+from kd_cache.shards import footer_problems, open_parquet, shard_sha256
 
 log = logging.getLogger("kd_train.stream")
 
@@ -299,11 +300,6 @@ class _ShardReader:
         self._rg: int | None = None
         self._cols: dict[str, Any] = {}
         self._whole_file = False
-        targets = cache.manifest.get("targets", {})
-        self._expect_meta = {
-            b"kd.teacher_fingerprint": str(cache.manifest.get("teacher", {}).get("fingerprint", "")),
-            b"kd.targets": json.dumps(targets, sort_keys=True),
-        }
 
     def close(self) -> None:
         if self._fh is not None:
@@ -328,33 +324,13 @@ class _ShardReader:
         self.counters.corrupt_shards.add(shard)
 
     def _open(self, shard: int) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         self.close()
         fs, url = self.cache.shard_location(shard)  # remote, or a local copy in the read-through cache
-        fh = pa.BufferReader(fs.cat_file(url)) if self._whole_file else fs.open(url, "rb")
-        try:
-            pf = pq.ParquetFile(fh, **fmt.READ_OPTIONS)
-        except BaseException:
-            fh.close()
-            raise
-        self._fh, self._pf, self._shard = fh, pf, shard
-        md = pf.metadata
-        want = int(self.cache.shards[shard]["rows"])
-        if md.num_rows != want:
-            raise ValueError(f"footer says {md.num_rows} rows, the manifest says {want}")
-        kv = md.metadata or {}
-        for key, expected in self._expect_meta.items():
-            have = kv.get(key)
-            if have is None:
-                continue
-            if key == b"kd.targets":
-                ok = json.dumps(json.loads(have), sort_keys=True) == expected
-            else:
-                ok = have.decode() == expected
-            if not ok:
-                raise ValueError(f"footer {key.decode()} does not match the manifest")
+        self._fh, self._pf = open_parquet(fs, url, whole_file=self._whole_file)
+        self._shard = shard
+        problems = footer_problems(self._pf.metadata, self.cache.shards[shard], self.cache.manifest)
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def _ranged(self, fn: Callable[[], Any]) -> Any:
         """Run fn; if the server ignores HTTP Range requests (e.g. `python -m http.server`), switch to reading
@@ -401,22 +377,13 @@ class _ShardReader:
         if shard not in self._verified:
             want = self.cache.shards[shard].get("sha256")
             fs, url = self.cache.shard_location(shard)
-            h = hashlib.sha256()
-            if self._whole_file:
-                h.update(fs.cat_file(url))
-            else:
-                with fs.open(url, "rb") as f:
-                    while block := f.read(8 << 20):
-                        h.update(block)
-            got = h.hexdigest()
+            got = shard_sha256(fs, url, whole_file=self._whole_file)
             ok = not want or got == want
             self._verified[shard] = None if ok else f"sha256 {got} differs from the manifest's {want}"
         if self._verified[shard] is not None:
             raise ValueError(self._verified[shard])
 
     def _load(self, shard: int, rg: int) -> None:
-        import pyarrow as pa
-
         def read():
             if self.verify_checksums:
                 self._verify(shard)

@@ -8,22 +8,21 @@ the gradient is the per-row mean over the global batch whatever the accumulation
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
-import shutil
-import time
-from typing import Any
 
 from kd_cache.config import to_dict
+from kd_cache.files import save_json
+from kd_cache.paths import check_input_path, check_model_path, check_writable_folder
+from kd_cache.remote import is_remote
 from kd_train.config import TrainConfig
+from kd_train.engine import StageRunner
 from kd_train.stages import PRESETS, StagePreset, recipe_stages
+from kd_train.stream import ensure_nonempty
+
+__all__ = ["TrainConfig", "run", "preflight", "train_stage"]
 
 log = logging.getLogger("kd_train")
-
-CHECKPOINT_DIR = "checkpoints"
-STATE_NAME = "trainer_state.json"
 
 
 def run(cfg: TrainConfig) -> list[str]:
@@ -47,8 +46,6 @@ def preflight(cfg: TrainConfig) -> None:
     anything is written): the student folder, the output folder is writable, and for every stage still to run its
     data file and image folder exist and the cache it reads exists, is complete (manifest written) and holds
     samples. Raises FileNotFoundError / ValueError naming the stage and the path."""
-    from kd_cache.paths import check_input_path, check_model_path, check_writable_folder
-
     check_writable_folder(cfg.out)
     if cfg.stage is not None:
         stages = [(PRESETS[cfg.stage], cfg, cfg.out)]
@@ -91,9 +88,6 @@ def _recipe_stage_config(cfg: TrainConfig, preset: StagePreset, student: str, ou
 
 def _check_cache(cache: str, where: str = "") -> None:
     """The cache exists, is complete and holds samples (its manifest is read; no shard is)."""
-    from kd_cache.remote import is_remote
-    from kd_train.stream import ensure_nonempty
-
     if not is_remote(cache):
         if not os.path.exists(cache):
             raise FileNotFoundError(f"cache{where} {cache} does not exist; build it with `kd cache build`")
@@ -104,8 +98,6 @@ def _check_cache(cache: str, where: str = "") -> None:
 
 def train_stage(cfg: TrainConfig, preset: StagePreset, student: str, out: str) -> str:
     """Train one stage from `student`; writes the HF-loadable student to `out/final` and returns that path."""
-    from kd_train.engine import StageRunner
-
     final = os.path.join(out, "final")
     if os.path.exists(os.path.join(final, "config.json")):
         log.info("stage %s already finished at %s", preset.name, final)
@@ -113,41 +105,3 @@ def train_stage(cfg: TrainConfig, preset: StagePreset, student: str, out: str) -
     runner = StageRunner(cfg, preset, student, out)
     runner.fit()
     return final
-
-
-def save_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, path)
-
-
-def latest_checkpoint(out: str) -> str | None:
-    """The newest complete checkpoint folder (complete = its trainer_state.json exists)."""
-    root = os.path.join(out, CHECKPOINT_DIR)
-    if not os.path.isdir(root):
-        return None
-    steps = []
-    for name in os.listdir(root):
-        if name.startswith("step-") and os.path.exists(os.path.join(root, name, STATE_NAME)):
-            steps.append((int(name.split("-")[1]), name))
-    return os.path.join(root, max(steps)[1]) if steps else None
-
-
-def prune_checkpoints(out: str, keep: int) -> None:
-    root = os.path.join(out, CHECKPOINT_DIR)
-    names = sorted((n for n in os.listdir(root) if n.startswith("step-") and "." not in n),
-                   key=lambda n: int(n.split("-")[1]))
-    for name in names[:-keep]:
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def now() -> float:
-    return time.perf_counter()

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from kd_cache import codec
 from kd_cache import format as fmt
 from kd_cache import open_cache
 from kd_cache.build import BuildConfig, build
@@ -29,7 +30,7 @@ def test_gram_lowrank_meets_the_tolerance_on_raw_and_centred():
     z = (torch.randn(n, d) @ torch.randn(v, d).T) * 0.4 + torch.randn(n, 1) * 6
     g = gram_factors(z, tolerance=1e-4)
     assert g.dense is None and 0 < g.rank <= d
-    r = fmt.gram_from_lowrank(g.mean.numpy(), g.eigvals.numpy(), g.scales.numpy(), g.eigvecs.numpy(), v)
+    r = codec.gram_from_lowrank(g.mean.numpy(), g.eigvals.numpy(), g.scales.numpy(), g.eigvecs.numpy(), v)
     z64 = z.double()
     zc = z64 - z64.mean(-1, keepdim=True)
     m = g.mean.double().numpy()
@@ -124,7 +125,7 @@ def _write_v1_cache(src, dst):
             cols[f"{p}_topk_logprobs"].append(codes)
             cols[f"{p}_tail_logprob"].append(s[f"{p}_tail_logprob"])
             cols[f"{p}_logsumexp"].append(s[f"{p}_logsumexp"])
-        cols["gram"].append(fmt.gram_to_upper(s["gram"]) if s["gram"].size else np.zeros(0, np.float32))
+        cols["gram"].append(codec.gram_to_upper(s["gram"]) if s["gram"].size else np.zeros(0, np.float32))
     table = pa.table(cols, schema=fmt.schema(version=1))
     name = f"{fmt.SHARD_DIR}/v1.parquet"
     pq.write_table(table, dst / name, compression="zstd")

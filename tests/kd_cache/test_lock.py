@@ -197,6 +197,8 @@ def test_a_rerun_after_a_failed_manifest_write_cleans_up_and_completes(tmp_path,
     (out / lock_name(0, 1)).write_text(json.dumps({"pid": gone, "host": socket.gethostname(), "started": 0}))
     manifest = build(cfg)
     assert manifest is not None and verify(str(out)) == []
+    # the rerun loads no teacher: the manifest still says what the shards were written with
+    assert manifest["targets"]["teacher_dtype"] == "float32" and "header" not in manifest["build"]["ranks"][0]
     left = [str(p.relative_to(out)) for p in out.rglob("*") if ".tmp" in p.name or is_lock_file(p.name)]
     assert left == []
     assert sorted(p.name for p in out.iterdir()) == sorted(

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from kd_cache import codec
 from kd_cache import format as fmt
 from kd_cache import open_cache
 from kd_cache.verify import verify
@@ -88,17 +89,17 @@ def test_shards_read_with_pandas_and_datasets(llava_cache):
     s = ours[row["sample_id"]]
     assert np.array_equal(np.asarray(row["input_ids"]), s["input_ids"])
     k = cache.text_spec.k
-    lp = fmt.decode_logprobs(np.asarray(row["text_topk_codes"], dtype=np.uint8).reshape(-1, k))
+    lp = codec.decode_logprobs(np.asarray(row["text_topk_codes"], dtype=np.uint8).reshape(-1, k))
     assert np.array_equal(lp, s["text_topk_logprobs"])
     # the Gram rebuilds from plain columns: dense upper triangle, or row means + int8 eigenpairs
     pd_row = df[df.sample_id == row["sample_id"]].iloc[0]
     nv = len(s["visual_positions"])
     if len(pd_row["gram"]):
-        g = fmt.gram_from_upper(np.asarray(pd_row["gram"], dtype=np.float32), nv)
+        g = codec.gram_from_upper(np.asarray(pd_row["gram"], dtype=np.float32), nv)
     else:
-        codes = fmt.eigvec_codes_from_bytes(pd_row["gram_eigvecs_hi"], pd_row["gram_eigvecs"], nv,
+        codes = codec.eigvec_codes_from_bytes(pd_row["gram_eigvecs_hi"], pd_row["gram_eigvecs"], nv,
                                             len(pd_row["gram_eigvals"]))
-        g = fmt.gram_from_lowrank(pd_row["gram_mean"], pd_row["gram_eigvals"], pd_row["gram_eigvec_scales"],
+        g = codec.gram_from_lowrank(pd_row["gram_mean"], pd_row["gram_eigvals"], pd_row["gram_eigvec_scales"],
                                   codes, cache.manifest["vocab_size"])
     assert np.array_equal(g, s["gram"]) and np.allclose(g, g.T)
 
@@ -127,9 +128,9 @@ def test_reader_resumes_at_a_position_and_reads_row_groups_lazily(llava_cache):
 
 def test_logprob_codes_round_trip_within_the_stated_bound():
     lp = -np.sort(np.random.default_rng(0).exponential(4.0, size=(2000, 64)), axis=1).astype(np.float32)
-    codes = fmt.encode_logprobs(lp)
+    codes = codec.encode_logprobs(lp)
     assert codes.dtype == np.uint8
-    back = fmt.decode_logprobs(codes)
+    back = codec.decode_logprobs(codes)
     inside = lp >= -(fmt.LOGPROB_MAX_CODE + 0.5) / fmt.LOGPROB_SCALE
     assert np.abs(back[inside] - lp[inside]).max() <= fmt.LOGPROB_MAX_ABS_ERROR + 1e-6
     assert back.min() >= -fmt.LOGPROB_MAX_CODE / fmt.LOGPROB_SCALE

@@ -1,0 +1,120 @@
+"""What a stage trains on: the cache stream joined with the records (KD stages), the records alone (stages without
+a cache), or the records with an online teacher (the exact-target reference). Each yields micro-batches with the
+tags that let the loop report what it consumed, and saves / restores its position for exact resume."""
+
+from __future__ import annotations
+
+import torch
+
+from kd_cache.codec import sample_from_targets
+from kd_cache.data import RecordSource
+from kd_cache.targets import TargetOptions
+from kd_train.batch import Batch, features, make_batch
+from kd_train.config import TrainConfig
+from kd_train.records import EpochSampler, RecordDataset, per_rank_count
+from kd_train.stream import TAG_KEYS, CacheStream, collate_tags, ensure_nonempty
+
+
+class CacheData:
+    """KD stages: the cache stream joined with the data's records and images."""
+
+    def __init__(self, cfg: TrainConfig, encoder, acc, pad_id: int):
+        self.cache = ensure_nonempty(cfg.cache)
+        self.records = RecordSource(cfg.data)
+        records, pad = self.records, pad_id
+
+        def transform(s: dict) -> dict:
+            index = int(s["sample_index"])
+            feats = features(encoder.encode(records[index], index, images=s["images"]), s)
+            feats.update({k: s[k] for k in s if k in TAG_KEYS})
+            return feats
+
+        kw = dict(records=self.records, image_root=cfg.images, world_size=acc.num_processes, seed=cfg.seed,
+                  shuffle_buffer=cfg.shuffle_buffer, skip_missing_images=cfg.skip_missing_images,
+                  skip_corrupt_shards=cfg.skip_corrupt_shards)
+        self.stream = CacheStream(cfg.cache, rank=acc.process_index, transform=transform, **kw)
+        # Shares differ by up to a shard: every rank takes the smallest share's number of steps.
+        self.per_rank = min(CacheStream(cfg.cache, rank=r, **kw).num_samples() for r in range(acc.num_processes))
+        self.cfg, self.pad = cfg, pad
+
+    def loader(self, epoch: int):
+        self.stream.set_epoch(epoch)
+        return torch.utils.data.DataLoader(self.stream, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
+                                           collate_fn=self._collate, persistent_workers=False)
+
+    def _collate(self, items: list[dict]):
+        return make_batch(items, self.pad), collate_tags(items)
+
+    def mark(self, tags) -> None:
+        self.stream.mark_consumed(tags)
+
+    def state(self) -> dict:
+        return self.stream.state_dict()
+
+    def load(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+    def stats(self) -> dict:
+        return self.stream.stats
+
+
+class RecordData:
+    """Stages without a cache (SFT, baseline): the data file itself, a seeded permutation per epoch."""
+
+    def __init__(self, cfg: TrainConfig, encoder, acc, pad_id: int):
+        self.records = RecordSource(cfg.data)
+        if len(self.records) == 0:
+            raise ValueError(f"data {cfg.data} holds no samples")
+        self.dataset = RecordDataset(self.records, encoder)
+        self.per_rank = per_rank_count(len(self.records), acc.num_processes)
+        self.cfg, self.acc, self.pad = cfg, acc, pad_id
+        self.epoch, self.consumed, self.skipped = 0, 0, 0
+
+    def loader(self, epoch: int):
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+        sampler = EpochSampler(len(self.records), seed=self.cfg.seed, epoch=epoch, rank=self.acc.process_index,
+                               world_size=self.acc.num_processes, consumed=self.consumed, per_rank=self.per_rank)
+        return torch.utils.data.DataLoader(self.dataset, batch_size=self.cfg.batch_size, sampler=sampler,
+                                           num_workers=self.cfg.num_workers, collate_fn=self._collate)
+
+    def _collate(self, items: list[dict]):
+        good = [it for it in items if "skip" not in it]
+        return (make_batch(good, self.pad) if good else None), {"n": len(items), "skipped": len(items) - len(good)}
+
+    def mark(self, tags) -> None:
+        self.consumed += tags["n"]
+        self.skipped += tags["skipped"]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "skipped": self.skipped}
+
+    def load(self, state: dict) -> None:
+        self.epoch, self.consumed, self.skipped = state["epoch"], state["consumed"], state.get("skipped", 0)
+
+    def stats(self) -> dict:
+        return {"skipped_samples": self.skipped}
+
+
+class OnlineData(RecordData):
+    """The online reference: the teacher runs on every micro-batch (in the training process, like the paper's
+    code) and its targets are computed exactly as the cache builder computes them, minus quantization."""
+
+    def __init__(self, cfg: TrainConfig, encoder, acc, pad_id: int, teacher, teacher_encoder):
+        super().__init__(cfg, encoder, acc, pad_id)
+        self.dataset.teacher_encoder = teacher_encoder
+        self.teacher = teacher
+        vocab = teacher.vocab_size
+        self.k = cfg.online_top_k or vocab
+        self.kv = cfg.online_visual_top_k or vocab
+
+    def _collate(self, items: list[dict]):
+        good = [it for it in items if "skip" not in it]
+        return (good or None), {"n": len(items), "skipped": len(items) - len(good)}
+
+    def materialize(self, items: list[dict]) -> Batch:
+        """Teacher forward on the micro-batch -> the same targets a cache row would hold -> a Batch."""
+        opts = TargetOptions(text_k=self.k, visual_k=self.kv, gram_lowrank=False)
+        results = self.teacher.targets([(i, it["teacher"]) for i, it in enumerate(items)], opts)
+        feats = [features(it["encoded"], sample_from_targets(r)) for it, r in zip(items, results)]
+        return make_batch(feats, self.pad)
