@@ -26,7 +26,7 @@ What it does
   bytes/row and a numerical unbiasedness check.
 * Gram R = Z Z^T for 728 rows: dense / fp16 / upper triangle / low-rank eigendecompositions with int8 eigenvectors,
   on raw R and row-centred R_c (R = R_c + V m m^T exactly, m = per-row mean logit).
-* The tiny random `llava` teacher of `kd_cache.tiny` (near-uniform distributions) for reference.
+* The tiny random `llava` teacher of `kd_eval.tiny` (near-uniform distributions) for reference.
 
 Results go to benchmarks/results/cache_size.json; a markdown summary is printed to stdout.
 """
@@ -925,7 +925,7 @@ def tiny_teacher_logits(tmpdir: str, n_samples: int = 48):
     from kd_cache.data import Encoder, RecordSource, SkipSample
     from kd_cache.teacher import Teacher
     from kd_cache.hf import collate
-    from kd_cache.tiny import make_tiny_dataset, make_tiny_teacher
+    from kd_eval.tiny import make_tiny_dataset, make_tiny_teacher
 
     tdir = make_tiny_teacher(os.path.join(tmpdir, "tiny-teacher"), "llava")
     json_path, img = make_tiny_dataset(os.path.join(tmpdir, "tiny-data"), n=n_samples, seed=0, kind="instruct")
@@ -1154,7 +1154,7 @@ def markdown(results: dict) -> str:
                      f"{r['centered_cos_gap']:.1e} | {'yes' if r['meets_target'] else 'no'} |")
     tiny = results.get("tiny_teacher")
     if tiny:
-        L.append(f"\n## Tiny random llava teacher (kd_cache.tiny, V={tiny['V']}; near-uniform, not the target)\n")
+        L.append(f"\n## Tiny random llava teacher (kd_eval.tiny, V={tiny['V']}; near-uniform, not the target)\n")
         L.append("| rows | layout | B/row | quant KL | trunc KL | top-1 p | top-64 mass |")
         L.append("|---|---|---:|---:|---:|---:|---:|")
         for label in ("text", "visual"):

@@ -95,7 +95,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kd_cache.tiny import chat_template
+from kd_eval.tiny import chat_template
 
 REPO = Path(__file__).resolve().parent.parent
 GOALS = {"build_over_forward": 1.03, "dft_over_sft": 1.15}

@@ -160,7 +160,7 @@ def pretrain_llm(root: Path, s: demo.DemoSettings, records: list[dict], teacher:
     (with its own tokenizer, 509 of 512 ids would land on other rows once composed with the teacher's)."""
     from transformers import AutoModelForCausalLM, AutoProcessor
 
-    from kd_cache.tiny import make_tiny_teacher
+    from kd_eval.tiny import make_tiny_teacher
     from kd_train.train import TrainConfig, run
 
     final = root / "sft" / "final"

@@ -242,12 +242,8 @@ def main(argv: list[str] | None = None) -> None:
                             for state, path in students.items()}}
     payload["seconds"] = time.perf_counter() - t0
     Path(args.results).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-    docs = Path(args.docs)
-    text = docs.read_text(encoding="utf-8") if docs.exists() else ""
     block = markdown(payload)
-    a, b = text.find(MARK[0]), text.find(MARK[1])
-    text = text[:a] + block + text[b + len(MARK[1]):] if 0 <= a < b else text.rstrip() + "\n\n" + block + "\n"
-    docs.write_text(text, encoding="utf-8")
+    report.replace_marked_block(args.docs, MARK, block)
     print(block)
 
 

@@ -5,7 +5,7 @@ Run from the repository root (about 6-7 minutes on this shared 2-core CPU; `--qu
 
     python -m benchmarks.train_cost [--quick] [--only direct,runs,loader,stream,rdist]
 
-Models: tiny LLaVA built from config by `kd_cache.tiny.make_tiny_teacher` (random weights, one shared tokenizer of
+Models: tiny LLaVA built from config by `kd_eval.tiny.make_tiny_teacher` (random weights, one shared tokenizer of
 512 ids, SigLIP tower as wide and deep as the LM, 64x64 images in 8x8 patches = 64 visual tokens per image):
 student hidden 512 x 6 layers (29.5M parameters, 12.7M of them the frozen tower), teacher hidden 1024 x 6 layers
 (116.7M, 3.95x). Data: `make_tiny_dataset(48, kind="instruct")` (1 in 8 samples text-only). The cache is built
@@ -183,7 +183,7 @@ CHILDREN = {"run": _child_run, "baseline": _child_baseline, "stream": _child_str
 
 def make_models(work: Path, conf: dict) -> dict:
     from kd_cache.build import BuildConfig, build
-    from kd_cache.tiny import make_tiny_dataset, make_tiny_teacher
+    from kd_eval.tiny import make_tiny_dataset, make_tiny_teacher
 
     t0 = time.perf_counter()
     (hs, ls), (ht, lt) = conf["student"], conf["teacher"]
@@ -355,7 +355,7 @@ def synthetic_cache(work: Path, n: int, *, length: int = 32, rows: int = 16, k: 
     from kd_cache.build import BuildConfig, build
     from kd_cache.manifest import done_path, try_finalize
     from kd_cache.codec import SampleTargets
-    from kd_cache.tiny import make_tiny_teacher
+    from kd_eval.tiny import make_tiny_teacher
     from kd_cache.writer import ShardWriter
     from kd_cache.files import atomic_write_text
 

@@ -1,11 +1,12 @@
-"""`kd cache build|info|verify|check|publish`."""
+"""`kd cache build|info|verify|check|publish`.
+
+Each command imports its implementation when it runs, not at import: `kd --help` stays fast (no torch).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 from typing import Optional
 
 import typer
@@ -21,6 +22,7 @@ app = typer.Typer(help="Build, describe, verify and publish teacher caches.", no
 def build(cfg: BuildConfig) -> None:
     """Run the teacher once over a dataset and write a cache. Rerun the same command to resume after a crash;
     run it under `torchrun`/`accelerate launch` to split the work across processes."""
+    from kd_cache.backends import end_process
     from kd_cache.build import build as run_build
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -30,13 +32,7 @@ def build(cfg: BuildConfig) -> None:
         sk = manifest["skipped"]
         typer.echo(f"cache complete: {manifest['num_samples']} samples in {len(manifest['shards'])} shards at {cfg.out}"
                    f" ({sk['total']} skipped{': ' + json.dumps(sk['by_reason']) if sk['total'] else ''})")
-    if cfg.backend == "vllm":
-        # Everything is written and the engine is shut down (build() closes it). Skip interpreter teardown, where a
-        # native thread vLLM left behind can abort the process, so the exit status says what happened to the cache.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(0)
+    end_process(cfg.backend)  # the backend's own exit rule (vLLM: skip the interpreter teardown)
 
 
 @app.command()

@@ -21,6 +21,7 @@ import typer
 from rich.markup import escape as rich_escape
 
 from kd_cache.config import MISSING, resolve
+from kd_cache.errors import describe, storage_errors, user_errors
 
 T = TypeVar("T")
 
@@ -32,8 +33,6 @@ def reported() -> Iterator[None]:
     """One `error: ...` line instead of a traceback. Exit 2: the arguments or inputs are wrong (ValueError,
     FileNotFoundError, a corrupt shard or missing image kd was told not to skip). Exit 1: the storage said no
     (permissions, credentials, the hub...; kd_cache.errors.storage_errors)."""
-    from kd_cache.errors import describe, storage_errors, user_errors
-
     try:
         yield
     except user_errors() as e:

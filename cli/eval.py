@@ -1,4 +1,7 @@
-"""`kd eval`: exact-match accuracy of one model on LLaVA-format QA data."""
+"""`kd eval`: exact-match accuracy of one model on LLaVA-format QA data.
+
+Each command imports its implementation when it runs, not at import: `kd --help` stays fast (no torch).
+"""
 
 from __future__ import annotations
 

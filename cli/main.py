@@ -1,4 +1,7 @@
-"""Entry point of the `kd` command."""
+"""Entry point of the `kd` command.
+
+Each command imports its implementation when it runs, not at import: `kd --help` stays fast (no torch).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""`kd student compose`."""
+"""`kd student compose`.
+
+Each command imports its implementation when it runs, not at import: `kd --help` stays fast (no torch).
+"""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 import logging
 import os
@@ -11,16 +12,18 @@ import time
 import torch
 
 from kd_cache import format as fmt
+from kd_cache.backends import load_teacher, preflight as backend_preflight
 from kd_cache.build_config import BuildConfig
 from kd_cache.config import to_dict
 from kd_cache.data import Encoder, RecordSource, SkipSample, sample_id_of
-from kd_cache.targets import TargetOptions
-from kd_cache.manifest import done_path, try_finalize
-from kd_cache.remote import RemoteOutput, is_remote
-from kd_cache.lock import BuildLock, is_lock_file
-from kd_cache.writer import ShardWriter, journal_path, read_journal
 from kd_cache.files import atomic_write_text, remove_stale_temps
-from kd_cache.hf import text_config
+from kd_cache.hf import load_processor_and_config, text_config, tokenizer_fingerprint, weights_fingerprint
+from kd_cache.lock import BuildLock, is_lock_file
+from kd_cache.manifest import done_path, try_finalize
+from kd_cache.progress import progress, quiet_library_bars
+from kd_cache.remote import RemoteOutput, is_remote
+from kd_cache.targets import TargetOptions
+from kd_cache.writer import ShardWriter, journal_path, read_journal
 
 log = logging.getLogger("kd_cache")
 
@@ -75,16 +78,11 @@ def _check_same_config(saved: dict, want: dict, where: str) -> None:
 
 def build(cfg: BuildConfig) -> dict | None:
     """Build (or resume) the cache. Returns the manifest when this rank completed it, else None."""
-    from kd_cache.hf import load_processor_and_config
-
     t_start = time.time()
     rank, world = dist_env()
     # ---- everything that can be wrong with the arguments fails here, before the teacher is loaded
     records = RecordSource(cfg.data)
-    if cfg.backend == "vllm":
-        from kd_cache.vllm_backend import preflight
-
-        preflight()
+    backend_preflight(cfg.backend)
     want = {"format_version": fmt.FORMAT_VERSION, "world_size": world, **cfg.semantic()}
     out, remote = cfg.out, None
     if is_remote(cfg.out):  # built in a local staging folder and uploaded shard by shard (kd_cache/remote.py)
@@ -119,34 +117,17 @@ def build(cfg: BuildConfig) -> dict | None:
 
 def _build_locked(cfg: BuildConfig, records: RecordSource, rank: int, world: int, want: dict, out: str,
                   remote: RemoteOutput | None, t_start: float, config, processor, multimodal: bool) -> dict | None:
-    """The rest of `build()`, with this rank's lock on `out` (the output or staging folder) held."""
-    from kd_cache.progress import quiet_library_bars
-    from kd_cache.teacher import Teacher
-    from kd_cache.hf import weights_fingerprint
-
+    """The rest of `build()`, with this rank's lock on `out` (the output or staging folder) held: prepare the
+    folder, find the resume point, run the teacher over what is left, finalise."""
     if remote is None and os.path.exists(os.path.join(out, fmt.MANIFEST_NAME)):  # finished before the lock was ours
         log.info("cache at %s is already complete", cfg.out)
         with open(os.path.join(out, fmt.MANIFEST_NAME)) as f:
             return json.load(f)
-    for path in remove_stale_temps(out, rank, world):  # left by a killed (or out of space) earlier run
-        log.info("removed the stale temporary file %s", path)
-    os.makedirs(os.path.join(out, fmt.PROGRESS_DIR), exist_ok=True)
-    os.makedirs(os.path.join(out, fmt.SHARD_DIR), exist_ok=True)
-    cfg_path = os.path.join(out, fmt.CONFIG_NAME)
-    if not os.path.exists(cfg_path) or rank == 0:
-        # The semantic fields decide the content (identical from every rank); `run` records this run's other
-        # settings (batch size, device...), rewritten by rank 0 on each run. Atomic: no race to guard.
-        run_settings = {k: v for k, v in to_dict(cfg).items() if k in cfg.NON_SEMANTIC}
-        atomic_write_text(cfg_path, json.dumps({**want, "run": run_settings}, indent=1, sort_keys=True))
+    _prepare_folder(cfg, out, rank, world, want)
     n_local = len(range(rank, len(records), world))
     if remote is not None:
         remote.start(n_local)
-
-    # ---- resume point: after the last shard recorded in this rank's journal
-    jpath = journal_path(out, rank, world)
-    entries = read_journal(jpath)
-    atomic_write_text(jpath, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))  # drop a torn tail
-    start = entries[-1]["end"] if entries else 0
+    start = _resume_point(out, rank, world)
     if os.path.exists(done_path(out, rank, world)) and start >= n_local:
         log.info("rank %d already finished; finalizing", rank)
         with open(done_path(out, rank, world)) as f:
@@ -164,38 +145,69 @@ def _build_locked(cfg: BuildConfig, records: RecordSource, rank: int, world: int
     fingerprint.shutdown(wait=False)
     quiet_library_bars()  # no loading bar frames in a log file (stderr not a terminal)
     t_load = time.perf_counter()
-    if cfg.backend == "vllm":
-        from kd_cache.vllm_backend import VllmTeacher
-
-        teacher = VllmTeacher(cfg.teacher, records=records, image_root=cfg.images, device=cfg.device, dtype=cfg.dtype,
-                              trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, top_k=cfg.top_k,
-                              visual_top_k=cfg.visual_top_k, gram=cfg.gram, max_length=cfg.max_length,
-                              batch_size=cfg.batch_size, max_images=cfg.max_images, text_kind=cfg.targets,
-                              visual_kind=cfg.visual_targets)
-        vocab = teacher.vocab_size
-    else:
-        teacher = Teacher(cfg.teacher, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                          revision=cfg.revision)
-        vocab = teacher.vocab_size
+    teacher = load_teacher(cfg, records)
     load_seconds = time.perf_counter() - t_load
+    vocab = teacher.vocab_size
     k_text, k_vis = min(cfg.top_k, vocab), min(cfg.visual_top_k, vocab)
-    teacher_id = teacher_id_future.result()
-    header = _header(cfg, config, processor, teacher_id, records, multimodal, k_text, k_vis, teacher.dtype, vocab)
+    header = _header(cfg, config, processor, teacher_id_future.result(), records, multimodal, k_text, k_vis,
+                     teacher.dtype, vocab)
     max_images = cfg.max_images
     if max_images is None and config.model_type == "llava":
         max_images = 1  # LLaVA-1.5 was trained on one image per sample
     encoder = Encoder(processor, teacher.image_token_id, image_root=cfg.images, max_length=cfg.max_length,
                       max_images=max_images, append_eos=cfg.append_eos)
-
     opts = TargetOptions(text_kind=cfg.targets, text_k=k_text, visual_kind=cfg.visual_targets, visual_k=k_vis,
                          samples=cfg.samples, gram=cfg.gram, gram_lowrank=cfg.gram_encoding == "lowrank",
                          gram_tolerance=cfg.gram_tolerance, seed=cfg.seed)
     writer = ShardWriter(out, rank, world, start=start, shard_size=cfg.shard_size,
                          teacher_fingerprint=header["teacher"]["fingerprint"], targets=header["targets"],
-                         schema=fmt.schema(cfg.targets, cfg.visual_targets, vocab), compression_level=cfg.compression_level,
+                         schema=fmt.schema(cfg.targets, cfg.visual_targets, vocab),
+                         compression_level=cfg.compression_level,
                          on_shard=remote.shard_written if remote is not None else None)
-    timings = {"load_seconds": round(load_seconds, 3), "prepare_seconds": 0.0, "teacher_seconds": 0.0,
-               "writer_wait_seconds": 0.0}
+    try:
+        done_samples, timings = _run(cfg, teacher, encoder, opts, writer, records, rank, world, start, n_local)
+    finally:
+        teacher.close()  # now rather than at exit: the vLLM engine's processes and threads, the model's memory
+    wall = time.time() - t_start
+    timings = {k: round(v, 3) for k, v in {"load_seconds": load_seconds, **timings}.items()}
+    done = {"rank": rank, "samples_this_run": done_samples, "wall_seconds": round(wall, 3),
+            "samples_per_second": round(done_samples / wall, 3) if wall > 0 else None,
+            "writer_encode_seconds": round(writer.encode_seconds, 3), "device": str(teacher.device),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **timings, "header": header}
+    atomic_write_text(done_path(out, rank, world), json.dumps(done, indent=1, sort_keys=True))
+    manifest = _finalize(out, world, header, remote)
+    if manifest is None:
+        log.info("rank %d finished; the last rank to finish writes the manifest", rank)
+    return manifest
+
+
+def _prepare_folder(cfg: BuildConfig, out: str, rank: int, world: int, want: dict) -> None:
+    """Remove what killed or failed runs left, create the folders, record the configuration."""
+    for path in remove_stale_temps(out, rank, world):  # left by a killed (or out of space) earlier run
+        log.info("removed the stale temporary file %s", path)
+    os.makedirs(os.path.join(out, fmt.PROGRESS_DIR), exist_ok=True)
+    os.makedirs(os.path.join(out, fmt.SHARD_DIR), exist_ok=True)
+    cfg_path = os.path.join(out, fmt.CONFIG_NAME)
+    if not os.path.exists(cfg_path) or rank == 0:
+        # The semantic fields decide the content (identical from every rank); `run` records this run's other
+        # settings (batch size, device...), rewritten by rank 0 on each run. Atomic: no race to guard.
+        run_settings = {k: v for k, v in to_dict(cfg).items() if k in cfg.NON_SEMANTIC}
+        atomic_write_text(cfg_path, json.dumps({**want, "run": run_settings}, indent=1, sort_keys=True))
+
+
+def _resume_point(out: str, rank: int, world: int) -> int:
+    """This rank's next local sample: after the last shard recorded in its journal (a torn tail dropped)."""
+    jpath = journal_path(out, rank, world)
+    entries = read_journal(jpath)
+    atomic_write_text(jpath, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
+    return entries[-1]["end"] if entries else 0
+
+
+def _run(cfg: BuildConfig, teacher, encoder: Encoder, opts: TargetOptions, writer: ShardWriter,
+         records: RecordSource, rank: int, world: int, start: int, n_local: int) -> tuple[int, dict]:
+    """The loop: prepare samples (DataLoader workers), run the teacher on the usable ones, hand results and skips
+    to the writer in local order. Returns (samples handled, seconds per phase)."""
+    timings = {"prepare_seconds": 0.0, "teacher_seconds": 0.0, "writer_wait_seconds": 0.0}
     loader = _loader(records, encoder, rank, world, start, n_local, cfg)
     bar = _progress(cfg.progress and rank == 0, n_local, start, rank)
     done_samples = skipped_here = 0
@@ -205,10 +217,7 @@ def _build_locked(cfg: BuildConfig, records: RecordSource, rank: int, world: int
             timings["prepare_seconds"] += time.perf_counter() - t_prep
             ok = [(pos * world + rank, enc) for pos, enc, _ in chunk if enc is not None]
             t0 = time.perf_counter()
-            results = {}
-            if ok:
-                for r in teacher.targets(ok, opts):
-                    results[r.sample_index] = r
+            results = {r.sample_index: r for r in teacher.targets(ok, opts)} if ok else {}
             timings["teacher_seconds"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             for pos, enc, skip in chunk:
@@ -231,18 +240,7 @@ def _build_locked(cfg: BuildConfig, records: RecordSource, rank: int, world: int
     finally:
         if bar is not None:
             bar.close()
-        teacher.close()  # now rather than at exit: the vLLM engine's processes and threads, the model's memory
-    wall = time.time() - t_start
-    timings = {k: round(v, 3) for k, v in timings.items()}
-    done = {"rank": rank, "samples_this_run": done_samples, "wall_seconds": round(wall, 3),
-            "samples_per_second": round(done_samples / wall, 3) if wall > 0 else None,
-            "writer_encode_seconds": round(writer.encode_seconds, 3), "device": str(teacher.device),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **timings, "header": header}
-    atomic_write_text(done_path(out, rank, world), json.dumps(done, indent=1, sort_keys=True))
-    manifest = _finalize(out, world, header, remote)
-    if manifest is None:
-        log.info("rank %d finished; the last rank to finish writes the manifest", rank)
-    return manifest
+    return done_samples, timings
 
 
 def _finalize(out: str, world: int, header: dict, remote: RemoteOutput | None) -> dict | None:
@@ -253,8 +251,6 @@ def _finalize(out: str, world: int, header: dict, remote: RemoteOutput | None) -
 def _header(cfg: BuildConfig, config, processor, teacher_id, records, multimodal, k_text=None, k_vis=None,
             dtype=None, vocab=None) -> dict:
     """Manifest fields that describe the build (identical on every rank)."""
-    from kd_cache.hf import tokenizer_fingerprint, weights_fingerprint
-
     if teacher_id is None:
         teacher_id = weights_fingerprint(cfg.teacher, cfg.revision or getattr(config, "_commit_hash", None))
     teacher_id = dict(teacher_id)
@@ -292,7 +288,6 @@ def _header(cfg: BuildConfig, config, processor, teacher_id, records, multimodal
 
 
 def _fp(d: dict) -> str:
-    import hashlib
 
     return hashlib.sha256(json.dumps({k: d.get(k) for k in ("id", "revision", "weights_sha256")},
                                      sort_keys=True).encode()).hexdigest()[:16]
@@ -329,6 +324,4 @@ def _loader(records, encoder, rank, world, start, n_local, cfg: BuildConfig):
 
 def _progress(enabled: bool, total: int, initial: int, rank: int):
     """A bar on a terminal, a plain line every 30 s in a log (kd_cache/progress.py); None when disabled."""
-    from kd_cache.progress import progress
-
     return progress(total, initial, desc="kd cache build", unit="sample", enabled=enabled)

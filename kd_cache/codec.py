@@ -227,8 +227,6 @@ def encode_table(samples: list[SampleTargets], sch: pa.Schema) -> pa.Table:
 
 def columns(table) -> dict[str, Any]:
     """A row group as {name: (offsets, values) for list columns, Python list otherwise}, decoded once."""
-    import pyarrow as pa
-
     cols: dict[str, Any] = {}
     for name in table.column_names:
         col = table.column(name).combine_chunks()

@@ -47,7 +47,7 @@ def load_config_file(path: str | None) -> dict:
     text = p.read_text(encoding="utf-8")
     try:
         if p.suffix in (".yaml", ".yml"):
-            import yaml
+            import yaml  # deferred: only a YAML config file needs it (the CLI imports this module at start)
 
             data = yaml.safe_load(text) or {}
         else:

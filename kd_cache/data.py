@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from kd_cache.files import sha256_file
 
@@ -60,7 +61,7 @@ class RecordSource(Sequence):
         self.description = path
         p = Path(path)
         if p.is_dir():
-            import datasets
+            import datasets  # deferred: importing datasets takes ~0.6 s; only these sources need it
 
             if (p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists():
                 ds = datasets.load_from_disk(str(p))
@@ -73,7 +74,7 @@ class RecordSource(Sequence):
             raise ValueError(f"data folder {path} is not a dataset saved with `datasets.save_to_disk`")
         if not p.exists():
             if path.startswith("hf://datasets/") or path.startswith("hf:"):
-                import datasets
+                import datasets  # deferred: importing datasets takes ~0.6 s; only these sources need it
 
                 name = path.split("hf://datasets/", 1)[-1] if "hf://datasets/" in path else path[3:]
                 name, _, split = name.partition(":")
@@ -95,7 +96,7 @@ class RecordSource(Sequence):
                 raise ValueError(f"data file {path} must hold a JSON list of samples, got {type(records).__name__}")
             self._records = records
         elif suffix == ".parquet":
-            import datasets
+            import datasets  # deferred: importing datasets takes ~0.6 s; only these sources need it
 
             self._records = datasets.load_dataset("parquet", data_files=str(p), split="train")
         else:
@@ -152,7 +153,6 @@ def sample_id_of(record: dict, index: int) -> str:
 
 def load_images(record: dict, image_root: str | os.PathLike | None) -> list:
     """The record's images as RGB PIL images. Raises SkipSample for missing/corrupt/escaping paths."""
-    from PIL import Image, UnidentifiedImageError
 
     raw = record.get("image", record.get("images"))
     if raw is None or raw == "" or raw == []:
@@ -285,7 +285,7 @@ class Encoder:
     max_length: int | None = None
     max_images: int | None = None
     append_eos: bool = True
-    # chat template -> whether it renders plain-string contents (text-only path; see _render)
+    # chat template -> whether it renders plain-string contents (text-only path; see render)
     _takes_strings: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -300,14 +300,11 @@ class Encoder:
         sid = sample_id_of(record, index)
         if images is None:
             images = load_images(record, self.image_root)
-        if images and not self.is_multimodal:
-            raise SkipSample("model takes no images", "text-only teacher/student")
-        if self.max_images is not None and len(images) > self.max_images:
-            raise SkipSample("too many images", f"{len(images)} images, the model takes {self.max_images}")
+        self.check_images(images)
         messages = build_messages(record.get("conversations"), len(images))
-        full = self._render(messages)
+        full = self.render(messages)
         eos = getattr(self.tokenizer, "eos_token", None) if self.append_eos else None
-        full, spans = _assistant_spans(self._render, messages, full, _special_tokens(self.tokenizer), eos)
+        full, spans = _assistant_spans(self.render, messages, full, _special_tokens(self.tokenizer), eos)
         bos = getattr(self.tokenizer, "bos_token", None)
         add_special = not (bos and full.startswith(bos))
 
@@ -349,7 +346,23 @@ class Encoder:
             n_images=len(images),
         )
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def check_images(self, images: list) -> None:
+        """The image rules of every use of this encoder (training, caching, generation): SkipSample otherwise."""
+        if images and not self.is_multimodal:
+            raise SkipSample("model takes no images", "text-only teacher/student")
+        if self.max_images is not None and len(images) > self.max_images:
+            raise SkipSample("too many images", f"{len(images)} images, the model takes {self.max_images}")
+
+    def prompt(self, record: dict, images: list) -> tuple[str, list[dict]]:
+        """(the conversation up to its last answer rendered for generation, all its messages): what a model is
+        asked at evaluation time, with the same image rules and chat template as `encode`."""
+        self.check_images(images)
+        messages = build_messages(record.get("conversations"), len(images))
+        if messages[-1]["role"] != "assistant":
+            raise SkipSample("no response", "the last turn is not a gpt answer")
+        return self.render(messages[:-1], add_generation_prompt=True), messages
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         target = self.processor if self.is_multimodal else self.tokenizer
         template = getattr(target, "chat_template", None)
         if template is None:

@@ -34,7 +34,7 @@ def storage_errors() -> tuple[type[BaseException], ...]:
     (NoCredentialsError, ClientError...) when boto is installed."""
     errors: list[type[BaseException]] = [OSError, StorageError, ShardWriterError]
     try:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError  # optional: the `remote` extra (s3fs)
     except ImportError:
         pass
     else:
@@ -69,7 +69,7 @@ class MissingDependencyError(ImportError, ValueError):
 def missing_dependency(url: str, e: ImportError) -> MissingDependencyError:
     """The error for `url` when fsspec could not import its filesystem: fsspec's own message plus the extra to
     install."""
-    import fsspec
+    import fsspec  # deferred: the CLI imports this module at start, fsspec only on an import failure
 
     protocol = fsspec.utils.get_protocol(str(url))
     what = " ".join(str(e).split()) or type(e).__name__

@@ -10,6 +10,7 @@ import os
 from typing import Any, BinaryIO
 
 from kd_cache import format as fmt
+from kd_cache.lock import _safe_host, stale_temp
 
 BLOCK = 1 << 22  # bytes read per step when hashing
 
@@ -53,8 +54,6 @@ def fsync_dir(path: str) -> None:
 def atomic_write_text(path: str, text: str) -> None:
     """Write `path` whole or not at all: `<path>.tmp.<pid>.<host>`, fsync, rename. A failed write (ENOSPC...)
     removes its temporary file; one left by a killed process is removed by the next build (`remove_stale_temps`)."""
-    from kd_cache.lock import _safe_host
-
     tmp = f"{path}.tmp.{os.getpid()}.{_safe_host()}"
     try:
         with open(tmp, "w") as f:
@@ -75,8 +74,6 @@ def remove_stale_temps(out_dir: str, rank: int, world_size: int) -> list[str]:
     `.parquet.tmp` shards) always go: no live process can own them while the lock is held. Folder-level ones
     (`manifest.json`, the card, the configuration) and other ranks' go when their writer (pid, host in the name)
     is gone, or when they are older than ten minutes. Returns the removed paths."""
-    from kd_cache.lock import stale_temp
-
     mine = f"rank-{rank:05d}-of-{world_size:05d}."
     removed = []
     for sub in ("", fmt.PROGRESS_DIR, fmt.SHARD_DIR):

@@ -12,9 +12,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from kd_cache.data import EncodedSample
 from kd_cache.files import hash_stream
+from kd_cache.paths import check_model_path
 
 
 def tokenizer_of(processor: Any) -> Any:
@@ -101,10 +104,6 @@ def logit_transform(config: Any):
 
 def load_processor_and_config(name: str, *, trust_remote_code: bool = False, revision: str | None = None):
     """(config, processor_or_tokenizer, is_multimodal) without loading weights; clear errors for bad names."""
-    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-    from kd_cache.paths import check_model_path
 
     check_model_path(name)  # a missing folder is named as such, not answered with the hub's repo-id rule
     try:

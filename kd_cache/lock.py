@@ -188,7 +188,7 @@ class BuildLock:
 
     def _try_flock(self) -> dict | None:
         """None when acquired, else the holder's info."""
-        import fcntl
+        import fcntl  # POSIX only: deferred so that the module (and the reader) imports everywhere
 
         while True:
             try:
@@ -317,7 +317,7 @@ class BuildLock:
 
 def _flock_held(path: str) -> bool:
     """Whether some process holds the flock on `path` (probed without blocking; released at once)."""
-    import fcntl
+    import fcntl  # POSIX only (see BuildLock._try_flock)
 
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -19,6 +19,10 @@ import sys
 import time
 from typing import Any, Callable, TextIO
 
+from huggingface_hub.utils import disable_progress_bars
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
+
 DEFAULT_INTERVAL = 30.0
 
 
@@ -55,7 +59,6 @@ def progress(total: int | None, initial: int = 0, desc: str = "", unit: str = "i
         return None
     stream = sys.stderr if stream is None else stream
     if stderr_is_terminal(stream):
-        from tqdm.auto import tqdm
 
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=stream)
     return LineProgress(total, initial, desc, unit, stream=stream,
@@ -135,13 +138,11 @@ def quiet_library_bars(stream: TextIO | None = None) -> None:
     if stderr_is_terminal(stream):
         return
     try:
-        from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
     try:
-        from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
     except ImportError:

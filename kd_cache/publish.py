@@ -76,7 +76,7 @@ def publish(path: str | os.PathLike, repo: str, *, revision: str | None = None, 
         atomic_write_text(card, dataset_card(manifest))
 
     if api is None:
-        from huggingface_hub import HfApi
+        from huggingface_hub import HfApi  # deferred: only a real upload needs the hub client
 
         api = HfApi(token=token)
     api.create_repo(repo, repo_type="dataset", private=True if private else None, exist_ok=True, token=token)

@@ -15,23 +15,23 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import fsspec
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from kd_cache import format as fmt
 from kd_cache.codec import CachedSample, columns, decode_row, row_of
+from kd_cache.errors import missing_dependency
 from kd_cache.files import sha256_stream
-
 
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def _fs_and_root(path_or_url: str):
-    import fsspec
 
     try:
         fs, root = fsspec.core.url_to_fs(str(path_or_url))
     except ImportError as e:  # e.g. http:// without aiohttp: name the extra that brings it
-        from kd_cache.errors import missing_dependency
 
         raise missing_dependency(str(path_or_url), e) from None
     return fs, root.rstrip("/")
@@ -50,7 +50,6 @@ class Cache:
     """A complete cache (its manifest exists). `len()` is the number of cached samples."""
 
     def __init__(self, path_or_url: str, cache_dir: str | os.PathLike | None = None):
-        from fsspec.implementations.local import LocalFileSystem
 
         self.url = str(path_or_url)
         self.fs, self.root = _fs_and_root(self.url)
@@ -101,7 +100,6 @@ class Cache:
         s = self.shards[i]
         if self.cache_dir is None or not s.get("sha256"):
             return self.fs, self.shard_url(i)
-        from fsspec.implementations.local import LocalFileSystem
 
         return LocalFileSystem(), self._cached_copy(i)
 

@@ -31,10 +31,12 @@ import re
 import shutil
 import uuid
 
+import fsspec
+
 from kd_cache import format as fmt
 from kd_cache.errors import StorageError, describe, storage_errors
-from kd_cache.manifest import done_path, try_finalize
 from kd_cache.files import atomic_write_text
+from kd_cache.manifest import done_path, try_finalize
 from kd_cache.writer import journal_path, parse_journal, read_journal
 
 log = logging.getLogger("kd_cache")
@@ -46,7 +48,6 @@ READ_ONLY_PROTOCOLS = frozenset({"http", "https"})
 
 def is_remote(path: str | os.PathLike) -> bool:
     """Whether `path` is an fsspec URL of something other than the local filesystem."""
-    import fsspec
 
     return fsspec.utils.get_protocol(str(path)) not in ("file", "local")
 
@@ -76,7 +77,6 @@ class RemoteOutput:
     """One rank's view of a remote output: its staging folder and the upload/finalize steps of `build()`."""
 
     def __init__(self, url: str, staging: str | None, rank: int, world_size: int):
-        import fsspec
 
         url = str(url).rstrip("/")
         if "::" in url:

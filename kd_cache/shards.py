@@ -3,6 +3,7 @@ and the training stream (which adds skipping and resume on top)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -28,7 +29,6 @@ def open_parquet(fs: Any, path: str, *, whole_file: bool = False) -> tuple[Any, 
 def shard_sha256(fs: Any, path: str, *, whole_file: bool = False) -> str:
     """Hex sha256 of a shard's bytes (streamed; in one request with `whole_file`)."""
     if whole_file:
-        import hashlib
 
         return hashlib.sha256(fs.cat_file(path)).hexdigest()
     return sha256_file(path, fs)

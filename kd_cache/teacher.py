@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+from kd_cache.codec import SampleTargets
 from kd_cache.data import EncodedSample, image_token_id_of
 from kd_cache.hf import (collate, head_vocab_size, load_processor_and_config, logit_transform, pad_token_id,
                          pick_device, pick_dtype, tokenizer_of)
-from kd_cache.codec import SampleTargets
 from kd_cache.targets import TargetOptions, gram_factors, row_targets, to_host
 
 
@@ -18,7 +19,6 @@ class Teacher:
 
     def __init__(self, name: str, *, device: str | None = None, dtype: str | None = None,
                  trust_remote_code: bool = False, revision: str | None = None, attn_implementation: str | None = None):
-        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
         self.name = name
         self.config, self.processor, self.multimodal = load_processor_and_config(

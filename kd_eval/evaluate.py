@@ -14,6 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from kd_cache.data import Encoder, RecordSource, SkipSample, image_token_id_of, load_images, sample_id_of
+from kd_cache.hf import pick_device
+from kd_cache.paths import check_input_path, check_model_path
+from kd_cache.progress import progress as progress_bar, quiet_library_bars
+from kd_train.student import load_student
+from kd_train.validate import answer_nll
+
 __all__ = ["normalize_answer", "evaluate", "format_table"]
 
 # --------------------------------------------------------------------------------------------- normalisation
@@ -105,11 +114,6 @@ def evaluate(model_path: str | os.PathLike, data: Any, images: str | os.PathLike
     whole set get `answer_nll`: the teacher-forced NLL (nats per token) of the supervised tokens of each record,
     encoded as training encodes it (kd_train/validate.py).
     """
-    import torch
-
-    from kd_cache.data import Encoder, RecordSource, SkipSample, build_messages, image_token_id_of, load_images, sample_id_of
-    from kd_cache.hf import pick_device
-    from kd_train.student import load_student
 
     for name, v in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -118,7 +122,6 @@ def evaluate(model_path: str | os.PathLike, data: Any, images: str | os.PathLike
         raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
 
     # what can be wrong without the model fails before it is loaded: the model folder, the data, the image folder
-    from kd_cache.paths import check_input_path, check_model_path
 
     check_model_path(model_path)
     if images is not None:
@@ -126,7 +129,6 @@ def evaluate(model_path: str | os.PathLike, data: Any, images: str | os.PathLike
     t0 = time.perf_counter()
     source = RecordSource(data)
     dev = pick_device(device)
-    from kd_cache.progress import quiet_library_bars
 
     quiet_library_bars()  # no loading bar frames in a log file (stderr not a terminal)
     model, processor = load_student(model_path, dtype=dtype, device=dev)
@@ -145,16 +147,10 @@ def evaluate(model_path: str | os.PathLike, data: Any, images: str | os.PathLike
     def prepare(index: int) -> dict:
         record = source[index]
         imgs = load_images(record, images)
-        if imgs and not encoder.is_multimodal:
-            raise SkipSample("model takes no images", "text-only model")
-        if encoder.max_images is not None and len(imgs) > encoder.max_images:
-            raise SkipSample("too many images", f"{len(imgs)} images, the model takes {encoder.max_images}")
-        messages = build_messages(record.get("conversations"), len(imgs))
-        if messages[-1]["role"] != "assistant":
-            raise SkipSample("no response", "the last turn is not a gpt answer")
+        prompt, messages = encoder.prompt(record, imgs)
         reference = "".join(c.get("text", "") for c in messages[-1]["content"])
         return {"id": sample_id_of(record, index), "question_type": str(record.get("question_type") or "all"),
-                "prompt": encoder._render(messages[:-1], add_generation_prompt=True), "images": imgs,
+                "prompt": prompt, "images": imgs,
                 "reference": reference,
                 "scoring": {k: record[k] for k in ("valid_answers", "answer_items") if record.get(k)}}
 
@@ -182,7 +178,6 @@ def evaluate(model_path: str | os.PathLike, data: Any, images: str | os.PathLike
     predictions: list[dict] = []
     skipped: dict[str, int] = {}
     saved = (tokenizer.padding_side, tokenizer.pad_token)
-    from kd_cache.progress import progress as progress_bar
 
     bar = progress_bar(n_records, desc="eval", unit="sample", enabled=progress)  # lines in a log file
     try:
@@ -210,7 +205,6 @@ def evaluate(model_path: str | os.PathLike, data: Any, images: str | os.PathLike
             bar.close()
 
     # teacher-forced NLL of the reference answers (nats per supervised token), scored as training encodes them
-    from kd_train.validate import answer_nll
 
     scored, kinds = [], []
     for i in range(n_records):

@@ -107,7 +107,7 @@ def markdown_accuracy_table(columns: Mapping[str, Any], *, spread: bool = False)
 
 def machine_description() -> str:
     """'2-core CPU (x86_64, Linux ...), no GPU; torch X, transformers Y' for reports."""
-    import torch
+    import torch  # deferred: reports are written by torch-free tools too (benchmarks' summaries)
     import transformers
 
     cores = os.cpu_count() or 0
@@ -119,6 +119,16 @@ def machine_description() -> str:
 
 
 # --------------------------------------------------------------------------------------------- curves
+
+
+def replace_marked_block(path: str | os.PathLike, marks: tuple[str, str], block: str) -> None:
+    """Put `block` (which starts with marks[0] and ends with marks[1]) in place of the marked block of a markdown
+    file, or append it when the file has none: how benchmarks keep their section of a shared docs page current."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    a, b = text.find(marks[0]), text.find(marks[1])
+    text = text[:a] + block + text[b + len(marks[1]):] if 0 <= a < b else text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -153,7 +163,7 @@ def _smooth(ys: list[float], window: int) -> list[float]:
 
 def _pyplot():
     try:
-        import matplotlib
+        import matplotlib  # optional (the dev extra): charts are skipped without it
 
         matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt

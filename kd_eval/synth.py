@@ -44,7 +44,7 @@ __all__ = [
 RGB = tuple[int, int, int]
 
 SHAPES = ("circle", "square", "triangle")
-# Same RGB values as kd_cache.tiny, restricted to four hues that stay far apart after resizing.
+# Same RGB values as kd_eval.tiny, restricted to four hues that stay far apart after resizing.
 COLOURS: dict[str, RGB] = {
     "red": (220, 30, 30),
     "green": (30, 170, 60),

@@ -14,8 +14,7 @@ import torch
 
 from kd_cache.codec import LOGPROB_KEYS, ROW_KEYS, CachedSample, target_keys
 from kd_cache.data import EncodedSample, Encoder, image_token_id_of
-from kd_cache.hf import collate as collate_model_inputs
-from kd_cache.hf import tokenizer_of
+from kd_cache.hf import collate as collate_model_inputs, tokenizer_of
 
 
 class CacheMismatchError(ValueError):

@@ -32,7 +32,6 @@ in backward (they become ``weight.grad``, no copy when it was None).  Nothing is
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
@@ -54,11 +53,11 @@ __all__ = [
     "visual_rows_fn",
 ]
 
-#: Rows per chunk by default.  Chosen from benchmarks/chunked_loss.py (docs/benchmarks.md, "chunked loss"): at
-#: V = 152K, D = 896 it keeps the loss's activation memory well under 1/4 of the unchunked path's at no
-#: measurable step-time cost; smaller chunks save little more memory (the gradient buffers dominate) and
-#: start to cost time.
-DEFAULT_CHUNK_SIZE: int = 128
+#: Rows per chunk by default, from benchmarks/chunked_loss.py (docs/benchmarks.md, "Chunked KD loss"): at
+#: Nv = 576, Nt = 150, V = 152K, D = 896 (fp32, CPU) 96 rows is the largest measured size whose loss activation
+#: memory is <= 1/4 of the unchunked path's (0.23x; 128 rows: 0.31x) at no step-time cost (0.89-0.98x).  The
+#: activation memory is about 6 (rows, V) fp32 buffers per chunk row, so it scales linearly with the chunk.
+DEFAULT_CHUNK_SIZE: int = 96
 
 #: ``fn(logits (n, V) float32, start, end) -> (scalar loss of rows start:end, {term: sum over those rows})``.
 #: The term values may be floats or 0-dim tensors (tensors avoid a device sync per chunk).
@@ -93,7 +92,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         # Weight/bias gradients are sums over chunks: accumulate them in at least fp32 (a bf16 running sum would
         # round at every chunk; the unchunked path rounds its bf16 GEMM once).
         acc_w = torch.promote_types(weight.dtype, torch.float32)
-        grad_h = torch.zeros_like(h_all) if need_h else None
+        grad_h = torch.zeros(h_all.shape, dtype=h_all.dtype, device=h_all.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc_w, device=weight.device) if need_w else None
         grad_b = None
         if need_b:
@@ -285,7 +284,8 @@ class RowTerms:
         names: the terms it reports, in order (the keys of ``micro_batch_loss``'s logged parts).
     """
 
-    def __init__(self, n_rows: int, terms: Sequence[tuple[str, float, Callable[[torch.Tensor, int, int], torch.Tensor]]]):
+    def __init__(self, n_rows: int,
+                 terms: Sequence[tuple[str, float, Callable[[torch.Tensor, int, int], torch.Tensor]]]):
         self.n_rows = int(n_rows)
         self._terms = list(terms)
         self.names = tuple(name for name, _, _ in self._terms)

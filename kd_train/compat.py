@@ -8,11 +8,15 @@ trainer refuses such a pair up front (`require_compatible`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
+from PIL import Image
 
 from kd_cache.hf import text_config, tokenizer_fingerprint
+from kd_train.student import visual_tokens_per_image
 
 __all__ = [
     "IncompatibleCacheError",
@@ -57,7 +61,6 @@ def cached_visual_tokens_per_image(cache: Any) -> int | None:
 
 def max_cached_topk_id(cache: Any) -> int:
     """Largest top-k token id anywhere in the cache (text and visual rows). Reads only the two id columns."""
-    import pyarrow.compute as pc
 
     best = -1
     for i in range(len(cache.shards)):
@@ -73,7 +76,6 @@ def max_cached_topk_id(cache: Any) -> int:
 
 def _default_image(manifest: dict):
     """A neutral image at the teacher's image-processor size (fixed-resolution processors resize anyway)."""
-    from PIL import Image
 
     ip = manifest.get("image_processor") or {}
     size = ip.get("crop_size") or ip.get("size") or {}
@@ -101,8 +103,6 @@ def check_compatibility(manifest: Any, processor: Any, model_config: Any, *, sam
     on (default: a blank image at the teacher's image size; pass a cached sample's image for processors whose
     count depends on the image size).
     """
-
-    from kd_train.student import visual_tokens_per_image
 
     cache = None
     if not isinstance(manifest, dict):
@@ -206,7 +206,6 @@ def fit_loss_to_cache(loss: Any, cfg: Any, manifest: dict) -> tuple[Any, list[st
     - Sampled visual targets only (the build default): --visual-temperature refused; the other options shape the
       response rows, and a warning says the visual rows take the sampled forward-KL estimate.
     """
-    import dataclasses
 
     warnings = []
     gram = bool(manifest["targets"].get("gram", {}).get("enabled", True))

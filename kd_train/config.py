@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -124,8 +125,6 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"trackers must be a comma list of jsonl, tensorboard; got {sorted(unknown)}")
         if "tensorboard" in self.tracker_list():
-            import importlib.util
-
             if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
                 raise ValueError("trackers includes tensorboard, got neither tensorboard nor tensorboardX installed "
                                  "(pip install tensorboard)")

@@ -12,14 +12,15 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from kd_cache.reader import open_cache
 from kd_cache.data import RecordSource
 from kd_cache.files import save_json
 from kd_cache.hf import pad_token_id, tokenizer_fingerprint
 from kd_cache.progress import progress, quiet_library_bars
+from kd_cache.reader import open_cache
 from kd_cache.teacher import Teacher
 from kd_train.batch import encoder_for
 from kd_train.checkpoint import CHECKPOINT_DIR, STATE_NAME, latest_checkpoint, prune_checkpoints
@@ -319,7 +320,6 @@ class StageRunner:
 def _gather_objects(acc, obj) -> list:
     if acc.num_processes == 1:
         return [obj]
-    import torch.distributed as dist
 
     out = [None] * acc.num_processes
     dist.all_gather_object(out, obj)

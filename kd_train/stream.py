@@ -33,10 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
-from kd_cache.errors import DataError
 from kd_cache.codec import columns, row_of
+from kd_cache.data import RecordSource, SkipSample, load_images, sample_id_of
+from kd_cache.errors import DataError
 from kd_cache.reader import Cache, Position, open_cache
 from kd_cache.shards import footer_problems, open_parquet, shard_sha256
 
@@ -257,7 +259,6 @@ _BAD = _Bad()
 
 
 def _corrupt_error_types() -> tuple[type, ...]:
-    import pyarrow as pa
 
     return (OSError, ValueError, KeyError, IndexError, EOFError, pa.ArrowException)
 
@@ -476,7 +477,6 @@ class CacheStream(torch.utils.data.IterableDataset):
         """A RecordSource (paths are opened); warns early when the data file is not the one built from."""
         if records is None:
             return None
-        from kd_cache.data import RecordSource
 
         if not isinstance(records, RecordSource):
             records = RecordSource(records)
@@ -675,7 +675,6 @@ class CacheStream(torch.utils.data.IterableDataset):
 
     def _join(self, s: dict, pos: Position, counters: _Counters) -> dict | None:
         """Attach the record's images after checking the record is the one the cache was built from."""
-        from kd_cache.data import SkipSample, load_images, sample_id_of
 
         sid, i = s["sample_id"], int(s["sample_index"])
         if self.records is None:

@@ -14,8 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
+from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText,
+                          AutoTokenizer, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+from transformers.activations import ACT2FN
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, MODEL_MAPPING
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from kd_cache.config import to_dict
+from kd_cache.hf import load_processor_and_config, pick_dtype
+from kd_cache.paths import check_model_path
 from kd_train.config import SELECT_STRATEGIES, ComposeConfig
 
 log = logging.getLogger("kd_train")
@@ -50,7 +58,6 @@ SUPPORTED_VISION_TOWERS: tuple[str, ...] = ("siglip_vision_model", "clip_vision_
 
 def _torch_dtype(dtype: str | torch.dtype | None, device: torch.device | None = None) -> torch.dtype:
     """None -> float32: students train with fp32 master weights (autocast gives bf16 speed)."""
-    from kd_cache.hf import pick_dtype
 
     if dtype is None:
         return torch.float32
@@ -60,7 +67,6 @@ def _torch_dtype(dtype: str | torch.dtype | None, device: torch.device | None = 
 
 
 def _is_multimodal_type(model_type: str) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     return model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
@@ -70,8 +76,6 @@ def _is_multimodal_type(model_type: str) -> bool:
 
 def _load_vision(vision: str, dtype: torch.dtype) -> tuple[Any, Any, Any]:
     """(vision_config, tower module with weights, image processor) from a multimodal model or a ViT checkpoint."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     try:
         cfg = AutoConfig.from_pretrained(vision)
@@ -114,9 +118,6 @@ def _load_vision(vision: str, dtype: torch.dtype) -> tuple[Any, Any, Any]:
 
 def _load_tokenizer(processor_from: str | None, llm: str) -> tuple[Any, str | None, str]:
     """(tokenizer, chat template, image token). `processor_from` wins so the student sees the cache's exact ids."""
-    from transformers import AutoTokenizer
-
-    from kd_cache.hf import load_processor_and_config
 
     if processor_from is not None:
         _, src, _ = load_processor_and_config(processor_from)
@@ -133,7 +134,6 @@ def _load_tokenizer(processor_from: str | None, llm: str) -> tuple[Any, str | No
 
 def _warn_if_ids_disagree(tokenizer: Any, llm: str) -> None:
     """A tokenizer that maps the LLM's tokens to other ids leaves its embeddings meaning other tokens."""
-    from transformers import AutoTokenizer
 
     try:
         own = AutoTokenizer.from_pretrained(llm).get_vocab()
@@ -147,7 +147,6 @@ def _warn_if_ids_disagree(tokenizer: Any, llm: str) -> None:
 
 
 def _dummy_image(image_processor: Any):
-    from PIL import Image
 
     size = getattr(image_processor, "crop_size", None) or getattr(image_processor, "size", None) or {}
     size = dict(size) if not isinstance(size, dict) else size
@@ -183,10 +182,6 @@ def compose_student(
     (the teacher, so the student tokenizes exactly as the cache did); default the LLM's own tokenizer.
     The saved folder loads with `AutoModelForImageTextToText` / `AutoProcessor`. Returns `out_dir`.
     """
-    from transformers import AutoModelForCausalLM, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
-    from transformers import LlavaProcessor
-    from transformers.activations import ACT2FN
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     if vision_feature_select_strategy not in SELECT_STRATEGIES:
         raise ValueError(f"vision_feature_select_strategy must be one of {SELECT_STRATEGIES}, "
@@ -196,7 +191,6 @@ def compose_student(
     if isinstance(vision_feature_layer, bool) or not isinstance(vision_feature_layer, int):
         raise ValueError(f"vision_feature_layer must be an int, got {vision_feature_layer!r}")
     torch_dtype = _torch_dtype(dtype)
-    from kd_cache.paths import check_model_path
 
     for name, what in ((vision, "vision source"), (llm, "llm"), (processor_from, "processor source")):
         if name is not None:  # before the tower is loaded: a missing folder is named, not taken for a hub id
@@ -304,9 +298,6 @@ def load_student(path: str | Path, *, dtype: str | torch.dtype | None = None,
                  device: str | torch.device | None = None) -> tuple[Any, Any]:
     """(model, processor) of a student: multimodal -> AutoModelForImageTextToText + AutoProcessor, else causal LM
     + tokenizer. dtype None loads float32 (master weights for training)."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    from kd_cache.hf import load_processor_and_config
 
     _, processor, multimodal = load_processor_and_config(str(path))
     dev = torch.device(device) if device is not None else None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from accelerate.tracking import GeneralTracker
+
 
 class JsonlTracker:
     """accelerate tracker writing one JSON object per logged step to `<out>/metrics.jsonl` (main process only)."""
@@ -46,6 +48,5 @@ class JsonlTracker:
 
 
 def make_tracker_class():
-    from accelerate.tracking import GeneralTracker
 
     return type("KdJsonlTracker", (JsonlTracker, GeneralTracker), {})

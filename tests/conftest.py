@@ -32,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def teacher_factory(tmp_path_factory):
     """family -> saved tiny teacher folder (built once per session)."""
-    from kd_cache.tiny import make_tiny_teacher
+    from kd_eval.tiny import make_tiny_teacher
 
     made: dict[str, Path] = {}
 
@@ -52,7 +52,7 @@ def llava_teacher(teacher_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
     """(json, image folder) of the built-in tiny instruction dataset."""
-    from kd_cache.tiny import make_tiny_dataset
+    from kd_eval.tiny import make_tiny_dataset
 
     return make_tiny_dataset(tmp_path_factory.mktemp("data"), n=12, seed=0, kind="instruct")
 

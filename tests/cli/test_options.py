@@ -253,7 +253,7 @@ def test_train_saves_every_flag(tmp_path, llava_topk_cache, llava_teacher, tiny_
 
 
 def test_compose_synth_and_eval_save_every_flag(tmp_path, llava_teacher):
-    from kd_cache.tiny import make_tiny_teacher
+    from kd_eval.tiny import make_tiny_teacher
 
     llm = make_tiny_teacher(tmp_path / "llm", "causal-lm", hidden_size=32, seed=1)
     out = tmp_path / "student"

@@ -95,7 +95,7 @@ def test_sampled_targets_are_reproducible(tmp_path, sampled_cache, llava_teacher
 
 
 def test_training_on_sampled_targets(tmp_path, sampled_cache, tiny_data):
-    from kd_cache.tiny import make_tiny_teacher
+    from kd_eval.tiny import make_tiny_teacher
     from kd_train.train import TrainConfig, run
 
     data, images = tiny_data

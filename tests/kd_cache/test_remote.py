@@ -550,7 +550,7 @@ def test_s3_reads_use_range_requests_and_the_read_through_cache_reads_each_shard
 
 
 def test_training_streams_from_s3(s3, s3_cache, tmp_path, tiny_data, llava_cache, monkeypatch):
-    from kd_cache.tiny import make_tiny_teacher
+    from kd_eval.tiny import make_tiny_teacher
     from kd_train.train import TrainConfig, run
 
     student = make_tiny_teacher(tmp_path / "student", "llava", hidden_size=32, num_layers=1, seed=7)

@@ -19,7 +19,7 @@ import pytest
 
 from kd_cache import format as fmt
 from kd_cache import open_cache
-from kd_cache.tiny import make_tiny_dataset
+from kd_eval.tiny import make_tiny_dataset
 from kd_cache.verify import verify
 
 pytestmark = pytest.mark.slow

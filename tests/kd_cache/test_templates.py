@@ -220,7 +220,7 @@ def test_not_prefix_stable_template_supervises_the_end_marker(make_tokenizer, to
     enc = Encoder(tok, None)
     msgs = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
     answered = msgs + [{"role": "assistant", "content": [{"type": "text", "text": "x"}]}]
-    assert not enc._render(answered).startswith(enc._render(msgs, True))
+    assert not enc.render(answered).startswith(enc.render(msgs, True))
     # the answer also appears in a question before it: the one the template writes as the answer is supervised
     qa = [("Is it three or four?", "three"), ("And the sky, blue or green?", "blue"), QA[2]]
     s = enc.encode(record(qa))

@@ -118,7 +118,7 @@ def test_visual_rows_match_unchunked_with_visual_temperature(sampled):
     loss, terms = chunked_row_loss(hidden, head, fn, chunk_size=5)
     ref_sum = reference_mdist(head(hidden).float(), targets, "visual", cfg)
     ref = scales["mdist_visual"] * ref_sum
-    assert terms["mdist_visual"] == pytest.approx(float(ref_sum), rel=1e-5)
+    assert terms["mdist_visual"] == pytest.approx(float(ref_sum.detach()), rel=1e-5)
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
     for a, b in zip(grads(loss, params(hidden, head)), grads(ref, params(hidden, head))):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -190,7 +190,7 @@ def test_bf16_autocast_matches_unchunked_within_bf16_tolerance(transform):
         assert float((a - b).norm() / b.norm()) < 2e-2
     # and bf16 really is used: the fp32 loss differs
     loss32, _ = chunked_row_loss(hidden, head, fn, chunk_size=5, transform=transform, amp_dtype=None)
-    assert float(loss32) != float(loss)
+    assert float(loss32.detach()) != float(loss.detach())
 
 
 def test_frozen_weight_gets_no_gradient_and_hidden_gradient_matches():
@@ -217,7 +217,7 @@ def test_zero_rows():
     scales = loss_scales(cfg, SimpleNamespace(text=0, visual=0, gram=0), 1)
     fn = text_rows_fn(labels, teacher_targets("text", 0, g), cfg, scales)
     loss, terms = chunked_row_loss(hidden, head, fn, chunk_size=4)
-    assert float(loss) == 0.0 and terms == {"ce": 0.0}  # no rows: no MDist term, as micro_batch_loss
+    assert float(loss.detach()) == 0.0 and terms == {"ce": 0.0}  # no rows: no MDist term, as micro_batch_loss
     loss.backward()
     assert hidden.grad.shape == (0, D)
     assert torch.count_nonzero(head.weight.grad) == 0 and torch.count_nonzero(head.bias.grad) == 0

@@ -11,7 +11,7 @@ import transformers
 from PIL import Image
 
 from kd_cache import open_cache
-from kd_cache.tiny import make_tiny_teacher, train_tiny_tokenizer
+from kd_eval.tiny import make_tiny_teacher, train_tiny_tokenizer
 from kd_train.compat import (
     IncompatibleCacheError,
     cached_visual_tokens_per_image,

@@ -28,7 +28,7 @@ TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_laye
 @pytest.fixture(scope="session")
 def tiny_llm(tmp_path_factory) -> Path:
     """A smaller base LLM than the teacher's (hidden 32 vs 64), with its own tokenizer (no <image>)."""
-    from kd_cache.tiny import make_tiny_teacher
+    from kd_eval.tiny import make_tiny_teacher
 
     return make_tiny_teacher(tmp_path_factory.mktemp("llm"), "causal-lm", hidden_size=32, seed=1)
 

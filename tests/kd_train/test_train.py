@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from kd_cache.build import BuildConfig, build
-from kd_cache.tiny import make_tiny_dataset, make_tiny_teacher, train_tiny_tokenizer
+from kd_eval.tiny import make_tiny_dataset, make_tiny_teacher, train_tiny_tokenizer
 from kd_train.train import TrainConfig, run
 
 

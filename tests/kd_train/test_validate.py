@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kd_cache.data import RecordSource
-from kd_cache.tiny import make_tiny_dataset, make_tiny_teacher
+from kd_eval.tiny import make_tiny_dataset, make_tiny_teacher
 from kd_train.batch import encoder_for
 from kd_train.student import load_student
 from kd_train.train import TrainConfig, run

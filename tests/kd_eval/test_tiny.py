@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers.utils import is_torchvision_available
 
 from tests.conftest import needs_torchvision
-from kd_cache.tiny import (
+from kd_eval.tiny import (
     IMAGE_PLACEHOLDER,
     make_tiny_dataset,
     make_tiny_teacher,
