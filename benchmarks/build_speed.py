@@ -20,7 +20,7 @@ What it does:
   (the background Parquet writer's time, overlapped with the teacher).
 * Forward-only: the same model (the build's own `kd_cache.teacher.Teacher` object, fp32), the same batches (the
   records encoded by `kd_cache.data.Encoder` exactly as the build does, in build order, `batch_size` per batch,
-  right-padded by `kd_cache.teacher.collate`), `model(**batch).logits` under `torch.no_grad()`. Tokenization is
+  right-padded by `kd_cache.hf.collate`), `model(**batch).logits` under `torch.no_grad()`. Tokenization is
   done before the clock starts.
 * Also, on the same batches: `Teacher.targets(batch, options)` (the build's per-batch teacher call: forward,
   top-k / tail / logsumexp at the response rows, host copies) and the least work any build must do (the

@@ -33,7 +33,7 @@ Models (full size):
   (32,064 rows) so it reads the cache's ids. Created on the GPU in bf16 and saved once (kd's trainer loads a
   student folder, in fp32 master weights, as `kd train` does).
 * Tokenizer/processor, offline: a byte-level BPE trained here on a word list, its vocabulary padded with filler
-  entries to 32,000, `<image>` added at id 32000, ChatML chat template (the form kd_cache/tiny.py uses);
+  entries to 32,000, `<image>` added at id 32000, ChatML chat template (the form kd_eval/tiny.py uses);
   CLIPImageProcessor 336/336; LlavaProcessor (patch 14, one CLS token dropped).
 * Data: synthetic 336x336 images of random shapes and single-turn LLaVA-style conversations of ~150 text tokens
   (question ~30, answer ~110, template) + 576 visual tokens, ~730 tokens per sample.
@@ -106,7 +106,7 @@ ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 H200 = {"bf16_dense_tflops": 790.0, "hbm_tb_per_s": 4.8}
 PHASES = ("build", "train", "rdist", "accelerate")
 
-# ChatML, the template kd_cache/tiny.py gives its tiny models: no default system prompt, "<image>\n" per image.
+# ChatML, the template kd_eval/tiny.py gives its tiny models: no default system prompt, "<image>\n" per image.
 CHAT_TEMPLATE = chat_template(IMAGE_TOKEN)
 
 WORDS = (

@@ -136,7 +136,7 @@ def sampled_targets(logits: torch.Tensor, n_draws: int, *, generator: torch.Gene
 
 @dataclass
 class GramFactors:
-    """A Gram matrix R = Z Zᵀ as stored by format v2 (see `kd_cache.format.gram_from_lowrank`).
+    """A Gram matrix R = Z Zᵀ as stored by format v2 (see `kd_cache.codec.gram_from_lowrank`).
 
     Either `dense` (the (Nv, Nv) matrix) or the low-rank parts: `mean` (Nv,) per-row mean logits, the top-r
     eigenpairs of the row-centred R_c with eigenvectors quantized per column (`eigvecs` (Nv, r) int16 codes:

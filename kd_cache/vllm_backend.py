@@ -1,8 +1,8 @@
 """vLLM teacher backend for `kd cache build --backend vllm`.
 
-`VllmTeacher` has the interface `build()` uses from `kd_cache.teacher.Teacher` (`targets()`, `image_token_id`,
-`dtype`, `device`, plus `vocab_size`) and produces the same `SampleTargets`, so the cache format, the writer and
-the manifest are shared; the manifest records `"backend": "vllm"`.
+`VllmTeacher` has the interface `build()` uses (`kd_cache.backends.TeacherBackend`, like `kd_cache.teacher.Teacher`:
+`targets()`, `image_token_id`, `dtype`, `device`, `vocab_size`, `close()`) and produces the same `SampleTargets`, so
+the cache format, the writer and the manifest are shared; the manifest records `"backend": "vllm"`.
 
 How the targets are obtained (vLLM exposes no hidden states or logits directly, only prompt log-probs):
 

@@ -208,7 +208,7 @@ def chunked_row_loss(
             :func:`micro_batch_row_fn` / :func:`text_rows_fn` / :func:`visual_rows_fn`.  An ``n_rows`` attribute,
             when present, is checked against N.
         chunk_size: rows per chunk (>= 1); :data:`DEFAULT_CHUNK_SIZE` by default.
-        transform: the model's logit transform (:func:`kd_cache.teacher.logit_transform`), applied to the head's
+        transform: the model's logit transform (:func:`kd_cache.hf.logit_transform`), applied to the head's
             output before the loss.
         amp_dtype: dtype of the head's matmul and the transform.  ``"auto"`` (default) takes the autocast dtype
             when autocast is enabled for ``hidden``'s device at the call, as the unchunked ``head(h)`` would run;
