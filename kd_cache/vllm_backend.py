@@ -319,7 +319,12 @@ class VllmTeacher:
                                                                lowrank=opts.gram_lowrank))
         else:
             text = self._topk_rows(ids, vals, tpos, opts.text_k)
-            visual = self._topk_rows(ids, vals, vpos, opts.visual_k)
+            if opts.visual_kind == "topk":
+                visual = self._topk_rows(ids, vals, vpos, opts.visual_k)
+            else:  # a text-only teacher (a multimodal one with sampled visual rows runs in full-logits mode): no rows
+                empty = torch.zeros((0, self.vocab_size), dtype=torch.float32)
+                visual = kd_targets.to_host(kd_targets.row_targets(empty, opts.visual_kind, opts.visual_k,
+                                                                   opts.samples, None))
             g = None
         return SampleTargets(sample_index=index, sample_id=s.sample_id, input_ids=s.input_ids,
                              text_positions=tpos, visual_positions=vpos, text=text, visual=visual, gram=g)

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from kd_train.config import DEFAULT_LOSS_CHUNK_SIZE
 from kd_train.losses import KDLossConfig, ce_loss, mdist_loss, sampled_kd_loss
 
 __all__ = [
@@ -57,7 +58,7 @@ __all__ = [
 #: Nv = 576, Nt = 150, V = 152K, D = 896 (fp32, CPU) 96 rows is the largest measured size whose loss activation
 #: memory is <= 1/4 of the unchunked path's (0.23x; 128 rows: 0.31x) at no step-time cost (0.89-0.98x).  The
 #: activation memory is about 6 (rows, V) fp32 buffers per chunk row, so it scales linearly with the chunk.
-DEFAULT_CHUNK_SIZE: int = 96
+DEFAULT_CHUNK_SIZE: int = DEFAULT_LOSS_CHUNK_SIZE  # one definition: kd_train/config.py (why 96)
 
 #: ``fn(logits (n, V) float32, start, end) -> (scalar loss of rows start:end, {term: sum over those rows})``.
 #: The term values may be floats or 0-dim tensors (tensors avoid a device sync per chunk).

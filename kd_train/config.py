@@ -15,6 +15,11 @@ if TYPE_CHECKING:
 SELECT_STRATEGIES = ("default", "full")  # LLaVA's vision_feature_select_strategy values
 
 
+# rows of student logits per chunk of the row-chunked objective (benchmarks/chunked_loss.py: the largest size that
+# kept the loss's activations <= 1/4 of the unchunked path's at no slower steps, Qwen2-0.5B head on CPU)
+DEFAULT_LOSS_CHUNK_SIZE = 96
+
+
 @dataclass
 class TrainConfig:
     """Configuration of `kd train`. Unset (None) loss weights, lr and trained parts take the stage's preset."""
@@ -82,6 +87,17 @@ class TrainConfig:
     mixed_precision: str = option("auto", choices=("auto", "no", "bf16", "fp16"),
                                   help="auto is bf16 on GPUs that support it, else no.")
     trackers: str = option("jsonl", help="Comma list of jsonl, tensorboard.")
+    # memory (docs/training.md "Training on small GPUs")
+    loss_chunk_size: int = option(DEFAULT_LOSS_CHUNK_SIZE, help="Rows of student logits formed at a time for CE and "
+                                                                "MDist (0: all rows at once).")
+    gradient_checkpointing: bool = option(False, help="Recompute the student LLM's (and a training vision tower's) "
+                                                      "activations in backward instead of keeping them.")
+    lora_r: int = option(0, help="LoRA rank for the student LLM in SFT/DFT (0: full fine-tuning); the projector "
+                                 "trains fully, the final model has the adapters merged.")
+    lora_alpha: float = option(16.0, help="LoRA alpha (the adapters' scale is alpha / r).")
+    lora_targets: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                               help="Comma list of the LLM's linear layer names that get adapters.")
+    lora_dropout: float = option(0.0, help="LoRA dropout.")
     skip_corrupt_shards: bool = option(False, help="Skip (and count) unreadable shards instead of stopping.")
     skip_missing_images: bool = option(False, help="Skip (and count) cached samples whose image is gone.")
     # reference mode: run this teacher every step instead of reading a cache (the paper's online way)
@@ -103,6 +119,16 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("loss_chunk_size", "lora_r"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.lora_r and not self.lora_target_list():
+            raise ValueError(f"lora_targets must name at least one linear layer, got {self.lora_targets!r}")
         if self.keep_best and (self.val_data is None or not self.val_every):
             raise ValueError(f"keep_best needs val_data and val_every > 0, got val_data={self.val_data!r} "
                              f"val_every={self.val_every!r}")
@@ -145,6 +171,9 @@ class TrainConfig:
 
     def tracker_list(self) -> list[str]:
         return [t.strip() for t in self.trackers.split(",") if t.strip()]
+
+    def lora_target_list(self) -> list[str]:
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
     def loss_config(self, preset: StagePreset) -> "KDLossConfig":
         from kd_train.losses import KDLossConfig  # deferred: losses.py imports torch, the CLI starts without it

@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 
 from kd_cache.data import RecordSource
 from kd_cache.files import save_json
-from kd_cache.hf import pad_token_id, tokenizer_fingerprint
+from kd_cache.hf import logit_transform, pad_token_id, tokenizer_fingerprint
 from kd_cache.progress import progress, quiet_library_bars
 from kd_cache.reader import open_cache
 from kd_cache.teacher import Teacher
@@ -26,11 +26,14 @@ from kd_train.batch import encoder_for
 from kd_train.checkpoint import CHECKPOINT_DIR, STATE_NAME, latest_checkpoint, prune_checkpoints
 from kd_train.compat import fit_loss_to_cache, require_compatible
 from kd_train.config import TrainConfig
-from kd_train.objective import TERMS, RowLogits, StepCounts, StudentGram, micro_batch_loss
+from kd_train.objective import (TERMS, RowLogits, StepCounts, StudentGram, chunked_micro_batch_loss,
+                                micro_batch_loss)
 from kd_train.schedule import cosine_with_warmup
 from kd_train.sources import CacheData, OnlineData, RecordData
 from kd_train.stages import StagePreset
-from kd_train.student import load_student, save_student, set_trainable
+from kd_train.lora import add_lora, merge_lora
+from kd_train.student import (enable_gradient_checkpointing, load_student, parameter_counts, save_student,
+                              set_trainable)
 from kd_train.tracking import make_tracker_class
 from kd_train.validate import answer_nll
 
@@ -75,6 +78,18 @@ class StageRunner:
         pick = lambda name: getattr(preset, name) if getattr(cfg, name) is None else getattr(cfg, name)  # noqa: E731
         counts = set_trainable(self.model, vision=pick("train_vision"), projector=pick("train_projector"),
                                llm=pick("train_llm"))
+        self.lora = None
+        if cfg.lora_r and pick("train_llm"):  # the LLM trains through adapters; merged into the stage's output
+            self.lora = add_lora(self.model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_target_list(),
+                                 dropout=cfg.lora_dropout, vision=pick("train_vision"),
+                                 projector=pick("train_projector"))
+            counts = {**parameter_counts(self.model), "lora": sum(p.numel() for n, p in self.model.named_parameters()
+                                                          if "lora_" in n)}
+        elif cfg.lora_r:
+            log.info("stage %s: the LLM is frozen here, so no LoRA adapters", preset.name)
+        if cfg.gradient_checkpointing:
+            on = enable_gradient_checkpointing(self.model, vision=pick("train_vision"))
+            log.info("stage %s: gradient checkpointing on the %s", preset.name, " and ".join(on))
         log.info("stage %s: trainable parameters %s", preset.name, counts)
 
         tok = getattr(self.processor, "tokenizer", self.processor)
@@ -124,6 +139,13 @@ class StageRunner:
         self.wrapped, self.optimizer, self.scheduler = self.acc.prepare(RowLogits(self.model), self.optimizer,
                                                                         self.scheduler)
         self.student_gram = StudentGram(self.model)
+        # the row-chunked objective applies the head outside the wrapped forward (its gradients still reach DDP)
+        self.head = self.model.get_output_embeddings()
+        if cfg.loss_chunk_size and not isinstance(self.head, torch.nn.Linear):
+            raise ValueError(f"the row-chunked objective needs a plain linear LM head, got {type(self.head).__name__}; "
+                             "set loss_chunk_size 0")
+        self.transform = logit_transform(self.model.config)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.acc.mixed_precision)
         self.step = 0
         self.epoch = 0
         # held-out teacher-forced answer NLL (--val-data), and the best weights so far (--keep-best)
@@ -250,11 +272,19 @@ class StageRunner:
                     parts = {}
                 else:
                     batch = batch.to(device)
+                    chunked = self.cfg.loss_chunk_size > 0
                     with acc.autocast():
-                        zt, zv, hv = self.wrapped(batch.model_inputs, batch.text_rows, batch.visual_rows)
-                    loss, parts = micro_batch_loss(zt.float(), zv.float(), batch, self.loss_cfg, counts,
-                                                   acc.num_processes, self.teacher_vocab, hv=hv,
-                                                   student_gram=self.student_gram, n_draws=self.n_draws)
+                        zt, zv, hv = self.wrapped(batch.model_inputs, batch.text_rows, batch.visual_rows,
+                                                  logits=not chunked)
+                    if chunked:  # zt holds the text rows' hidden states: the head runs chunk by chunk
+                        loss, parts = chunked_micro_batch_loss(
+                            zt, hv, self.head, self.transform, batch, self.loss_cfg, counts, acc.num_processes,
+                            chunk_size=self.cfg.loss_chunk_size, amp_dtype=self.amp_dtype,
+                            teacher_vocab=self.teacher_vocab, student_gram=self.student_gram, n_draws=self.n_draws)
+                    else:
+                        loss, parts = micro_batch_loss(zt.float(), zv.float(), batch, self.loss_cfg, counts,
+                                                       acc.num_processes, self.teacher_vocab, hv=hv,
+                                                       student_gram=self.student_gram, n_draws=self.n_draws)
                 acc.backward(loss)
             loss_value += float(loss.detach()) / acc.num_processes
             for k, v in parts.items():
@@ -298,6 +328,8 @@ class StageRunner:
             log.info("stage %s: keeping the weights of step %d (val NLL %.4f), not the last step's",
                      self.preset.name, self.best[1], self.best[0])
             acc.unwrap_model(self.wrapped).model.load_state_dict(self.best[2])
+        if self.lora is not None:  # the stage's output is a plain model: W + (alpha / r) B A, adapters removed
+            merge_lora(self.lora)
         # a collective: gathers sharded weights under FSDP / ZeRO-3, a plain state_dict otherwise
         full = acc.get_state_dict(self.wrapped)
         if acc.is_main_process:
@@ -310,7 +342,9 @@ class StageRunner:
             save_json(os.path.join(tmp, "kd_stage.json"), {
                 "stage": self.preset.name, "steps": self.step, "data_stats": self.data.stats(),
                 "validation": self.val_history,
-                "kept_step": self.best[1] if self.best is not None else self.step})
+                "kept_step": self.best[1] if self.best is not None else self.step,
+                "lora": None if self.lora is None else {"r": self.cfg.lora_r, "alpha": self.cfg.lora_alpha,
+                                                        "targets": self.cfg.lora_target_list(), "merged": True}})
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         acc.wait_for_everyone()

@@ -8,6 +8,7 @@ import torch
 
 from kd_cache.hf import logit_transform
 from kd_train.batch import Batch
+from kd_train.chunked import chunked_row_loss, micro_batch_row_fn
 from kd_train.losses import (KDLossConfig, ce_loss, gram, gram_from_hidden, mdist_loss, rdist_loss,
                              sampled_kd_loss)
 
@@ -27,12 +28,16 @@ class RowLogits(torch.nn.Module):
         # the student's own soft-capping / logit scale (its config decides), as its forward would apply it
         self.transform = logit_transform(model.config)
 
-    def forward(self, model_inputs: dict, text_rows: torch.Tensor, visual_rows: torch.Tensor):
-        """-> (text-row logits (Nt, V), visual-row logits (Nv, V), visual-row final hidden states (Nv, D))."""
+    def forward(self, model_inputs: dict, text_rows: torch.Tensor, visual_rows: torch.Tensor, logits: bool = True):
+        """-> (text-row logits (Nt, V), visual-row logits (Nv, V), visual-row final hidden states (Nv, D)); with
+        `logits=False`, (text-row hidden states (Nt, D), None, visual-row hidden states (Nv, D)) for the row-chunked
+        objective, which applies the head itself (`chunked_micro_batch_loss`)."""
         out = self.model.model(**model_inputs, use_cache=False, return_dict=True)
         hidden = out.last_hidden_state
         head = self.model.get_output_embeddings()
         hv = hidden[visual_rows[0], visual_rows[1]]
+        if not logits:
+            return hidden[text_rows[0], text_rows[1]], None, hv
         zt, zv = head(hidden[text_rows[0], text_rows[1]]), head(hv)
         if self.transform is not None:
             zt, zv = self.transform(zt), self.transform(zv)
@@ -120,3 +125,29 @@ def micro_batch_loss(zt: torch.Tensor, zv: torch.Tensor, batch: Batch, cfg: KDLo
     for name, value in sums.items():
         total = total + weights[name] * value * world_size / max(denom[name], 1)
     return total, {name: float(v.detach()) for name, v in sums.items()}
+
+
+def chunked_micro_batch_loss(ht: torch.Tensor, hv: torch.Tensor, head: torch.nn.Module, transform, batch: Batch,
+                             cfg: KDLossConfig, counts: StepCounts, world_size: int, *, chunk_size: int,
+                             amp_dtype: torch.dtype | None, teacher_vocab: int | None = None,
+                             student_gram: StudentGram | None = None,
+                             n_draws: dict[str, int] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """`micro_batch_loss` from the rows' hidden states (ht (Nt, D), hv (Nv, D)): CE and MDist over row chunks of
+    `chunk_size` (kd_train/chunked.py: no more than one chunk of (rows, V) logits alive), RDist from the student's
+    Gram as H (WᵀW) Hᵀ (the visual logits are formed only for heads with a bias or a logit transform). Same value
+    and gradients up to float rounding; `amp_dtype`: the autocast dtype the head runs in (None: no autocast)."""
+    fn = micro_batch_row_fn(batch, cfg, counts, world_size, teacher_vocab, n_draws)
+    total, parts = chunked_row_loss(torch.cat([ht, hv]), head, fn, chunk_size=chunk_size, transform=transform,
+                                    amp_dtype=amp_dtype)
+    if cfg.rdist_weight and batch.n_visual and batch.targets is not None and any(g.numel() for g in batch.grams):
+        if student_gram is not None and student_gram.exact_form:
+            grams_s = student_gram.grams(None, hv, batch.visual_splits)
+        else:  # the Gram needs the visual logits themselves (bias / transform): formed here, once
+            zv = head(hv)
+            zv = (transform(zv) if transform is not None else zv).float()
+            grams_s = [gram(z) for z in torch.split(zv, batch.visual_splits) if z.shape[0]]
+        grams_t = [g for g, n in zip(batch.grams, batch.visual_splits) if n]
+        rdist = torch.stack([rdist_loss(rs, rt, is_gram=True) for rs, rt in zip(grams_s, grams_t)]).sum()
+        total = total + cfg.rdist_weight * rdist * world_size / max(counts.gram, 1)
+        parts["rdist"] = float(rdist.detach())
+    return total, parts

@@ -356,7 +356,7 @@ def parameter_part(model: Any, name: str) -> str:
                      f"vision tower, the projector or the language model")
 
 
-def _counts(model: Any) -> dict[str, int]:
+def parameter_counts(model: Any) -> dict[str, int]:
     counts = dict.fromkeys([*PARTS, "trainable", "total"], 0)
     for name, p in model.named_parameters():
         n = p.numel()
@@ -367,6 +367,33 @@ def _counts(model: Any) -> dict[str, int]:
     return counts
 
 
+def enable_gradient_checkpointing(model: Any, *, vision: bool) -> list[str]:
+    """Recompute activations in backward for the student's LLM, and for its vision tower when `vision` (it trains).
+    Non-reentrant checkpointing: correct with frozen inputs (DPT, LoRA). Returns the parts it was enabled on."""
+    model = _unwrap(model)
+    inner = getattr(model, "model", None)
+    parts = {"llm": getattr(inner, "language_model", None)}
+    if vision:
+        parts["vision"] = getattr(inner, "vision_tower", None) or getattr(inner, "visual", None)
+    if parts["llm"] is None and getattr(model.config, "vision_config", None) is None:
+        parts["llm"] = model  # a text-only causal LM is all LLM
+    done = []
+    for name, module in parts.items():
+        if module is None:
+            continue
+        if not getattr(module, "supports_gradient_checkpointing", False):
+            raise ValueError(f"the student's {name} ({type(module).__name__}) does not support gradient "
+                             "checkpointing; got --gradient-checkpointing")
+        if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            module.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        done.append(name)
+    if not done:
+        raise ValueError(f"found no LLM in {type(model).__name__} to checkpoint; got --gradient-checkpointing")
+    return done
+
+
 def set_trainable(model: Any, *, vision: bool, projector: bool, llm: bool) -> dict[str, int]:
     """Freeze/unfreeze by part; returns trainable counts per part plus 'trainable' and 'total'."""
     flags = {"vision": vision, "projector": projector, "llm": llm}
@@ -375,7 +402,7 @@ def set_trainable(model: Any, *, vision: bool, projector: bool, llm: bool) -> di
             raise ValueError(f"{key} must be a bool, got {v!r}")
     for name, p in model.named_parameters():
         p.requires_grad_(flags[parameter_part(model, name)])
-    return _counts(model)
+    return parameter_counts(model)
 
 
 def trainable_parameters(model: Any, stage: str) -> dict[str, int]:
