@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -184,10 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     payload = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "machine": report.machine_description(), "measured": measured, "rows": table(measured)}
     payload["seconds"] = time.perf_counter() - t0
-    Path(args.results).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-    block = markdown(payload)
-    report.replace_marked_block(args.docs, MARK, block)
-    print(block)
+    report.publish_benchmark(payload, args.results, args.docs, MARK, markdown(payload))
 
 
 if __name__ == "__main__":

@@ -131,6 +131,15 @@ def replace_marked_block(path: str | os.PathLike, marks: tuple[str, str], block:
     path.write_text(text, encoding="utf-8")
 
 
+def publish_benchmark(payload: dict, results: str | os.PathLike, docs: str | os.PathLike, marks: tuple[str, str],
+                      block: str) -> None:
+    """A benchmark's raw results (JSON) and its section of a docs page (the marked `block`), then the section on
+    stdout."""
+    Path(results).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    replace_marked_block(docs, marks, block)
+    print(block)
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """Logged steps of the last run in a stage's `metrics.jsonl` (a restarted run appends after a new header)."""
     p = Path(path)

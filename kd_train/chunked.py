@@ -373,12 +373,19 @@ def text_rows_fn(labels: torch.Tensor, targets: Mapping[str, torch.Tensor] | Non
         eps = cfg.label_smoothing
         terms.append(("ce", scales["ce"], lambda z, s, e: ce_loss(z, labels[s:e], label_smoothing=eps)))
     if targets is not None and cfg.mdist_text_weight and n:
-        rows = _n_target_rows(targets, "text")
-        if rows != n:
-            raise ValueError(f"text targets must cover the Nt={n} labelled rows, got {rows}")
-        terms.append(("mdist_text", scales["mdist_text"],
-                      _mdist_term(targets, "text", cfg, n, teacher_vocab_size, n_draws)))
+        terms.append(_checked_mdist_term(targets, "text", cfg, n, scales, teacher_vocab_size, n_draws))
     return RowTerms(n, terms)
+
+
+def _checked_mdist_term(targets: Mapping[str, torch.Tensor], prefix: str, cfg: KDLossConfig, n: int,
+                        scales: Mapping[str, float], teacher_vocab_size: int | None, n_draws: int) -> tuple:
+    """("mdist_<prefix>", its scale, its per-chunk fn), after checking the targets cover the n rows."""
+    rows = _n_target_rows(targets, prefix)
+    if rows != n:
+        what = "labelled" if prefix == "text" else "visual"
+        raise ValueError(f"{prefix} targets must cover the N{prefix[0]}={n} {what} rows, got {rows}")
+    return (f"mdist_{prefix}", scales[f"mdist_{prefix}"], _mdist_term(targets, prefix, cfg, n, teacher_vocab_size,
+                                                                       n_draws))
 
 
 def visual_rows_fn(n_rows: int, targets: Mapping[str, torch.Tensor] | None, cfg: KDLossConfig,
@@ -400,11 +407,7 @@ def visual_rows_fn(n_rows: int, targets: Mapping[str, torch.Tensor] | None, cfg:
         raise ValueError(f"n_rows must be an int >= 0, got {n_rows!r}")
     terms = []
     if targets is not None and cfg.mdist_visual_weight and n_rows:
-        rows = _n_target_rows(targets, "visual")
-        if rows != n_rows:
-            raise ValueError(f"visual targets must cover the Nv={n_rows} visual rows, got {rows}")
-        terms.append(("mdist_visual", scales["mdist_visual"],
-                      _mdist_term(targets, "visual", cfg, n_rows, teacher_vocab_size, n_draws)))
+        terms.append(_checked_mdist_term(targets, "visual", cfg, n_rows, scales, teacher_vocab_size, n_draws))
     return RowTerms(n_rows, terms)
 
 

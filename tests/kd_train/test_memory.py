@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from kd_train.lora import add_lora, merge_lora
 from kd_train.objective import RowLogits
 from kd_train.student import enable_gradient_checkpointing, load_student
 from kd_train.train import TrainConfig, run
-from tests.kd_train.test_train import child_env, metrics
+from tests.kd_train.test_train import child_env, ddp_train_cmd, metrics
 
 
 @pytest.fixture(scope="module")
@@ -159,13 +158,9 @@ def test_lora_resume_matches_an_uninterrupted_run(tmp_path, student, tiny_data, 
 
 
 def test_lora_two_process_ddp(tmp_path, student, tiny_data, llava_cache):
-    data, images = tiny_data
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kd_cli.main", "train",
-           "--stage", "dft", "--student", str(student), "--cache", str(llava_cache), "--data", str(data), "--images",
-           str(images), "--out", str(out), "--batch-size", "2", "--quiet", "--max-steps", "2", "--lora-r", "4",
-           "--gradient-checkpointing", "--loss-chunk-size", "5"]
+    cmd = ddp_train_cmd(student, tiny_data, llava_cache, out, "--max-steps", "2", "--lora-r", "4",
+                        "--gradient-checkpointing", "--loss-chunk-size", "5")
     r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(metrics(out)) == 2

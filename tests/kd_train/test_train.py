@@ -184,13 +184,18 @@ def test_killed_run_resumes_onto_the_uninterrupted_loss_curve(tmp_path, student,
 
 
 @pytest.mark.slow
-def test_two_process_ddp_run(tmp_path, student, tiny_data, llava_cache):
+def ddp_train_cmd(student, tiny_data, cache, out, *extra) -> list[str]:
+    """`kd train --stage dft` under `accelerate launch` with 2 CPU (gloo) processes."""
     data, images = tiny_data
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kd_cli.main", "train",
+            "--stage", "dft", "--student", str(student), "--cache", str(cache), "--data", str(data), "--images",
+            str(images), "--out", str(out), "--batch-size", "2", "--quiet", *extra]
+
+
+def test_two_process_ddp_run(tmp_path, student, tiny_data, llava_cache):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kd_cli.main", "train",
-           "--stage", "dft", "--student", str(student), "--cache", str(llava_cache), "--data", str(data), "--images",
-           str(images), "--out", str(out), "--batch-size", "2", "--quiet", "--checkpoint-every", "1"]
+    cmd = ddp_train_cmd(student, tiny_data, llava_cache, out, "--checkpoint-every", "1")
     r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     m = metrics(out)
