@@ -54,8 +54,6 @@ class StageRunner:
     """Everything one stage needs; `fit()` trains it and writes `<out>/final`."""
 
     def __init__(self, cfg: TrainConfig, preset: StagePreset, student: str, out: str):
-
-
         self.cfg, self.preset, self.out = cfg, preset, out
         self.loss_cfg = cfg.loss_config(preset)
         self.uses_cache = preset.uses_cache and any(
@@ -75,22 +73,7 @@ class StageRunner:
 
         quiet_library_bars()  # no loading bar frames in a log file (stderr not a terminal)
         self.model, self.processor = load_student(student)
-        pick = lambda name: getattr(preset, name) if getattr(cfg, name) is None else getattr(cfg, name)  # noqa: E731
-        counts = set_trainable(self.model, vision=pick("train_vision"), projector=pick("train_projector"),
-                               llm=pick("train_llm"))
-        self.lora = None
-        if cfg.lora_r and pick("train_llm"):  # the LLM trains through adapters; merged into the stage's output
-            self.lora = add_lora(self.model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_target_list(),
-                                 dropout=cfg.lora_dropout, vision=pick("train_vision"),
-                                 projector=pick("train_projector"))
-            counts = {**parameter_counts(self.model), "lora": sum(p.numel() for n, p in self.model.named_parameters()
-                                                          if "lora_" in n)}
-        elif cfg.lora_r:
-            log.info("stage %s: the LLM is frozen here, so no LoRA adapters", preset.name)
-        if cfg.gradient_checkpointing:
-            on = enable_gradient_checkpointing(self.model, vision=pick("train_vision"))
-            log.info("stage %s: gradient checkpointing on the %s", preset.name, " and ".join(on))
-        log.info("stage %s: trainable parameters %s", preset.name, counts)
+        self.lora = self._prepare_model(cfg, preset)
 
         tok = getattr(self.processor, "tokenizer", self.processor)
         pad = pad_token_id(tok)
@@ -157,6 +140,26 @@ class StageRunner:
             self.val = (RecordSource(cfg.val_data), val_encoder, pad)
         self.val_history: list[dict] = []
         self.best: tuple[float, int, dict] | None = None  # (val nll, step, CPU state_dict)
+
+    def _prepare_model(self, cfg: TrainConfig, preset: StagePreset):
+        """What trains (the stage preset unless the flags say otherwise), LoRA adapters on the LLM, gradient
+        checkpointing. Returns the LoRA tuner (merged into the stage's output at the end), or None."""
+        pick = lambda name: getattr(preset, name) if getattr(cfg, name) is None else getattr(cfg, name)  # noqa: E731
+        counts = set_trainable(self.model, vision=pick("train_vision"), projector=pick("train_projector"),
+                               llm=pick("train_llm"))
+        lora = None
+        if cfg.lora_r and pick("train_llm"):  # the LLM trains through adapters; merged into the stage's output
+            lora = add_lora(self.model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_target_list(),
+                            dropout=cfg.lora_dropout, vision=pick("train_vision"), projector=pick("train_projector"))
+            counts = {**parameter_counts(self.model),
+                      "lora": sum(p.numel() for n, p in self.model.named_parameters() if "lora_" in n)}
+        elif cfg.lora_r:
+            log.info("stage %s: the LLM is frozen here, so no LoRA adapters", preset.name)
+        if cfg.gradient_checkpointing:
+            on = enable_gradient_checkpointing(self.model, vision=pick("train_vision"))
+            log.info("stage %s: gradient checkpointing on the %s", preset.name, " and ".join(on))
+        log.info("stage %s: trainable parameters %s", preset.name, counts)
+        return lora
 
     def _online_data(self, cfg: TrainConfig, encoder, pad: int, max_length):
 
