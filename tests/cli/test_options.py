@@ -232,7 +232,8 @@ def test_train_saves_every_flag(tmp_path, llava_topk_cache, llava_teacher, tiny_
             "--shuffle-buffer", "8", "--checkpoint-every", "1", "--keep-checkpoints", "1", "--log-every", "2",
             "--mixed-precision", "no", "--skip-corrupt-shards", "--skip-missing-images", "--quiet",
             "--label-smoothing", "0.1", "--visual-temperature", "3", "--val-data", str(data), "--val-images",
-            str(images), "--val-every", "1", "--append-eos"]
+            str(images), "--val-every", "1", "--append-eos", "--loss-chunk-size", "5", "--gradient-checkpointing",
+            "--lora-r", "2", "--lora-alpha", "4", "--lora-targets", "q_proj,v_proj", "--lora-dropout", "0.1"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     saved = json.loads((out / "train_config.json").read_text())["config"]
@@ -243,8 +244,11 @@ def test_train_saves_every_flag(tmp_path, llava_topk_cache, llava_teacher, tiny_
               "seed": 5, "shuffle_buffer": 8, "checkpoint_every": 1, "keep_checkpoints": 1, "log_every": 2,
               "mixed_precision": "no", "skip_corrupt_shards": True, "skip_missing_images": True, "progress": False,
               "label_smoothing": 0.1, "visual_temperature": 3.0, "val_data": str(data), "val_images": str(images),
-              "val_every": 1, "append_eos": True}
+              "val_every": 1, "append_eos": True, "loss_chunk_size": 5, "gradient_checkpointing": True, "lora_r": 2,
+              "lora_alpha": 4.0, "lora_targets": "q_proj,v_proj", "lora_dropout": 0.1}
     assert {k: saved[k] for k in expect} == expect
+    stage = json.loads((out / "final" / "kd_stage.json").read_text())  # the LoRA run happened, and was merged
+    assert stage["lora"] == {"r": 2, "alpha": 4.0, "targets": ["q_proj", "v_proj"], "merged": True}
     loss = json.loads((out / "train_config.json").read_text())["loss"]
     assert (loss["kind"], loss["temperature"], loss["use_tail"], loss["rdist_weight"]) == ("jsd", 2.0, False, 0.0)
     assert (loss["label_smoothing"], loss["visual_temperature"]) == (0.1, 3.0)
