@@ -60,6 +60,9 @@ Phases (each a ratio measured in this run, plus absolute figures; a failing phas
 4. RDist: `kd_train.losses.gram` (naive Z Zᵀ, per sample) vs `gram_from_hidden` (H WᵀW Hᵀ, WᵀW precomputed as
    `StudentGram` does for a frozen head, or formed per step for a trainable one) at V = 32,064 and 151,936,
    D = 896, Nv = 576, 8 samples per step, fp32: forward time, forward + backward time, extra peak memory.
+4b. the loss of one DFT micro-batch (150 response rows, top-64; 576 visual rows, 50 sampled draws; V = 151,936,
+   D = 896, bf16 autocast): all (rows, V) logits at once vs the row-chunked objective (kd_train/chunked.py) at 96
+   and 256 rows, forward + backward time and extra peak memory (issue 13's goal: <= 1/4 memory at <= 1.10x time).
 5. accelerate: one `kd train --stage dft --max-steps 1` per config in configs/accelerate, as
    `python -m accelerate.commands.launch --config_file <copy> --num_processes 1 --num_machines 1 -m kd_cli.main
    train ...` (the copy: num_processes 1; FSDP's wrap classes set to the student's decoder and vision layers, as
@@ -104,7 +107,7 @@ IMAGE_TOKEN_ID = 32000
 VOCAB = 32064
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 H200 = {"bf16_dense_tflops": 790.0, "hbm_tb_per_s": 4.8}
-PHASES = ("build", "train", "rdist", "accelerate")
+PHASES = ("build", "train", "rdist", "chunked", "accelerate")
 
 # ChatML, the template kd_eval/tiny.py gives its tiny models: no default system prompt, "<image>\n" per image.
 CHAT_TEMPLATE = chat_template(IMAGE_TOKEN)
@@ -144,6 +147,10 @@ class Sizes:
     rdist_vocabs: tuple
     rdist_samples: int
     rdist_repeats: int
+    chunk_rows: tuple  # (response rows, visual rows) of one DFT micro-batch's loss
+    chunk_d: int
+    chunk_vocab: int
+    chunk_sizes: tuple  # 0: the unchunked path
     accelerate_kinds: tuple
     budget: float
 
@@ -159,6 +166,7 @@ FULL = Sizes(
     samples=320, build_batch=16, build_workers=4, rounds=2, question_tokens=30, answer_tokens=110,
     train_batch=8, warmup_steps=2, timed_steps=10,
     rdist_nv=576, rdist_d=896, rdist_vocabs=(32064, 151936), rdist_samples=8, rdist_repeats=5,
+    chunk_rows=(150, 576), chunk_d=896, chunk_vocab=151936, chunk_sizes=(0, 96, 256),
     accelerate_kinds=("MULTI_GPU", "FSDP", "DEEPSPEED"), budget=480.0,
 )
 SMOKE = Sizes(
@@ -171,6 +179,7 @@ SMOKE = Sizes(
     samples=8, build_batch=4, build_workers=0, rounds=1, question_tokens=8, answer_tokens=16,
     train_batch=4, warmup_steps=1, timed_steps=2,
     rdist_nv=16, rdist_d=64, rdist_vocabs=(32064, 151936), rdist_samples=2, rdist_repeats=2,
+    chunk_rows=(6, 10), chunk_d=32, chunk_vocab=512, chunk_sizes=(0, 4),
     accelerate_kinds=("MULTI_GPU", "FSDP"), budget=240.0,
 )
 
@@ -969,6 +978,57 @@ def phase_rdist(ctx: Context) -> dict:
     return out
 
 
+def phase_chunked(ctx: Context) -> dict:
+    """One DFT micro-batch's CE + MDist (top-64 response rows, sampled visual rows) on the student's head: the
+    unchunked path (all (rows, V) logits at once) vs kd_train/chunked.py, forward + backward, time and extra peak
+    memory, bf16 autocast on the GPU (fp32 on the CPU)."""
+    import torch
+
+    from kd_cache.targets import sampled_targets, topk_targets
+    from kd_train.chunked import chunked_row_loss, concat_row_fns, text_rows_fn, visual_rows_fn
+    from kd_train.losses import KDLossConfig
+
+    s, dev = ctx.sizes, ctx.dev
+    nt, nv = s.chunk_rows
+    g = torch.Generator(device=dev).manual_seed(0)
+    head = torch.nn.Linear(s.chunk_d, s.chunk_vocab, bias=False, device=dev)
+    hidden = torch.randn(nt + nv, s.chunk_d, device=dev, generator=g)
+    with torch.no_grad():  # teacher targets from a perturbed head: realistic, peaky-enough rows
+        zt = (hidden[:nt] @ head.weight.T) * 4
+        tt = topk_targets(zt, 64)
+        vt = sampled_targets(hidden[nt:] @ head.weight.T, 50, generator=g)
+        labels = zt.argmax(-1)
+        del zt
+    targets = {"text_topk_ids": tt.topk_ids, "text_topk_logprobs": tt.topk_logprobs,
+               "text_tail_logprob": tt.tail_logprob, "visual_sample_ids": vt.ids, "visual_sample_counts": vt.counts,
+               "visual_sample_row_lengths": vt.row_lengths}
+    cfg = KDLossConfig(ce_weight=1.0, mdist_text_weight=1.0, mdist_visual_weight=1.0, rdist_weight=0.0)
+    scales = {"ce": 1.0 / nt, "mdist_text": 1.0 / nt, "mdist_visual": 1.0 / nv, "rdist": 0.0}
+    fn = concat_row_fns(text_rows_fn(labels, targets, cfg, scales),
+                        visual_rows_fn(nv, targets, cfg, scales, n_draws=50))
+    amp = torch.bfloat16 if is_cuda(dev) else None
+    out = {"rows": nt + nv, "V": s.chunk_vocab, "D": s.chunk_d, "dtype": "bf16 autocast" if amp else "float32",
+           "runs": []}
+    for chunk in s.chunk_sizes:
+        def step():
+            h = hidden.detach().requires_grad_(True)
+            head.weight.grad = None
+            if chunk:
+                loss, _ = chunked_row_loss(h, head, fn, chunk_size=chunk, amp_dtype=amp)
+            else:
+                with torch.autocast(torch.device(dev).type, dtype=amp, enabled=amp is not None):
+                    z = head(h)
+                loss, _ = fn(z.float(), 0, nt + nv)
+            loss.backward()
+            return float(loss.detach())
+
+        seconds, extra, _ = timed_op(step, dev, 3)
+        out["runs"].append({"chunk": chunk, "seconds": rnd(seconds, 6), "extra_bytes": extra, "loss": step()})
+        log(f"chunked loss: chunk {chunk or 'none'}: {seconds * 1e3:.1f} ms, extra peak "
+            f"{'n/a' if extra is None else f'{extra / 2**30:.2f} GiB'}")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ phase 5: accelerate
 
 
@@ -1202,6 +1262,19 @@ def table_rows(result: dict) -> list[tuple[str, str, str, str, str]]:
             ]
     else:
         status_row("4 RDist", r)
+    c = ph.get("chunked", {})
+    if c.get("status") == "ok":
+        base = c["runs"][0]
+        for run in c["runs"]:
+            what = "unchunked" if not run["chunk"] else f"chunks of {run['chunk']} rows"
+            ratio = "" if run is base else (f" (x{run['seconds'] / base['seconds']:.2f} time, "
+                                            f"x{run['extra_bytes'] / base['extra_bytes']:.2f} memory)"
+                                            if base["extra_bytes"] else f" (x{run['seconds'] / base['seconds']:.2f})")
+            rows.append(("4b loss", f"{c['rows']} rows, V={c['V']:,}, D={c['D']}, {c['dtype']}: {what}",
+                         f"{_ms(run['seconds'])}, extra peak {_gib(run['extra_bytes'])}{ratio}",
+                         "<= 1/4 memory at <= 1.10x time" if run is not base else "", ""))
+    else:
+        status_row("4b loss", c)
     a = ph.get("accelerate", {})
     if a.get("status") == "ok":
         for run in a["runs"]:
@@ -1248,7 +1321,7 @@ def write_outputs(result: dict, out: Path) -> None:
 # ------------------------------------------------------------------------------------------------ main
 
 
-ESTIMATES = {"build": 150.0, "train": 60.0, "rdist": 15.0, "accelerate": 60.0}  # full size, seconds, for the budget
+ESTIMATES = {"build": 150.0, "train": 60.0, "rdist": 15.0, "chunked": 15.0, "accelerate": 60.0}  # full size, seconds, for the budget
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -1314,7 +1387,8 @@ def main(argv: list[str] | None = None) -> dict:
             log(f"setup failed:\n{traceback.format_exc()}")
             setup_failed = True
         write_outputs(result, out)
-        funcs = {"build": phase_build, "train": phase_train, "rdist": phase_rdist, "accelerate": phase_accelerate}
+        funcs = {"build": phase_build, "train": phase_train, "rdist": phase_rdist, "chunked": phase_chunked,
+                 "accelerate": phase_accelerate}
         for name in PHASES:
             if name not in phases or setup_failed:
                 result["phases"][name] = {"status": "skipped: setup failed" if setup_failed

@@ -9,8 +9,9 @@ model (W + (alpha / r) B A), so later stages, `kd eval` and `AutoModelForImageTe
 from __future__ import annotations
 
 import logging
+from typing import Any
+
 import torch
-from peft import LoraConfig, LoraModel
 
 from kd_train.student import parameter_part
 
@@ -30,9 +31,11 @@ def lora_layer_names(model: torch.nn.Module, targets: list[str]) -> list[str]:
 
 
 def add_lora(model: torch.nn.Module, *, r: int, alpha: float, targets: list[str], dropout: float = 0.0,
-             vision: bool, projector: bool) -> LoraModel:
+             vision: bool, projector: bool) -> Any:
     """Inject LoRA adapters into `model` in place (its class and forward stay as they are) and set what trains:
     the adapters, plus the vision tower / projector when asked. Returns the peft tuner (for `merge_lora`)."""
+    from peft import LoraConfig, LoraModel  # deferred: only LoRA runs need peft (the GPU check's image has none)
+
     names = lora_layer_names(model, targets)
     if not names:
         raise ValueError(f"lora_targets {targets} match no linear layer of the student's LLM (got layer names like "
@@ -47,7 +50,7 @@ def add_lora(model: torch.nn.Module, *, r: int, alpha: float, targets: list[str]
     return tuner
 
 
-def merge_lora(tuner: LoraModel) -> torch.nn.Module:
+def merge_lora(tuner: Any) -> torch.nn.Module:
     """Fold the adapters into the base weights and remove them: the plain model, in place."""
     return tuner.merge_and_unload()
 

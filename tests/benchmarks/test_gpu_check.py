@@ -42,7 +42,7 @@ def test_smoke_run_reports_every_phase(tmp_path):
     assert res["setup"]["status"] == "ok"
     assert res["setup"]["tokenizer_tokens"] == 32001 and res["setup"]["vocab_rows"] == 32064
     phases = res["phases"]
-    assert set(phases) == {"build", "train", "rdist", "accelerate"}
+    assert set(phases) == {"build", "train", "rdist", "chunked", "accelerate"}
     for name, p in phases.items():
         assert p["status"] == "ok", (name, p.get("status"), p.get("traceback", "")[-2000:])
 
@@ -70,6 +70,11 @@ def test_smoke_run_reports_every_phase(tmp_path):
             assert _number(v[key]) and v[key] > 0, key
         assert v["rel_err"] < 1e-4
 
+    c = phases["chunked"]
+    assert [x["chunk"] for x in c["runs"]] == [0, 4] and c["rows"] == 16
+    assert all(_number(x["seconds"]) and x["seconds"] > 0 for x in c["runs"])
+    assert c["runs"][1]["loss"] == pytest.approx(c["runs"][0]["loss"], rel=1e-5)  # chunked = unchunked value
+
     runs = {Path(x["config"]).name: x for x in phases["accelerate"]["runs"]}
     assert set(runs) == {p.name for p in (REPO / "configs" / "accelerate").glob("*.yaml")}
     for name in ("fsdp.yaml", "ddp_8gpu.yaml"):
@@ -79,5 +84,5 @@ def test_smoke_run_reports_every_phase(tmp_path):
     assert any("Qwen2DecoderLayer,CLIPEncoderLayer" in c for c in runs["fsdp.yaml"]["adjusted"])
 
     assert "| phase | measure | value | goal | status |" in md
-    for label in ("1 build", "2 DFT vs SFT", "3 cache vs online", "4 RDist", "5 accelerate"):
+    for label in ("1 build", "2 DFT vs SFT", "3 cache vs online", "4 RDist", "4b loss", "5 accelerate"):
         assert f"| {label} |" in md
