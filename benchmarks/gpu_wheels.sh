@@ -9,8 +9,7 @@
 # /work/.library/device/KINDS.md), so the check runs without .whl. What the image lacks from kd's declared
 # dependencies (pyproject.toml) is fetched here: zstandard (declared; kd's code never imports it, pyarrow does
 # the zstd), datasets (kd_cache/data.py imports it only for .parquet data, saved dataset folders and hf://), and
-# datasets' dill and multiprocess, and peft (kd_train/lora.py imports it only for LoRA runs, which the check does
-# not make). DeepSpeed cannot travel this way (no binary wheel: it builds at install time),
+# datasets' dill and multiprocess. DeepSpeed cannot travel this way (no binary wheel: it builds at install time),
 # so the DeepSpeed configs are skipped by the check.
 #
 # Install on the machine (first thing in the `run` command, with carry: [".whl"]):
@@ -19,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-WHEELS=(zstandard==0.25.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 peft==0.21.2 "$@")
+WHEELS=(zstandard==0.25.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 "$@")
 mkdir -p .whl
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \

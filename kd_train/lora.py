@@ -34,7 +34,7 @@ def add_lora(model: torch.nn.Module, *, r: int, alpha: float, targets: list[str]
              vision: bool, projector: bool) -> Any:
     """Inject LoRA adapters into `model` in place (its class and forward stay as they are) and set what trains:
     the adapters, plus the vision tower / projector when asked. Returns the peft tuner (for `merge_lora`)."""
-    from peft import LoraConfig, LoraModel  # deferred: only LoRA runs need peft (the GPU check's image has none)
+    from peft import LoraConfig, LoraModel  # deferred: only LoRA runs need peft
 
     names = lora_layer_names(model, targets)
     if not names:
