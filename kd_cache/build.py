@@ -288,7 +288,6 @@ def _header(cfg: BuildConfig, config, processor, teacher_id, records, multimodal
 
 
 def _fp(d: dict) -> str:
-
     return hashlib.sha256(json.dumps({k: d.get(k) for k in ("id", "revision", "weights_sha256")},
                                      sort_keys=True).encode()).hexdigest()[:16]
 

@@ -59,7 +59,6 @@ def progress(total: int | None, initial: int = 0, desc: str = "", unit: str = "i
         return None
     stream = sys.stderr if stream is None else stream
     if stderr_is_terminal(stream):
-
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=stream)
     return LineProgress(total, initial, desc, unit, stream=stream,
                         interval=_interval() if interval is None else interval)
@@ -138,12 +137,10 @@ def quiet_library_bars(stream: TextIO | None = None) -> None:
     if stderr_is_terminal(stream):
         return
     try:
-
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
     try:
-
         disable_progress_bars()
     except ImportError:
         pass

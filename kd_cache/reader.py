@@ -28,7 +28,6 @@ _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def _fs_and_root(path_or_url: str):
-
     try:
         fs, root = fsspec.core.url_to_fs(str(path_or_url))
     except ImportError as e:  # e.g. http:// without aiohttp: name the extra that brings it
@@ -50,7 +49,6 @@ class Cache:
     """A complete cache (its manifest exists). `len()` is the number of cached samples."""
 
     def __init__(self, path_or_url: str, cache_dir: str | os.PathLike | None = None):
-
         self.url = str(path_or_url)
         self.fs, self.root = _fs_and_root(self.url)
         if cache_dir is None:

@@ -77,7 +77,6 @@ class RemoteOutput:
     """One rank's view of a remote output: its staging folder and the upload/finalize steps of `build()`."""
 
     def __init__(self, url: str, staging: str | None, rank: int, world_size: int):
-
         url = str(url).rstrip("/")
         if "::" in url:
             raise ValueError(f"out must be a plain URL to write to, not the chained URL {url!r}")

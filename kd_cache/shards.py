@@ -29,7 +29,6 @@ def open_parquet(fs: Any, path: str, *, whole_file: bool = False) -> tuple[Any, 
 def shard_sha256(fs: Any, path: str, *, whole_file: bool = False) -> str:
     """Hex sha256 of a shard's bytes (streamed; in one request with `whole_file`)."""
     if whole_file:
-
         return hashlib.sha256(fs.cat_file(path)).hexdigest()
     return sha256_file(path, fs)
 

@@ -343,7 +343,6 @@ def labelled(results: dict[str, dict]) -> list[dict]:
 
 def _write_report(out: Path, s: DemoSettings, seed: int, data: DemoData, models: dict[str, str],
                   results: dict[str, dict], timings: dict, teacher: Path, student: Path) -> DemoResult:
-
     rdir = out / "report"
     rdir.mkdir(parents=True, exist_ok=True)
     for old in rdir.glob("*.png"):
@@ -414,7 +413,6 @@ def _timings_md(timings: dict) -> str:
 
 
 def _markdown(result: DemoResult, payload: dict, curves: dict) -> str:
-
     s = result.settings
     acc = payload["accuracy"]
     sizes = payload["parameters"]
@@ -502,7 +500,6 @@ def _markdown(result: DemoResult, payload: dict, curves: dict) -> str:
 
 
 def _final_terms(rows: list[dict]) -> dict:
-
     tail = rows[-max(1, len(rows) // 10):]
     out = {}
     for term in report.LOSS_TERMS:
@@ -599,7 +596,6 @@ def _claim_folder(out: Path, s: DemoSettings, seed: int) -> None:
 
 @contextlib.contextmanager
 def _cpu_threads(n: int):
-
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

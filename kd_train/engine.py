@@ -82,7 +82,6 @@ class StageRunner:
         self.teacher_vocab = None
         self.n_draws = {"text": 0, "visual": 0}
         if self.uses_cache and cfg.online_teacher is None:
-
             cache = open_cache(cfg.cache)
             manifest = cache.manifest
             self.loss_cfg, notes = fit_loss_to_cache(self.loss_cfg, cfg, manifest)
@@ -134,7 +133,6 @@ class StageRunner:
         # held-out teacher-forced answer NLL (--val-data), and the best weights so far (--keep-best)
         self.val = None
         if cfg.val_data is not None:
-
             val_encoder = encoder_for(self.processor, self.model.config, image_root=cfg.val_images or cfg.images,
                                       max_length=max_length, append_eos=append_eos)
             self.val = (RecordSource(cfg.val_data), val_encoder, pad)
@@ -162,7 +160,6 @@ class StageRunner:
         return lora
 
     def _online_data(self, cfg: TrainConfig, encoder, pad: int, max_length):
-
         teacher = Teacher(cfg.online_teacher, device=str(self.acc.device), dtype="float32"
                           if self.acc.mixed_precision == "no" else "bfloat16")
         teacher.model.requires_grad_(False)
@@ -324,7 +321,6 @@ class StageRunner:
         return {"val_nll": res["nll"]}
 
     def _finish(self) -> None:
-
         acc = self.acc
         acc.wait_for_everyone()
         if self.best is not None and self.best[1] != self.step:

@@ -259,7 +259,6 @@ _BAD = _Bad()
 
 
 def _corrupt_error_types() -> tuple[type, ...]:
-
     return (OSError, ValueError, KeyError, IndexError, EOFError, pa.ArrowException)
 
 

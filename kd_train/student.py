@@ -67,7 +67,6 @@ def _torch_dtype(dtype: str | torch.dtype | None, device: torch.device | None = 
 
 
 def _is_multimodal_type(model_type: str) -> bool:
-
     return model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
@@ -147,7 +146,6 @@ def _warn_if_ids_disagree(tokenizer: Any, llm: str) -> None:
 
 
 def _dummy_image(image_processor: Any):
-
     size = getattr(image_processor, "crop_size", None) or getattr(image_processor, "size", None) or {}
     size = dict(size) if not isinstance(size, dict) else size
     h = size.get("height") or size.get("shortest_edge") or 336

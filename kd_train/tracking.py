@@ -48,5 +48,4 @@ class JsonlTracker:
 
 
 def make_tracker_class():
-
     return type("KdJsonlTracker", (JsonlTracker, GeneralTracker), {})
