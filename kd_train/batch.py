@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kd_cache.codec import LOGPROB_KEYS, ROW_KEYS, CachedSample, target_keys
+from kd_cache.codec import LOGPROB_KEYS, ROWS, CachedSample, target_keys
 from kd_cache.data import EncodedSample, Encoder, image_token_id_of
 from kd_cache.hf import collate as collate_model_inputs, tokenizer_of
 
@@ -35,7 +35,7 @@ def features(encoded: EncodedSample, cached: CachedSample | None = None) -> dict
             f"(student {len(encoded.input_ids)} tokens, cache {len(cached['input_ids'])}); the student's processor, "
             "chat template or max_length does not match the cache's"
         )
-    for prefix in ("text", "visual"):
+    for prefix in ROWS:
         if not np.array_equal(getattr(encoded, f"{prefix}_positions"), cached[f"{prefix}_positions"]):
             raise CacheMismatchError(f"sample {cached['sample_id']!r}: {prefix} positions differ from the cache's")
     for name in target_keys(cached):
@@ -95,13 +95,10 @@ def make_batch(items: list[dict], pad_id: int) -> Batch:
     targets = grams = None
     if "gram" in items[0]:
         targets = {}
-        for prefix in ("text", "visual"):
-            for key in (k for keys in ROW_KEYS.values() for k in keys):
-                name = f"{prefix}_{key}"
-                if name not in items[0]:
-                    continue
-                arr = np.concatenate([it[name] for it in items])
-                targets[name] = torch.as_tensor(arr, dtype=torch.float32 if key in LOGPROB_KEYS else torch.long)
+        for name in target_keys(items[0]):
+            arr = np.concatenate([it[name] for it in items])
+            is_logprob = name.split("_", 1)[1] in LOGPROB_KEYS
+            targets[name] = torch.as_tensor(arr, dtype=torch.float32 if is_logprob else torch.long)
         grams = [torch.as_tensor(it["gram"]) for it in items]
     return Batch(model_inputs, text_rows, labels, visual_rows, [len(e.visual_positions) for e in encs], targets,
                  grams, int(sum(it["n_tokens"] for it in items)))

@@ -110,14 +110,8 @@ def micro_batch_loss(zt: torch.Tensor, zv: torch.Tensor, batch: Batch, cfg: KDLo
             sums["mdist_text"] = mdist(zt, "text")
         if cfg.mdist_visual_weight and batch.n_visual:
             sums["mdist_visual"] = mdist(zv, "visual")
-        if cfg.rdist_weight and batch.n_visual and any(g.numel() for g in batch.grams):
-            if student_gram is not None and hv is not None:
-                grams_s = student_gram.grams(zv, hv, batch.visual_splits)
-            else:
-                grams_s = [gram(z) for z in torch.split(zv, batch.visual_splits) if z.shape[0]]
-            grams_t = [g for g, n in zip(batch.grams, batch.visual_splits) if n]
-            terms = [rdist_loss(rs, rt, is_gram=True) for rs, rt in zip(grams_s, grams_t)]
-            sums["rdist"] = torch.stack(terms).sum()
+        if _uses_rdist(cfg, batch):
+            sums["rdist"] = _rdist_sum(batch, hv, student_gram, lambda: zv)
     weights = {"ce": cfg.ce_weight, "mdist_text": cfg.mdist_text_weight, "mdist_visual": cfg.mdist_visual_weight,
                "rdist": cfg.rdist_weight}
     denom = {"ce": counts.text, "mdist_text": counts.text, "mdist_visual": counts.visual, "rdist": counts.gram}
@@ -139,15 +133,29 @@ def chunked_micro_batch_loss(ht: torch.Tensor, hv: torch.Tensor, head: torch.nn.
     fn = micro_batch_row_fn(batch, cfg, counts, world_size, teacher_vocab, n_draws)
     total, parts = chunked_row_loss(torch.cat([ht, hv]), head, fn, chunk_size=chunk_size, transform=transform,
                                     amp_dtype=amp_dtype)
-    if cfg.rdist_weight and batch.n_visual and batch.targets is not None and any(g.numel() for g in batch.grams):
-        if student_gram is not None and student_gram.exact_form:
-            grams_s = student_gram.grams(None, hv, batch.visual_splits)
-        else:  # the Gram needs the visual logits themselves (bias / transform): formed here, once
+    if _uses_rdist(cfg, batch):
+        def visual_logits() -> torch.Tensor:  # only for heads with a bias / transform: formed here, once
             zv = head(hv)
-            zv = (transform(zv) if transform is not None else zv).float()
-            grams_s = [gram(z) for z in torch.split(zv, batch.visual_splits) if z.shape[0]]
-        grams_t = [g for g, n in zip(batch.grams, batch.visual_splits) if n]
-        rdist = torch.stack([rdist_loss(rs, rt, is_gram=True) for rs, rt in zip(grams_s, grams_t)]).sum()
+            return (transform(zv) if transform is not None else zv).float()
+
+        rdist = _rdist_sum(batch, hv, student_gram, visual_logits)
         total = total + cfg.rdist_weight * rdist * world_size / max(counts.gram, 1)
         parts["rdist"] = float(rdist.detach())
     return total, parts
+
+
+def _uses_rdist(cfg: KDLossConfig, batch: Batch) -> bool:
+    return bool(cfg.rdist_weight and batch.n_visual and batch.targets is not None
+                and any(g.numel() for g in batch.grams))
+
+
+def _rdist_sum(batch: Batch, hv: torch.Tensor | None, student_gram: StudentGram | None,
+               visual_logits) -> torch.Tensor:
+    """Sum over the micro-batch's samples of 1 − cos(R_S, R_T); R_S from the hidden states when the head allows
+    it (StudentGram), else from `visual_logits()` (Nv, V)."""
+    if student_gram is not None and hv is not None and student_gram.exact_form:
+        grams_s = student_gram.grams(None, hv, batch.visual_splits)
+    else:
+        grams_s = [gram(z) for z in torch.split(visual_logits(), batch.visual_splits) if z.shape[0]]
+    grams_t = [g for g, n in zip(batch.grams, batch.visual_splits) if n]
+    return torch.stack([rdist_loss(rs, rt, is_gram=True) for rs, rt in zip(grams_s, grams_t)]).sum()
