@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
         # the build's own teacher object (kd_cache.teacher.Teacher, fp32 on CPU) and the options build() passes it
         teacher = Teacher(str(teacher_dir))
         model = teacher.model
-        opts = TargetOptions(text_kind="topk", text_k=64, visual_kind="topk", visual_k=64)
+        opts = TargetOptions(text_kind="topk", text_k=64, visual_kind="topk", visual_k=64,
+                             vocab_size=teacher.vocab_size)
         n_params = sum(p.numel() for p in model.parameters())
         work_fns = {
             "forward": lambda i: forward_only(model, batches[i: i + 1]),

@@ -400,9 +400,9 @@ def run_layout(lay: Layout, bounds: np.ndarray, tmpdir: str, n_rows: int, level:
 U8, U16, U32, I32, F16, F32 = pa.uint8(), pa.uint16(), pa.uint32(), pa.int32(), pa.float16(), pa.float32()
 
 
-def _tail_lse_cols(t: Truth, prefix: str = "text") -> list[Col]:
-    return [Col(f"{prefix}_tail_logprob", t.tail32, 1, F32, "BYTE_STREAM_SPLIT"),
-            Col(f"{prefix}_logsumexp", t.lse32, 1, F32, "BYTE_STREAM_SPLIT")]
+def _tail_lse_cols(t: Truth) -> list[Col]:
+    return [Col("text_tail_logprob", t.tail32, 1, F32, "BYTE_STREAM_SPLIT"),
+            Col("text_logsumexp", t.lse32, 1, F32, "BYTE_STREAM_SPLIT")]
 
 
 def layout_v1(t: Truth) -> Layout:

@@ -1,4 +1,5 @@
-"""Peak memory and step time of the row-chunked KD loss vs the unchunked one (issue 13, item 1).
+"""Peak memory and step time of the row-chunked KD loss vs the unchunked one (the measurement behind the
+`--loss-chunk-size` default).
 
     python -m benchmarks.chunked_loss                # ~5 min on one core, < 4 GB RSS per worker
     python -m benchmarks.chunked_loss --quick        # smoke run at V = 8192 (numbers mean nothing)
@@ -8,19 +9,20 @@ tensor): Nv = 576 visual rows + Nt = 150 response rows, V = 152,064 (Qwen2), D =
 the CPU, CE + top-64 + tail MDist on the response rows and MDist on the visual rows from 50 sampled draws (the
 cache default) or from top-64 + tail.  RDist is left out (it never needs the logits in its exact form).
 
-* unchunked: ``zt = head(h_text)``, ``zv = head(h_visual)`` -> ``kd_train.objective.micro_batch_loss``, the
-  engine's path today;
-* chunked: ``kd_train.chunked.chunked_row_loss`` with ``micro_batch_row_fn`` at several chunk sizes.
+* unchunked: `zt = head(h_text)`, `zv = head(h_visual)` -> `kd_train.objective.Objective` without a chunk size
+  (the row functions over all rows at once), the engine's path with `--loss-chunk-size 0`;
+* chunked: the same `Objective` with a chunk size (`kd_train.chunked.chunked_row_loss` over the same row
+  functions) at several chunk sizes.
 
-Every configuration runs in its own fresh single-thread subprocess (``torch.set_num_threads(1)``, glibc's mmap
+Every configuration runs in its own fresh single-thread subprocess (`torch.set_num_threads(1)`, glibc's mmap
 threshold fixed at 128 KiB so that freed buffers leave the RSS), one after the other in this invocation, so the
 ratios are comparable.  Per worker: inputs and targets are built, one warm-up step runs, the kernel's RSS
-high-water mark is reset (``/proc/self/clear_refs``) and the baseline RSS read; then REPEATS timed steps; peak =
-``getrusage().ru_maxrss``.  The peak RSS increase includes the gradients the step produces (``weight.grad``,
-V·D fp32 = 545 MB, and ``hidden.grad``), which every path must produce; the loss's *activation* memory is the
+high-water mark is reset (`/proc/self/clear_refs`) and the baseline RSS read; then REPEATS timed steps; peak =
+`getrusage().ru_maxrss`.  The peak RSS increase includes the gradients the step produces (`weight.grad`,
+V·D fp32 = 545 MB, and `hidden.grad`), which every path must produce; the loss's *activation* memory is the
 increase minus those.  Step time is the median of the repeats.  Results: benchmarks/results/chunked_loss.json and
-a section of docs/benchmarks.md.  Goal (issue 13): activation memory <= 1/4 of the unchunked path's at <= 1.10x
-its step time.
+a section of docs/benchmarks.md.  Goal: activation memory <= 1/4 of the unchunked path's at <= 1.10x its step
+time, so that the loss no longer dominates a small GPU's memory (docs/training.md, "Training on small GPUs").
 """
 
 from __future__ import annotations
@@ -84,10 +86,10 @@ def worker(path: str, chunk: int, visual: str, repeats: int) -> dict:
     torch.set_num_threads(1)
     from types import SimpleNamespace
 
+    from kd_cache.codec import SampledRows, TopKRows
     from kd_cache.targets import sampled_targets, topk_targets
-    from kd_train.chunked import chunked_row_loss, micro_batch_row_fn
     from kd_train.losses import KDLossConfig
-    from kd_train.objective import micro_batch_loss
+    from kd_train.objective import Objective, StepCounts
 
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(D, V, bias=False)
@@ -96,35 +98,29 @@ def worker(path: str, chunk: int, visual: str, repeats: int) -> dict:
     hidden = torch.randn(NT + NV, D, generator=g).requires_grad_(True)
     labels = torch.randint(0, V, (NT,), generator=g)
 
-    def teacher(n: int, kind: str, prefix: str) -> dict:
+    def teacher(n: int, kind: str):
         parts = []
         for s in range(0, n, 64):  # teacher logits a few rows at a time: no (N, V) tensor before the baseline
             z = torch.randn(min(64, n - s), V, generator=g) * 2.0
             parts.append(topk_targets(z, K) if kind == "topk" else sampled_targets(z, DRAWS, generator=g))
         if kind == "topk":
-            return {f"{prefix}_topk_ids": torch.cat([p.topk_ids for p in parts]),
-                    f"{prefix}_topk_logprobs": torch.cat([p.topk_logprobs for p in parts]),
-                    f"{prefix}_tail_logprob": torch.cat([p.tail_logprob for p in parts])}
-        return {f"{prefix}_sample_ids": torch.cat([p.ids for p in parts]),
-                f"{prefix}_sample_counts": torch.cat([p.counts for p in parts]),
-                f"{prefix}_sample_row_lengths": torch.cat([p.row_lengths for p in parts])}
+            return TopKRows(torch.cat([p.topk_ids for p in parts]), torch.cat([p.topk_logprobs for p in parts]),
+                            torch.cat([p.tail_logprob for p in parts]), V)
+        return SampledRows(torch.cat([p.ids for p in parts]), torch.cat([p.counts for p in parts]),
+                           torch.cat([p.row_lengths for p in parts]), DRAWS)
 
-    targets = teacher(NT, "topk", "text") | teacher(NV, "topk" if visual == "top64" else "sampled", "visual")
     cfg = KDLossConfig(rdist_weight=0.0)
-    batch = SimpleNamespace(text_labels=labels, targets=targets, n_text=NT, n_visual=NV, visual_splits=[NV],
-                            grams=None)
-    counts = SimpleNamespace(text=NT, visual=NV, gram=1)
-    n_draws = {"text": 0, "visual": DRAWS}
+    batch = SimpleNamespace(text_labels=labels, text_targets=teacher(NT, "topk"),
+                            visual_targets=teacher(NV, "topk" if visual == "top64" else "sampled"), n_text=NT,
+                            n_visual=NV, visual_splits=[NV], grams=None, has_targets=True)
+    counts = StepCounts(text=NT, visual=NV, gram=1)
+    objective = Objective(cfg, head, chunk_size=0 if path == "unchunked" else chunk)
 
     def step() -> float:
         head.weight.grad = hidden.grad = None
-        if path == "unchunked":
-            zt, zv = head(hidden[:NT]), head(hidden[NT:])
-            loss, _ = micro_batch_loss(zt.float(), zv.float(), batch, cfg, counts, 1, teacher_vocab=V,
-                                       n_draws=n_draws)
-        else:
-            fn = micro_batch_row_fn(batch, cfg, counts, 1, teacher_vocab=V, n_draws=n_draws)
-            loss, _ = chunked_row_loss(hidden, head, fn, chunk_size=chunk)
+        # the forward's outputs stay referenced through backward, as in the engine's step
+        rows = (head(hidden[:NT]), head(hidden[NT:])) if path == "unchunked" else (hidden[:NT], None)
+        loss, _ = objective(*rows, hidden[NT:], batch, counts, 1)
         loss.backward()
         return float(loss.detach())
 
@@ -220,7 +216,7 @@ def markdown(payload: dict) -> str:
                    "the largest that meets the goal: fewest and largest matmuls, which GPUs prefer.")
     else:
         verdict = "**Goal not met** at any measured chunk size (see the ratios above)."
-    rec = [r for r in payload["results"] if r["chunk"] == s["recommended_chunk"]]
+    rec = [r for r in payload["results"] if r["chunk"] is not None and r["chunk"] == s["recommended_chunk"]]
     if rec:
         verdict += (f" Counting the gradients too, the peak RSS increase at {s['recommended_chunk']} rows is "
                     f"{max(r['peak_increase_ratio'] for r in rec):.2f}x the unchunked one: once the logits are "

@@ -62,7 +62,8 @@ Phases (each a ratio measured in this run, plus absolute figures; a failing phas
    D = 896, Nv = 576, 8 samples per step, fp32: forward time, forward + backward time, extra peak memory.
 4b. the loss of one DFT micro-batch (150 response rows, top-64; 576 visual rows, 50 sampled draws; V = 151,936,
    D = 896, bf16 autocast): all (rows, V) logits at once vs the row-chunked objective (kd_train/chunked.py) at 96
-   and 256 rows, forward + backward time and extra peak memory (issue 13's goal: <= 1/4 memory at <= 1.10x time).
+   and 256 rows, forward + backward time and extra peak memory (the chunked
+   objective's goal: <= 1/4 memory at <= 1.10x time).
 5. accelerate: one `kd train --stage dft --max-steps 1` per config in configs/accelerate, as
    `python -m accelerate.commands.launch --config_file <copy> --num_processes 1 --num_machines 1 -m kd_cli.main
    train ...` (the copy: num_processes 1; FSDP's wrap classes set to the student's decoder and vision layers, as
@@ -778,7 +779,8 @@ def phase_build(ctx: Context) -> dict:
         res["no_gram"] = {"status": "skipped: time budget"}
 
     # where one batch's build time goes: hidden states, row logits + top-k, Gram factors, host copies
-    opts = TargetOptions(text_k=64, visual_k=64)
+    opts = TargetOptions(text_kind="topk", text_k=64, visual_kind="topk", visual_k=64,
+                         vocab_size=teacher.vocab_size)
     group = list(enumerate(samples[:bs]))
     steps: dict[str, float] = {}
     with torch.no_grad():
@@ -824,10 +826,9 @@ def phase_build(ctx: Context) -> dict:
 
 def phase_train(ctx: Context) -> dict:
     from kd_cache import open_cache
-    from kd_train.batch import features, make_batch
-    from kd_train.engine import StageRunner
-    from kd_train.stages import PRESETS
-    from kd_train.train import TrainConfig
+    from kd_train.batch import make_batch, training_example
+    from kd_train.sources import cache_target_layout
+    from kd_train.train import TrainConfig, stage_runner
 
     s, dev = ctx.sizes, ctx.dev
     if ctx.cache is None:
@@ -865,15 +866,16 @@ def phase_train(ctx: Context) -> dict:
     t0 = time.perf_counter()
     out = ctx.work / "train-online"
     with preloaded(ctx.teacher_dir, ctx.teacher):
-        runner = StageRunner(TrainConfig(out=str(out), stage="dft", online_teacher=str(ctx.teacher_dir), **common),
-                             PRESETS["dft"], str(ctx.student_dir), str(out))
+        runner = stage_runner(TrainConfig(out=str(out), stage="dft", online_teacher=str(ctx.teacher_dir), **common))
     t_build = time.perf_counter() - t0
     runner.data.mark = lambda tags: None  # the same micro-batch is reused: keep the data state out of it
     items, otags = next(iter(runner.data.loader(0)))
     tok = getattr(runner.processor, "tokenizer", runner.processor)
     want = {it["encoded"].sample_id for it in items}
-    cached = {x["sample_id"]: x for x in open_cache(str(ctx.cache)) if x["sample_id"] in want}
-    batch = make_batch([features(it["encoded"], cached[it["encoded"].sample_id]) for it in items], tok.pad_token_id)
+    opened = open_cache(str(ctx.cache))
+    cached, layout = {x["sample_id"]: x for x in opened if x["sample_id"] in want}, cache_target_layout(opened)
+    batch = make_batch([training_example(it["encoded"], cached[it["encoded"].sample_id], layout) for it in items],
+                       tok.pad_token_id)
     res["batch"] = {"samples": len(items), "tokens": batch.n_tokens, "text_rows": batch.n_text,
                     "visual_rows": batch.n_visual, "gram_samples": batch.n_gram}
     teacher_bytes = sum(p.numel() * p.element_size() for p in ctx.teacher.parameters())
@@ -884,7 +886,8 @@ def phase_train(ctx: Context) -> dict:
     ctx.teacher = None
     free_memory(dev)
 
-    groups = {"sft": [(dataclasses.replace(batch, targets=None, grams=None), {"n": len(items), "skipped": 0})],
+    groups = {"sft": [(dataclasses.replace(batch, text_targets=None, visual_targets=None, grams=None),
+                       {"n": len(items), "skipped": 0})],
               "dft": [(batch, {})]}
     for name in ("sft", "dft"):
         kw = dict(stage=name) if name == "sft" else dict(stage="dft", cache=str(ctx.cache))
@@ -892,7 +895,7 @@ def phase_train(ctx: Context) -> dict:
         base = mem_reset(dev)
         t0 = time.perf_counter()
         out = ctx.work / f"train-{name}"
-        runner = StageRunner(TrainConfig(out=str(out), **kw, **common), PRESETS[name], str(ctx.student_dir), str(out))
+        runner = stage_runner(TrainConfig(out=str(out), **kw, **common))
         t_build = time.perf_counter() - t0
         runner.data.mark = lambda tags: None
         res[name] = summary(name, steps_of(runner, groups[name]), base, batch.n_tokens, t_build, runner)
@@ -984,9 +987,11 @@ def phase_chunked(ctx: Context) -> dict:
     memory, bf16 autocast on the GPU (fp32 on the CPU)."""
     import torch
 
+    from kd_cache.codec import SampledRows, TopKRows
     from kd_cache.targets import sampled_targets, topk_targets
-    from kd_train.chunked import chunked_row_loss, concat_row_fns, text_rows_fn, visual_rows_fn
+    from kd_train.chunked import chunked_row_loss, concat_row_fns
     from kd_train.losses import KDLossConfig
+    from kd_train.objective import text_rows_fn, visual_rows_fn
 
     s, dev = ctx.sizes, ctx.dev
     nt, nv = s.chunk_rows
@@ -999,13 +1004,11 @@ def phase_chunked(ctx: Context) -> dict:
         vt = sampled_targets(hidden[nt:] @ head.weight.T, 50, generator=g)
         labels = zt.argmax(-1)
         del zt
-    targets = {"text_topk_ids": tt.topk_ids, "text_topk_logprobs": tt.topk_logprobs,
-               "text_tail_logprob": tt.tail_logprob, "visual_sample_ids": vt.ids, "visual_sample_counts": vt.counts,
-               "visual_sample_row_lengths": vt.row_lengths}
+    text = TopKRows(tt.topk_ids, tt.topk_logprobs, tt.tail_logprob, None)
+    visual = SampledRows(vt.ids, vt.counts, vt.row_lengths, 50)
     cfg = KDLossConfig(ce_weight=1.0, mdist_text_weight=1.0, mdist_visual_weight=1.0, rdist_weight=0.0)
     scales = {"ce": 1.0 / nt, "mdist_text": 1.0 / nt, "mdist_visual": 1.0 / nv, "rdist": 0.0}
-    fn = concat_row_fns(text_rows_fn(labels, targets, cfg, scales),
-                        visual_rows_fn(nv, targets, cfg, scales, n_draws=50))
+    fn = concat_row_fns(text_rows_fn(labels, text, cfg, scales), visual_rows_fn(nv, visual, cfg, scales))
     amp = torch.bfloat16 if is_cuda(dev) else None
     out = {"rows": nt + nv, "V": s.chunk_vocab, "D": s.chunk_d, "dtype": "bf16 autocast" if amp else "float32",
            "runs": []}

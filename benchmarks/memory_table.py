@@ -1,4 +1,4 @@
-"""Memory of a DFT step for Qwen-shaped students (issue 13): weights, gradients, optimizer state and activations,
+"""Memory of a DFT step for Qwen-shaped students: weights, gradients, optimizer state and activations,
 full fine-tuning vs LoRA, with and without gradient checkpointing and the row-chunked objective, at micro-batch
 1 / 4 / 8, and which cards they fit.
 

@@ -1,6 +1,7 @@
 """Quality study: does distilling from the cache make a better student than training on labels alone?
 
-Pre-registered setting A ("scarce labels, long schedule"; issue 11). Run from the repository root:
+Pre-registered setting A ("scarce labels, long schedule": where the teacher's targets can add most). Run from the
+repository root:
 
     python -m benchmarks.quality                      # setting A: 5 seeds, N = 200 (all arms) and 1000 (CE, KD)
     python -m benchmarks.quality --setting B          # then B and C (each ~20-40 min on 2 cores)
@@ -192,9 +193,9 @@ def cache_targets(cache: Path) -> dict:
     """What a cache holds per kind of row, in words ("top-64 + tail", "50 sampled draws")."""
     from kd_cache import open_cache
 
-    targets = open_cache(str(cache)).manifest["targets"]
-    return {rows: f"{t['samples']} sampled draws" if t["kind"] == "sampled" else f"top-{t['k']} + tail"
-            for rows, t in (("response", targets["text"]), ("visual", targets["visual"]))}
+    m = open_cache(str(cache)).manifest
+    return {rows: f"{spec.samples} sampled draws" if spec.kind == "sampled" else f"top-{spec.k} + tail"
+            for rows, spec in (("response", m.text), ("visual", m.visual))}
 
 
 def cached_entropy(cache: Path, records_path: Path) -> dict:

@@ -1,5 +1,6 @@
 """Does the cache lose gradient that matters? Cosine between the MDist / RDist gradients a student gets from
-cached targets and from the exact teacher, at the loss levels DFT actually trains at (issue 11, item 3).
+cached targets and from the exact teacher, at the loss levels DFT actually trains at (where a gradient that
+disagrees would cost the student quality).
 
     python -m benchmarks.target_fidelity                 # after `python -m benchmarks.quality` (setting A)
 
@@ -74,6 +75,7 @@ def measure(student_dir: Path, teacher_dir: Path, caches: dict[str, Path], data:
     from kd_train.batch import encoder_for
     from kd_train.losses import gram, mdist_loss, rdist_loss, sampled_kd_loss
     from kd_train.objective import RowLogits
+    from kd_train.sources import cache_target_layout
     from kd_train.student import load_student
 
     student, proc = load_student(student_dir)
@@ -84,8 +86,9 @@ def measure(student_dir: Path, teacher_dir: Path, caches: dict[str, Path], data:
     enc_s = encoder_for(proc, student.config, image_root=str(images), max_length=None)
     enc_t = encoder_for(tproc, teacher.config, image_root=str(images), max_length=None)
     rows_s, rows_t = RowLogits(student), RowLogits(teacher)
-    cached = {name: {s["sample_index"]: s for _, s in zip(range(limit), open_cache(str(path)))}
-              for name, path in caches.items()}
+    opened = {name: open_cache(str(path)) for name, path in caches.items()}
+    layouts = {name: cache_target_layout(cache) for name, cache in opened.items()}
+    cached = {name: {s["sample_index"]: s for _, s in zip(range(limit), cache)} for name, cache in opened.items()}
     out: dict[str, dict[str, list[float]]] = {}
     params = [p for p in student.parameters() if p.requires_grad]
     # MDist on the visual rows, as the optimizer sees it: the gradient w.r.t. the student's parameters summed over
@@ -103,9 +106,10 @@ def measure(student_dir: Path, teacher_dir: Path, caches: dict[str, Path], data:
         return torch.cat([(x if x is not None else torch.zeros_like(p)).flatten().double() for x, p in zip(gs, params)])
 
     def sampled_grad(c: dict, rows: str, z_s: torch.Tensor) -> torch.Tensor:
-        loss = sampled_kd_loss(z_s, torch.as_tensor(np.asarray(c[f"{rows}_sample_ids"])).long(),
-                               torch.as_tensor(np.asarray(c[f"{rows}_sample_counts"])).long(),
-                               torch.as_tensor(np.asarray(c[f"{rows}_sample_row_lengths"])).long(), SAMPLES)
+        t = layouts["sampled"].targets(c, rows)
+        loss = sampled_kd_loss(z_s, torch.as_tensor(np.asarray(t.ids)).long(),
+                               torch.as_tensor(np.asarray(t.counts)).long(),
+                               torch.as_tensor(np.asarray(t.row_lengths)).long(), t.draws)
         return torch.autograd.grad(loss, z_s)[0]
 
     indices = list(cached["top64"])[:limit]
@@ -127,10 +131,10 @@ def measure(student_dir: Path, teacher_dir: Path, caches: dict[str, Path], data:
             if rows == "visual":
                 visual_grads["exact"] = g_exact
             for k in TOPK:
-                c = cached[f"top{k}"][index]
-                loss = mdist_loss(z_s, torch.as_tensor(np.array(c[f"{rows}_topk_ids"])).long(),
-                                  torch.as_tensor(np.array(c[f"{rows}_topk_logprobs"])).double(),
-                                  torch.as_tensor(np.array(c[f"{rows}_tail_logprob"])).double())
+                t = layouts[f"top{k}"].targets(cached[f"top{k}"][index], rows)
+                loss = mdist_loss(z_s, torch.as_tensor(np.array(t.ids)).long(),
+                                  torch.as_tensor(np.array(t.logprobs)).double(),
+                                  torch.as_tensor(np.array(t.tail)).double())
                 g, = torch.autograd.grad(loss, z_s)
                 add(f"mdist-{rows}-top{k}", "cos", _cos(g, g_exact))
                 add(f"mdist-{rows}-top{k}", "loss", float(exact.detach()) / len(z_s))

@@ -18,7 +18,7 @@ wall time, i.e. spinning). One thread keeps the ratios repeatable; they compare 
 
 * (a) DFT vs SFT step, same student weights and same micro-batch: one `kd_train.engine.StageRunner` per stage;
   the online runner's first micro-batch, the same samples joined with their cached targets and collated as the
-  DFT loader does (`features` + `make_batch`), and that batch without targets for SFT (what SFT's own loader
+  DFT loader does (`training_example` + `make_batch`), and that batch without targets for SFT (what SFT's own loader
   builds). Each timed call is the engine's `_optimizer_step` (student forward at the loss rows, objective,
   backward, clipping, AdamW, scheduler). SFT, DFT and online are alternated (order reversed every round),
   medians over rounds.
@@ -228,10 +228,9 @@ def direct_steps(m: dict, work: Path, conf: dict) -> dict:
     import torch
 
     from kd_cache import open_cache
-    from kd_train.batch import features, make_batch
-    from kd_train.engine import StageRunner
-    from kd_train.stages import PRESETS
-    from kd_train.train import TrainConfig
+    from kd_train.batch import make_batch, training_example
+    from kd_train.sources import cache_target_layout
+    from kd_train.train import TrainConfig, stage_runner
 
     common = dict(student=str(m["student"]), data=str(m["data"]), images=str(m["images"]),
                   batch_size=conf["batch_size"], progress=False, shuffle_buffer=16, max_steps=1000)
@@ -240,15 +239,18 @@ def direct_steps(m: dict, work: Path, conf: dict) -> dict:
     runners = {}
     for name, kw in cfgs.items():
         out = str(work / f"direct-{name}")
-        runners[name] = StageRunner(TrainConfig(out=out, **kw, **common), PRESETS[kw["stage"]], str(m["student"]), out)
+        runners[name] = stage_runner(TrainConfig(out=out, **kw, **common))
         runners[name].data.mark = lambda tags: None  # the same micro-batch is reused: keep the data state out of it
     # the online runner's first micro-batch (student + teacher encodings of each record) ...
     items, otags = next(iter(runners["online"].data.loader(0)))
     # ... and the same samples with their cached targets, collated as the DFT loader does (engine.CacheData)
-    cache = {s["sample_id"]: s for s in open_cache(str(m["cache"]))}
+    opened = open_cache(str(m["cache"]))
+    cache, layout = {s["sample_id"]: s for s in opened}, cache_target_layout(opened)
     tok = getattr(runners["dft"].processor, "tokenizer", runners["dft"].processor)
-    batch = make_batch([features(it["encoded"], cache[it["encoded"].sample_id]) for it in items], tok.pad_token_id)
-    groups = {"sft": [(dataclasses.replace(batch, targets=None, grams=None), {"n": len(items), "skipped": 0})],
+    batch = make_batch([training_example(it["encoded"], cache[it["encoded"].sample_id], layout) for it in items],
+                       tok.pad_token_id)
+    groups = {"sft": [(dataclasses.replace(batch, text_targets=None, visual_targets=None, grams=None),
+                       {"n": len(items), "skipped": 0})],
               "dft": [(batch, {})], "online": [(items, otags)]}
     times = {k: [] for k in runners}
     cpu = {k: [] for k in runners}
@@ -327,7 +329,7 @@ def loader_throughput(m: dict, conf: dict, min_seconds: float = 4.0) -> dict:
     model, processor = load_student(str(m["student"]))
     cfg = TrainConfig(student=str(m["student"]), out="unused", stage="dft", cache=str(m["cache"]), data=str(m["data"]),
                       images=str(m["images"]), batch_size=conf["batch_size"], progress=False, shuffle_buffer=256)
-    max_length = open_cache(str(m["cache"])).manifest["config"].get("max_length")
+    max_length = open_cache(str(m["cache"])).manifest.max_length
     encoder = encoder_for(processor, model.config, image_root=cfg.images, max_length=max_length)
     tok = getattr(processor, "tokenizer", processor)
     data = CacheData(cfg, encoder, SimpleNamespace(num_processes=1, process_index=0), tok.pad_token_id)

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import re
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -84,11 +85,42 @@ def field_parameters(cls: type) -> list[inspect.Parameter]:
         tail = " Required (a flag or a --config key)." if f.default is MISSING else \
             f" [default: {shown}]" if shown is not None else ""
         kwargs: dict[str, Any] = {"help": rich_escape(md["help"] + tail), "show_default": False}
-        if md.get("choices"):
-            typ = typing.Literal[tuple(str(c) for c in md["choices"])]  # typer lists and checks the choices
+        if md.get("choices"):  # listed in the help; checked by the config (one `error:` line, not click's box)
+            kwargs["help"] += rich_escape(f" One of: {', '.join(map(str, md['choices']))}.")
+            kwargs["metavar"] = "[" + "|".join(map(str, md["choices"])) + "]"
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[typ],
                                         default=typer.Option(None, *flag.split(" "), **kwargs)))
     return params
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The flag a field is typed as (the first spelling: `--train-vision` of `--train-vision/--freeze-vision`)."""
+    return (f.metadata.get("flag") or f"--{f.name.replace('_', '-')}").split("/")[0].split(" ")[0]
+
+
+# a one-word field name reads as the option only where a message uses it as one ("lr must be", "cache (a folder")
+_AS_OPTION = r"(?==| must\b| is required\b| needs\b| and\b| or\b|,| \(|$)"
+
+
+def with_flags(message: str, cls: type) -> str:
+    """`message` with each field name of `cls` written as the flag the user typed (`max_steps` -> `--max-steps`)."""
+    for f in sorted(dataclasses.fields(cls), key=lambda f: -len(f.name)):
+        if f.metadata.get("cli", True) is False:
+            continue
+        tail = "(?![\\w/.-])" if "_" in f.name else _AS_OPTION
+        message = re.sub(rf"(?<![\w/.$-]){re.escape(f.name)}{tail}", flag_of(f), message)
+    return message
+
+
+@contextlib.contextmanager
+def flags_named(cls: type) -> Iterator[None]:
+    """ValueErrors raised inside name the options of `cls` as flags (one `error:` line through `reported`)."""
+    try:
+        yield
+    except ValueError as e:
+        if type(e) is ValueError:  # kd's own option checks; typed errors (a manifest's, a model's) name their fields
+            raise ValueError(with_flags(str(e), cls)) from None
+        raise
 
 
 def config_command(cls: type[T]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -109,7 +141,7 @@ def config_command(cls: type[T]) -> Callable[[Callable[..., Any]], Callable[...,
         def command(**kwargs: Any) -> Any:
             flags = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
             config_file = kwargs.pop("config")
-            with reported():
+            with reported(), flags_named(cls):
                 cfg = resolve(cls, config_file, flags)
             return fn(cfg, **kwargs)
 

@@ -5,6 +5,9 @@ Each command imports its implementation when it runs, not at import: `kd --help`
 
 from __future__ import annotations
 
+import sys
+
+import click
 import typer
 
 from kd_cli import cache, data, student
@@ -52,8 +55,37 @@ def demo(cfg: DemoConfig) -> None:
     typer.echo(f"wall time: {result.wall_seconds:.0f} s; report: {result.report}")
 
 
+def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(NoArgsIsHelpError, UsageError) types of click and of the click that typer >= 0.20 vendors."""
+    no_args, usage = [click.exceptions.NoArgsIsHelpError], [click.exceptions.UsageError]
+    try:
+        from typer._click import exceptions as vendored  # typer's own copy of click (not a public module)
+    except ImportError:
+        pass
+    else:
+        no_args.append(vendored.NoArgsIsHelpError)
+        usage.append(vendored.UsageError)
+    return tuple(no_args), tuple(usage)
+
+
 def main() -> None:
-    app()
+    """`kd`: the app, with click's usage errors (an unknown option, an extra argument) printed as the one `error:`
+    line every other refusal uses (exit 2), not click's boxed usage text."""
+    no_args, usage = _click_errors()
+    try:
+        code = app(standalone_mode=False)
+    except no_args as e:  # `kd` or `kd cache` alone: their help
+        typer.echo(e.ctx.get_help() if e.ctx is not None else str(e))
+        code = 2
+    except usage as e:
+        where = e.ctx.command_path if e.ctx is not None else "kd"
+        typer.secho(f"error: {e.format_message()} (`{where} --help` lists the options)", fg=typer.colors.RED,
+                    err=True)
+        code = 2
+    except click.exceptions.Abort:  # Ctrl-C outside a command that says more
+        typer.secho("interrupted", fg=typer.colors.RED, err=True)
+        code = 130
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import logging
 
 import typer
 
-from kd_cli.config import config_command, reported
+from kd_cli.config import config_command, flags_named, reported
 from kd_train.config import TrainConfig
 
 
@@ -20,7 +20,17 @@ def train(cfg: TrainConfig) -> None:
     from kd_train.train import run
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    with reported():
-        outs = run(cfg)
-    for o in outs:
-        typer.echo(f"student written: {o}")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # five INFO lines per checkpoint say nothing new
+
+    def report(stage: str, path: str, trained: bool) -> None:
+        typer.echo(f"student written: {path}" if trained else f"stage {stage} already finished: {path}")
+
+    try:
+        with reported(), flags_named(TrainConfig):
+            run(cfg, report=report)
+    except KeyboardInterrupt:
+        typer.secho("interrupted; rerun the same command to resume from the last checkpoint "
+                    f"(--checkpoint-every {cfg.checkpoint_every})" if cfg.checkpoint_every else
+                    "interrupted; no checkpoint was being written (--checkpoint-every 0): a rerun starts the "
+                    "unfinished stage over", fg=typer.colors.RED, err=True)
+        raise typer.Exit(130) from None

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import torch
 
-from kd_cache.build_config import BACKENDS, BuildConfig
+from kd_cache.build_config import BuildConfig
 from kd_cache.codec import SampleTargets
 from kd_cache.data import EncodedSample
 from kd_cache.targets import TargetOptions
@@ -33,25 +33,23 @@ class TeacherBackend(Protocol):
 
 
 def preflight(backend: str) -> None:
-    """Refuse, before any work, a backend this installation cannot serve (ValueError naming what to install)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    """Refuse, before any work, a backend this installation cannot serve (ValueError naming what to install).
+    `backend` is one of `BACKENDS` (`BuildConfig` checks it)."""
     if backend == "vllm":
         from kd_cache.vllm_backend import preflight as vllm_preflight  # deferred: vLLM is an optional extra
 
         vllm_preflight()
 
 
-def load_teacher(cfg: BuildConfig, records) -> TeacherBackend:
-    """The teacher of `cfg.backend`, loaded on this rank's device."""
+def load_teacher(cfg: BuildConfig, records, opts: TargetOptions) -> TeacherBackend:
+    """The teacher of `cfg.backend`, loaded on this rank's device, for the targets of `opts` (a vLLM engine is
+    sized for them when it starts; the transformers teacher takes them per batch only)."""
     if cfg.backend == "vllm":
         from kd_cache.vllm_backend import VllmTeacher  # deferred: vLLM is an optional extra
 
-        return VllmTeacher(cfg.teacher, records=records, image_root=cfg.images, device=cfg.device, dtype=cfg.dtype,
-                           trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, top_k=cfg.top_k,
-                           visual_top_k=cfg.visual_top_k, gram=cfg.gram, max_length=cfg.max_length,
-                           batch_size=cfg.batch_size, max_images=cfg.max_images, text_kind=cfg.targets,
-                           visual_kind=cfg.visual_targets)
+        return VllmTeacher(cfg.teacher, records=records, opts=opts, image_root=cfg.images, device=cfg.device,
+                           dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+                           max_length=cfg.max_length, batch_size=cfg.batch_size, max_images=cfg.max_images)
     return Teacher(cfg.teacher, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                    revision=cfg.revision)
 

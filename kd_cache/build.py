@@ -15,7 +15,7 @@ from kd_cache import format as fmt
 from kd_cache.backends import load_teacher, preflight as backend_preflight
 from kd_cache.build_config import BuildConfig
 from kd_cache.config import to_dict
-from kd_cache.data import Encoder, RecordSource, SkipSample, sample_id_of
+from kd_cache.data import Encoder, RecordSource, SkipSample, max_images_for, sample_id_of
 from kd_cache.files import atomic_write_text, remove_stale_temps
 from kd_cache.hf import load_processor_and_config, text_config, tokenizer_fingerprint, weights_fingerprint
 from kd_cache.lock import BuildLock, is_lock_file
@@ -64,10 +64,15 @@ def _empty_cache_folder(out: str) -> bool:
     return True
 
 
+def _complete_manifest(out: str) -> dict:
+    """The manifest of the complete cache at `out`, checked as readers check it (the JSON as written)."""
+    path = os.path.join(out, fmt.MANIFEST_NAME)
+    with open(path) as f:
+        return fmt.Manifest.parse(json.load(f), path).raw
+
+
 def _check_same_config(saved: dict, want: dict, where: str) -> None:
-    # caches from before these fields existed: built by transformers, with no EOS appended to answers
-    saved = {"backend": "transformers", "append_eos": False, **saved}
-    saved.setdefault("visual_targets", saved.get("targets"))  # one kind for both row types before visual_targets
+    saved = fmt.saved_build_config(saved)
     have = {k: saved.get(k) for k in want}
     diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
     if diff:
@@ -102,8 +107,7 @@ def build(cfg: BuildConfig) -> dict | None:
         _check_out_dir(out, want, what="staging folder")
     elif _check_out_dir(out, want) == "complete":
         log.info("cache at %s is already complete", cfg.out)
-        with open(os.path.join(cfg.out, fmt.MANIFEST_NAME)) as f:
-            return json.load(f)
+        return _complete_manifest(cfg.out)
     teacher_files = load_processor_and_config(cfg.teacher, trust_remote_code=cfg.trust_remote_code,
                                               revision=cfg.revision)
     # ---- one writer per rank (kd_cache/lock.py): another build holding this rank's lock is named and refused here,
@@ -121,8 +125,7 @@ def _build_locked(cfg: BuildConfig, records: RecordSource, rank: int, world: int
     folder, find the resume point, run the teacher over what is left, finalise."""
     if remote is None and os.path.exists(os.path.join(out, fmt.MANIFEST_NAME)):  # finished before the lock was ours
         log.info("cache at %s is already complete", cfg.out)
-        with open(os.path.join(out, fmt.MANIFEST_NAME)) as f:
-            return json.load(f)
+        return _complete_manifest(out)
     _prepare_folder(cfg, out, rank, world, want)
     n_local = len(range(rank, len(records), world))
     if remote is not None:
@@ -144,24 +147,20 @@ def _build_locked(cfg: BuildConfig, records: RecordSource, rank: int, world: int
                                            cfg.revision or getattr(config, "_commit_hash", None))
     fingerprint.shutdown(wait=False)
     quiet_library_bars()  # no loading bar frames in a log file (stderr not a terminal)
+    # A vLLM engine is sized for its targets when it starts, before it can report its vocabulary: the options are
+    # made from the config's, then remade in the rare case the loaded head is wider (a padded embedding table).
+    opts = TargetOptions.from_config(cfg, int(text_config(config).vocab_size))
     t_load = time.perf_counter()
-    teacher = load_teacher(cfg, records)
+    teacher = load_teacher(cfg, records, opts)
     load_seconds = time.perf_counter() - t_load
-    vocab = teacher.vocab_size
-    k_text, k_vis = min(cfg.top_k, vocab), min(cfg.visual_top_k, vocab)
-    header = _header(cfg, config, processor, teacher_id_future.result(), records, multimodal, k_text, k_vis,
-                     teacher.dtype, vocab)
-    max_images = cfg.max_images
-    if max_images is None and config.model_type == "llava":
-        max_images = 1  # LLaVA-1.5 was trained on one image per sample
+    if teacher.vocab_size != opts.vocab_size:
+        opts = TargetOptions.from_config(cfg, teacher.vocab_size)
+    header = _header(cfg, config, processor, teacher_id_future.result(), records, multimodal, opts, teacher.dtype)
     encoder = Encoder(processor, teacher.image_token_id, image_root=cfg.images, max_length=cfg.max_length,
-                      max_images=max_images, append_eos=cfg.append_eos)
-    opts = TargetOptions(text_kind=cfg.targets, text_k=k_text, visual_kind=cfg.visual_targets, visual_k=k_vis,
-                         samples=cfg.samples, gram=cfg.gram, gram_lowrank=cfg.gram_encoding == "lowrank",
-                         gram_tolerance=cfg.gram_tolerance, seed=cfg.seed)
+                      max_images=max_images_for(config, cfg.max_images), append_eos=cfg.append_eos)
     writer = ShardWriter(out, rank, world, start=start, shard_size=cfg.shard_size,
                          teacher_fingerprint=header["teacher"]["fingerprint"], targets=header["targets"],
-                         schema=fmt.schema(cfg.targets, cfg.visual_targets, vocab),
+                         schema=fmt.schema(opts.text_kind, opts.visual_kind, opts.vocab_size),
                          compression_level=cfg.compression_level,
                          on_shard=remote.shard_written if remote is not None else None)
     try:
@@ -248,20 +247,19 @@ def _finalize(out: str, world: int, header: dict, remote: RemoteOutput | None) -
     return remote.complete(header) if remote is not None else try_finalize(out, world, header)
 
 
-def _header(cfg: BuildConfig, config, processor, teacher_id, records, multimodal, k_text=None, k_vis=None,
-            dtype=None, vocab=None) -> dict:
-    """Manifest fields that describe the build (identical on every rank)."""
+def _header(cfg: BuildConfig, config, processor, teacher_id, records, multimodal,
+            opts: TargetOptions | None = None, dtype=None) -> dict:
+    """Manifest fields that describe the build (identical on every rank). Without `opts` (no teacher loaded), the
+    options are those of the config's vocabulary."""
     if teacher_id is None:
         teacher_id = weights_fingerprint(cfg.teacher, cfg.revision or getattr(config, "_commit_hash", None))
     teacher_id = dict(teacher_id)
     teacher_id.setdefault("fingerprint", _fp(teacher_id))
     teacher_id["model_type"] = config.model_type
     teacher_id["multimodal"] = multimodal
-    if vocab is None:
-        text_cfg = text_config(config)
-        vocab = text_cfg.vocab_size
-    k_text = k_text or min(cfg.top_k, vocab)
-    k_vis = k_vis or min(cfg.visual_top_k, vocab)
+    if opts is None:
+        opts = TargetOptions.from_config(cfg, text_config(config).vocab_size)
+    vocab = opts.vocab_size
     image_processor = getattr(processor, "image_processor", None)
     return {
         "teacher": teacher_id,
@@ -270,10 +268,10 @@ def _header(cfg: BuildConfig, config, processor, teacher_id, records, multimodal
         "tokenizer": tokenizer_fingerprint(processor),
         "image_processor": image_processor.to_dict() if image_processor is not None else None,
         "targets": {
-            "text": fmt.TargetSpec(cfg.targets, k=k_text, samples=cfg.samples).to_dict(),
-            "visual": fmt.TargetSpec(cfg.visual_targets, k=k_vis, samples=cfg.samples).to_dict(),
-            "gram": {"enabled": cfg.gram, "encoding": "lowrank-int8 or dense-upper-fp32 per sample"
-                     if cfg.gram_encoding == "lowrank" else "dense-upper-fp32", "tolerance": cfg.gram_tolerance,
+            "text": fmt.TargetSpec(opts.text_kind, k=opts.text_k, samples=opts.samples).to_dict(),
+            "visual": fmt.TargetSpec(opts.visual_kind, k=opts.visual_k, samples=opts.samples).to_dict(),
+            "gram": {"enabled": opts.gram, "encoding": "lowrank-int8 or dense-upper-fp32 per sample"
+                     if opts.gram_lowrank else "dense-upper-fp32", "tolerance": opts.gram_tolerance,
                      "vocab_size": vocab},
             "dtypes": {"input_ids": "int32", "positions": "int32", "ids": str(fmt.id_type(vocab)),
                        "topk_logprobs": fmt.LOGPROB_ENCODING, "sample_counts": "uint8",

@@ -5,13 +5,16 @@ the contract they share (names, version, schema, target specs) and `docs/cache-f
 
 The decoded sample is a plain dict of numpy arrays (`CachedSample`, keyed like the Parquet columns: `sample_id`,
 `input_ids`, `<rows>_positions`, `<rows>_<key>` for rows in ("text", "visual") and the keys of the rows' target kind
-in `ROW_KEYS`, and `gram`), so it can be read without kd (pandas, `datasets`) under the same names.
+in `ROW_KEYS`, and `gram`), so it can be read without kd (pandas, `datasets`) under the same names. The trainer does
+not read those keys: `TargetLayout.targets` turns a decoded sample's rows into typed targets (`TopKRows`,
+`SampledRows`) that carry what the losses need besides the arrays (the teacher's vocabulary, the draws per row).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, TypedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, TypedDict, Union
 
 import numpy as np
 import pyarrow as pa
@@ -19,10 +22,9 @@ import pyarrow as pa
 from kd_cache.format import GRAM_HI_VECTORS, LOGPROB_MAX_CODE, LOGPROB_SCALE, V1_LOGPROB_SCALE, TargetSpec
 
 ROWS = ("text", "visual")
-# decoded per-row keys of each target kind (the trainer's batch takes these; logsumexp is informational)
+# decoded per-row keys of each target kind, in the order of the typed targets' arrays (logsumexp is informational)
 ROW_KEYS = {"topk": ("topk_ids", "topk_logprobs", "tail_logprob"),
             "sampled": ("sample_ids", "sample_counts", "sample_row_lengths")}
-LOGPROB_KEYS = ("topk_logprobs", "tail_logprob")  # float targets; every other target array holds integers
 
 
 class CachedSample(TypedDict, total=False):
@@ -64,10 +66,101 @@ class SampleTargets:
     gram: dict | None  # {"dense": (Nv, Nv)} or the low-rank parts {mean, eigvals, scales, eigvecs}
 
 
-def target_keys(sample: dict) -> list[str]:
-    """The `<rows>_<key>` target entries a decoded sample holds (what the trainer's batch carries)."""
-    return [f"{rows}_{key}" for rows in ROWS for keys in ROW_KEYS.values() for key in keys
-            if f"{rows}_{key}" in sample]
+@dataclass(frozen=True)
+class TopKRows:
+    """Top-k targets of N rows: the teacher's k most probable ids, their log-probs and the log mass of the rest.
+
+    The arrays are numpy as decoded, torch tensors once batched (`map`).
+    """
+
+    ids: Any  # (N, k) int64, in descending probability order
+    logprobs: Any  # (N, k) float32: the teacher's log-probs (temperature 1) of those ids
+    tail: Any  # (N,) float32: log of the teacher's mass outside the ids (-inf when they hold all of it)
+    vocab_size: int | None  # the teacher's vocabulary: a tempered MDist spreads the tail over its other ids
+    kind: ClassVar[str] = "topk"
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.tail.shape[0])
+
+    def map(self, fn: Callable[[Any], Any]) -> "TopKRows":
+        """The same targets with every array passed through `fn` (to torch, to a device)."""
+        return replace(self, ids=fn(self.ids), logprobs=fn(self.logprobs), tail=fn(self.tail))
+
+
+@dataclass(frozen=True)
+class SampledRows:
+    """Sampled targets of N rows: `draws` ids drawn per row from the teacher's distribution, kept as each row's
+    unique ids with their counts, the rows one after the other.
+
+    The arrays are numpy as decoded, torch tensors once batched (`map`).
+    """
+
+    ids: Any  # (D,) int64, ascending within a row
+    counts: Any  # (D,) int64: each row's counts sum to `draws`
+    row_lengths: Any  # (N,) int64: unique ids per row
+    draws: int  # draws per row
+    kind: ClassVar[str] = "sampled"
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.row_lengths.shape[0])
+
+    def map(self, fn: Callable[[Any], Any]) -> "SampledRows":
+        """The same targets with every array passed through `fn` (to torch, to a device)."""
+        return replace(self, ids=fn(self.ids), counts=fn(self.counts), row_lengths=fn(self.row_lengths))
+
+
+Targets = Union[TopKRows, SampledRows]
+"""The targets of one kind of rows (text or visual) of a sample or a micro-batch."""
+
+
+@dataclass(frozen=True)
+class TargetLayout:
+    """What the per-row targets of a cache (or of the online teacher) are: each row kind's target spec and the
+    teacher's vocabulary. Built once per stage; `targets` turns a decoded sample's rows into typed targets."""
+
+    text: TargetSpec
+    visual: TargetSpec
+    vocab_size: int | None  # None: the student's (MDist then spreads a tempered tail over the student's ids)
+
+    def targets(self, sample: CachedSample, rows: str) -> Targets:
+        """The typed targets of a decoded sample's `rows` ("text" or "visual")."""
+        if rows not in ROWS:
+            raise ValueError(f"rows must be one of {ROWS}, got {rows!r}")
+        spec = self.text if rows == "text" else self.visual
+        if spec.kind not in ROW_KEYS:
+            raise ValueError(f"{rows} targets of kind {spec.kind!r} are not known to this kd (it reads "
+                             f"{sorted(ROW_KEYS)})")
+        names = [f"{rows}_{key}" for key in ROW_KEYS[spec.kind]]
+        missing = [name for name in names if name not in sample]
+        if missing:
+            raise ValueError(f"sample {sample.get('sample_id')!r} holds no {', '.join(missing)}: its {rows} rows are "
+                             f"not {spec.kind} targets as the cache's target spec says")
+        arrays = [sample[name] for name in names]  # type: ignore[literal-required]
+        if spec.kind == "topk":
+            return TopKRows(*arrays, vocab_size=self.vocab_size)
+        return SampledRows(*arrays, draws=spec.samples)
+
+
+def concat_targets(parts: Sequence[Targets]) -> Targets:
+    """Several samples' targets of one row kind as one, rows one after the other (numpy): a micro-batch's."""
+    if not parts:
+        raise ValueError("concat_targets needs at least one part, got none")
+    first = parts[0]
+    if any(type(p) is not type(first) for p in parts):
+        raise ValueError(f"targets to concatenate must be of one kind, got {sorted({p.kind for p in parts})}")
+    if isinstance(first, TopKRows):
+        if any(p.vocab_size != first.vocab_size for p in parts):
+            raise ValueError(f"top-k targets to concatenate must share a vocabulary, got "
+                             f"{sorted({str(p.vocab_size) for p in parts})}")
+        return TopKRows(np.concatenate([p.ids for p in parts]), np.concatenate([p.logprobs for p in parts]),
+                        np.concatenate([p.tail for p in parts]), first.vocab_size)
+    if any(p.draws != first.draws for p in parts):
+        raise ValueError(f"sampled targets to concatenate must share the draws per row, got "
+                         f"{sorted({p.draws for p in parts})}")
+    return SampledRows(np.concatenate([p.ids for p in parts]), np.concatenate([p.counts for p in parts]),
+                       np.concatenate([p.row_lengths for p in parts]), first.draws)
 
 
 def sample_from_targets(t: SampleTargets) -> CachedSample:
@@ -237,14 +330,15 @@ def columns(table) -> dict[str, Any]:
     return cols
 
 
-def row_of(cols: dict[str, Any], i: int) -> dict[str, Any]:
-    """Row i of `columns(...)`: numpy slices for list columns (no per-element Python objects)."""
+def stored_row(cols: dict[str, Any], i: int) -> dict[str, Any]:
+    """Stored row i of `columns(...)`, still encoded: numpy slices for list columns (no per-element Python
+    objects)."""
     return {k: (v[1][v[0][i]:v[0][i + 1]] if isinstance(v, tuple) else v[i]) for k, v in cols.items()}
 
 
 def decode_row(row: dict[str, Any], text_spec: TargetSpec, visual_spec: TargetSpec, version: int,
                gram_vocab: int) -> CachedSample:
-    """One stored row (`row_of(columns(table), i)`) -> the decoded sample: log-probs dequantized, sampled ids
+    """One stored row (`stored_row(columns(table), i)`) -> the decoded sample: log-probs dequantized, sampled ids
     rebuilt from their gaps, the Gram dense. `gram_vocab`: the V of R = Z Zᵀ's row-mean part (the manifest's)."""
     tpos = np.asarray(row["text_positions"], dtype=np.int64)
     vpos = np.asarray(row["visual_positions"], dtype=np.int64)

@@ -25,16 +25,24 @@ def option(default: Any = MISSING, *, help: str, flag: str | None = None, defaul
     flag: the CLI spelling when it is not `--field-name`, e.g. "--progress/--quiet" for a bool.
     default_help: what to show as the default when the field's default is None and means something else
         (e.g. "1e-3 DPT, 2e-5 SFT/DFT (the stage's preset)").
-    choices: the accepted strings (validated by the CLI too and listed in --help).
+    choices: the accepted strings, listed in --help; flags are checked by the CLI, every value (flags, config
+        files, the Python API) by `check_choices`, which each config's `__post_init__` calls.
     cli: False for fields only a config file or the Python API sets.
     """
     meta = {"help": help, "flag": flag, "default_help": default_help, "choices": choices, "cli": cli}
     return dataclasses.field(default=default, metadata=meta)
 
 
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+def check_choices(cfg: Any) -> None:
+    """Refuse a field whose value is not one of the field's declared `choices` (None passes where None is the
+    field's default, i.e. unset): the one place choices are validated."""
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if not choices or (value is None and f.default is None):
+            continue
+        if value not in choices:
+            raise ValueError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 def load_config_file(path: str | None) -> dict:

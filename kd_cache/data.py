@@ -515,3 +515,14 @@ def image_token_id_of(config: Any, tokenizer: Any) -> int | None:
     if tok:
         return tokenizer.convert_tokens_to_ids(tok)
     return None
+
+
+def max_images_for(config: Any, max_images: int | None = None) -> int | None:
+    """The images per sample a model takes: `max_images` when given, else the model's own rule (None: no limit).
+
+    LLaVA-1.5 (model type "llava") was trained on one image per sample, so its samples with more are skipped
+    rather than shown to it out of distribution; the builder, the vLLM engine and `kd eval` all ask here.
+    """
+    if max_images is not None:
+        return max_images
+    return 1 if getattr(config, "model_type", None) == "llava" else None

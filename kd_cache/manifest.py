@@ -18,8 +18,10 @@ def done_path(out_dir: str, rank: int, world_size: int) -> str:
 
 
 def try_finalize(out_dir: str, world_size: int, header: dict,
-                 shard_present: Callable[[str, int], bool] | None = None, where: str | None = None) -> dict | None:
-    """Write the manifest if every rank is done; return it, or None while some rank is still running.
+                 shard_present: Callable[[str, int], bool] | None = None,
+                 where: str | None = None) -> dict | None:
+    """Write the manifest if every rank is done; return it (the JSON as written), or None while some rank is still
+    running. It is checked as readers will check it (`format.Manifest.parse`) before anything is written.
 
     Every finishing rank calls this; the content is a pure function of the journals, so two ranks finishing
     at once write the same bytes through an atomic rename and no lock is needed. `shard_present(name, bytes)`
@@ -69,14 +71,16 @@ def try_finalize(out_dir: str, world_size: int, header: dict,
             "finished_at": max(d["finished_at"] for d in dones),
         },
     }
-    atomic_write_text(os.path.join(out_dir, fmt.CARD_NAME), dataset_card(manifest))
-    atomic_write_text(os.path.join(out_dir, fmt.MANIFEST_NAME), json.dumps(manifest, indent=1, sort_keys=True))
+    path = os.path.join(out_dir, fmt.MANIFEST_NAME)
+    typed = fmt.Manifest.parse(manifest, path)  # what readers will accept, checked before anything is written
+    atomic_write_text(os.path.join(out_dir, fmt.CARD_NAME), dataset_card(typed))
+    atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
 
 
-def dataset_card(m: dict) -> str:
+def dataset_card(m: fmt.Manifest) -> str:
     """A Hugging Face dataset card, so the folder can be published as it is."""
-    t = m["teacher"]
+    revision = m.raw["teacher"].get("revision")
     return f"""---
 license: other
 tags: [knowledge-distillation, kd-cache, llava-kd]
@@ -84,21 +88,21 @@ configs:
 - config_name: default
   data_files: "{fmt.SHARD_DIR}/*.parquet"
 ---
-# kd teacher cache: {t['id']}
+# kd teacher cache: {m.teacher_id}
 
-Offline LLaVA-KD targets written by `kd cache build` (cache format v{m['format_version']}, see
+Offline LLaVA-KD targets written by `kd cache build` (cache format v{m.version}, see
 `docs/cache-format.md` in the kd repository). One Parquet row per sample: the teacher's `input_ids`,
-{_targets(m['targets']['text'])} at the response rows, {_targets(m['targets']['visual'])} at the visual
-rows, and {"the Gram matrix R = Z Zᵀ of the raw logits at the visual rows" if m['targets'].get('gram', {}).get(
-'enabled', True) else "no Gram matrix (built `--no-gram`)"}.
+{_targets(m.text)} at the response rows, {_targets(m.visual)} at the visual
+rows, and {"the Gram matrix R = Z Zᵀ of the raw logits at the visual rows" if m.gram
+else "no Gram matrix (built `--no-gram`)"}.
 
 | | |
 |---|---|
-| teacher | `{t['id']}` (revision `{t.get('revision')}`) |
-| samples | {m['num_samples']} ({m['skipped']['total']} skipped) |
-| text rows | {m['num_text_rows']} |
-| visual rows | {m['num_visual_rows']} |
-| shards | {len(m['shards'])} ({m['total_bytes']} bytes) |
+| teacher | `{m.teacher_id}` (revision `{revision}`) |
+| samples | {m.num_samples} ({m.skipped_total} skipped) |
+| text rows | {m.num_text_rows} |
+| visual rows | {m.num_visual_rows} |
+| shards | {len(m.shards)} ({m.total_bytes} bytes) |
 | end of answer | {_eos_rule(m)} |
 
 Read it with `kd_cache.open_cache(path_or_url)`, or as plain Parquet (pandas, duckdb, `datasets`).
@@ -106,16 +110,16 @@ Read it with `kd_cache.open_cache(path_or_url)`, or as plain Parquet (pandas, du
 """
 
 
-def _targets(spec: dict) -> str:
-    """The card's words for one kind of row's targets (`targets.text` / `targets.visual` of the manifest)."""
-    if spec["kind"] == "sampled":
-        return f"{spec['samples']} draws from the teacher distribution (unique ids + counts) and the logsumexp"
-    return f"the top-{spec['k']} log-probs, tail mass and logsumexp"
+def _targets(spec: fmt.TargetSpec) -> str:
+    """The card's words for one kind of row's targets."""
+    if spec.kind == "sampled":
+        return f"{spec.samples} draws from the teacher distribution (unique ids + counts) and the logsumexp"
+    return f"the top-{spec.k} log-probs, tail mass and logsumexp"
 
 
-def _eos_rule(m: dict) -> str:
+def _eos_rule(m: fmt.Manifest) -> str:
     """The card's line on what ends each supervised answer (`append_eos`, docs/cache-format.md)."""
-    if m.get("config", {}).get("append_eos", False):
+    if m.append_eos:
         return ("the template's end-of-turn marker; where the chat template writes none (LLaVA-1.5/NeXT Vicuna), "
                 "the tokenizer's EOS was appended and supervised (`append_eos`)")
     return "the template's end-of-turn marker, if it writes one (`append_eos` off: nothing appended)"

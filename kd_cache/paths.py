@@ -43,11 +43,26 @@ def check_model_path(name: str | os.PathLike, what: str = "model") -> None:
     if os.path.exists(name):
         if not os.path.isdir(name):
             raise ValueError(f"{what} {name} is a file; give the model's folder (with config.json) or a hub id")
+        hint = "" if os.path.exists(os.path.join(name, "config.json")) else _student_hint(name)
+        if hint:  # (other folders without config.json, e.g. GGUF ones, are the loader's to judge)
+            raise ValueError(f"{what} folder {name} holds no config.json: {hint}")
         return
     if looks_like_path(name):
         hub = ("a hub id like org/name needs the hub, which is unreachable offline: HF_HUB_OFFLINE=1"
                if hub_offline() else "a hub id looks like org/name")
         raise ModelNotFoundError(f"{what} folder {name} does not exist ({hub})")
+
+
+def _student_hint(folder: str) -> str:
+    """Where the model is when `folder` is what `kd train` wrote around it: a stage's `final/`, a recipe's last
+    stage."""
+    if os.path.exists(os.path.join(folder, "final", "config.json")):
+        return f"it is a `kd train` stage folder; its student is {os.path.join(folder, 'final')}"
+    for stage in ("dft", "sft", "dpt"):
+        if os.path.exists(os.path.join(folder, stage, "final", "config.json")):
+            return (f"it is a `kd train` recipe folder; its student is {os.path.join(folder, stage, 'final')} "
+                    "(the last stage that finished)")
+    return ""
 
 
 def check_input_path(path: str | os.PathLike, what: str, *, folder: bool | None = None) -> None:

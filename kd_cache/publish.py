@@ -9,13 +9,13 @@ Shard files already in the repo that this cache does not list are deleted in the
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
 
 from kd_cache import format as fmt
 from kd_cache.manifest import dataset_card
+from kd_cache.reader import open_cache
 from kd_cache.remote import is_remote
 from kd_cache.verify import verify
 from kd_cache.files import atomic_write_text
@@ -61,9 +61,8 @@ def publish(path: str | os.PathLike, repo: str, *, revision: str | None = None, 
     problems = verify(path, checksums=checksums)
     if problems:
         raise NotPublishable(path, problems)
-    with open(os.path.join(path, fmt.MANIFEST_NAME)) as f:
-        manifest = json.load(f)
-    listed = {s["name"] for s in manifest["shards"]}
+    manifest = open_cache(path).manifest
+    listed = {s.name for s in manifest.shards}
     shard_dir = os.path.join(path, fmt.SHARD_DIR)
     present = {f"{fmt.SHARD_DIR}/{n}" for n in os.listdir(shard_dir) if n.endswith(".parquet")} \
         if os.path.isdir(shard_dir) else set()
@@ -82,10 +81,10 @@ def publish(path: str | os.PathLike, repo: str, *, revision: str | None = None, 
     api.create_repo(repo, repo_type="dataset", private=True if private else None, exist_ok=True, token=token)
     if revision:
         api.create_branch(repo, branch=revision, repo_type="dataset", exist_ok=True, token=token)
-    message = commit_message or (f"kd cache: {manifest['teacher']['id']}, {manifest['num_samples']} samples in "
-                                 f"{len(manifest['shards'])} shards (format v{manifest['format_version']})")
+    message = commit_message or (f"kd cache: {manifest.teacher_id}, {manifest.num_samples} samples in "
+                                 f"{len(manifest.shards)} shards (format v{manifest.version})")
     info = api.upload_folder(repo_id=repo, repo_type="dataset", folder_path=path, revision=revision,
                              allow_patterns=list(UPLOADED), delete_patterns=[f"{fmt.SHARD_DIR}/*.parquet"],
                              commit_message=message, token=token)
-    return Published(repo=repo, revision=revision, shards=len(manifest["shards"]),
+    return Published(repo=repo, revision=revision, shards=len(manifest.shards),
                      commit_url=getattr(info, "commit_url", None))

@@ -9,9 +9,7 @@ downloaded once, checked against the manifest's sha256 and read locally from the
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -20,14 +18,15 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from kd_cache import format as fmt
-from kd_cache.codec import CachedSample, columns, decode_row, row_of
+from kd_cache.codec import CachedSample, columns, decode_row, stored_row
 from kd_cache.errors import missing_dependency
 from kd_cache.files import sha256_stream
+from kd_cache.format import Manifest, ShardEntry
+from kd_cache.shards import READ_ERRORS, CorruptShardError, open_checked
 
-_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
-
-def _fs_and_root(path_or_url: str):
+def fs_and_root(path_or_url: str):
+    """(fsspec filesystem, root path without a trailing slash) of a cache folder or URL."""
     try:
         fs, root = fsspec.core.url_to_fs(str(path_or_url))
     except ImportError as e:  # e.g. http:// without aiohttp: name the extra that brings it
@@ -50,37 +49,34 @@ class Cache:
 
     def __init__(self, path_or_url: str, cache_dir: str | os.PathLike | None = None):
         self.url = str(path_or_url)
-        self.fs, self.root = _fs_and_root(self.url)
+        self.fs, self.root = fs_and_root(self.url)
         if cache_dir is None:
             cache_dir = os.environ.get("KD_CACHE_DIR") or None
-        # only remote caches go through the read-through cache; a local folder is read in place
-        self.cache_dir = None if cache_dir is None or isinstance(self.fs, LocalFileSystem) else str(cache_dir)
-        manifest_path = f"{self.root}/{fmt.MANIFEST_NAME}"
-        if not self.fs.exists(manifest_path):
+        # only remote caches go through the read-through cache; a local folder is read in place ("" turns it off)
+        self.cache_dir = str(cache_dir) if cache_dir and not isinstance(self.fs, LocalFileSystem) else None
+        try:
+            self.manifest = Manifest.load(self.fs, self.root, where=f"{self.url}/{fmt.MANIFEST_NAME}")
+        except FileNotFoundError:
+            if isinstance(self.fs, LocalFileSystem) and not os.path.exists(self.root):
+                raise FileNotFoundError(f"{self.url} does not exist: give the folder (or URL) of a kd cache, "
+                                        "as `kd cache build --out` wrote it") from None
             raise FileNotFoundError(
-                f"{self.url} is not a complete kd cache: {fmt.MANIFEST_NAME} is missing "
-                "(the build may still be running or was interrupted; rerun `kd cache build` to finish it)"
-            )
-        with self.fs.open(manifest_path, "rb") as f:
-            self.manifest: dict = json.load(f)
-        self.version = fmt.check_version(self.manifest.get("format_version"), f"{self.url}/{fmt.MANIFEST_NAME}")
-        targets = self.manifest["targets"]
-        self.text_spec = fmt.TargetSpec.from_dict(targets["text"])
-        self.visual_spec = fmt.TargetSpec.from_dict(targets["visual"])
-        for name, spec in (("text", self.text_spec), ("visual", self.visual_spec)):
-            if spec.kind not in fmt.KNOWN_TARGET_KINDS:
-                raise ValueError(
-                    f"{self.url}: {name} target kind {spec.kind!r} is not known to this kd "
-                    f"(known: {list(fmt.KNOWN_TARGET_KINDS)}); upgrade kd"
-                )
-        self.shards: list[dict] = self.manifest["shards"]
-        self.gram_vocab = int(targets.get("gram", {}).get("vocab_size", self.manifest["vocab_size"]))
-        if self.cache_dir is not None:  # sha256 values become local paths: refuse anything but hex digests
-            for i in range(len(self.shards)):
-                self._sha256(i)
+                f"{self.url} is not a complete kd cache: {fmt.MANIFEST_NAME} is missing (the cache is incomplete: "
+                "the build may still be running or was interrupted; rerun `kd cache build` to finish it)"
+            ) from None
+        self.version = self.manifest.version
+        self.shards: tuple[ShardEntry, ...] = self.manifest.shards
+
+    @property
+    def text_spec(self) -> fmt.TargetSpec:
+        return self.manifest.text
+
+    @property
+    def visual_spec(self) -> fmt.TargetSpec:
+        return self.manifest.visual
 
     def __len__(self) -> int:
-        return int(self.manifest["num_samples"])
+        return self.manifest.num_samples
 
     def __iter__(self) -> Iterator[dict]:
         for _, sample in self.iter_with_positions():
@@ -90,34 +86,22 @@ class Cache:
         return f"Cache({self.url!r}, samples={len(self)}, shards={len(self.shards)})"
 
     def shard_url(self, i: int) -> str:
-        return f"{self.root}/{self.shards[i]['name']}"
+        return f"{self.root}/{self.shards[i].name}"
 
     def shard_location(self, i: int):
         """(filesystem, path) to read shard i from: the cache's own (range requests on remote stores), or with a
         read-through cache folder a local copy, downloaded on first use and checked against the manifest."""
-        s = self.shards[i]
-        if self.cache_dir is None or not s.get("sha256"):
+        if self.cache_dir is None or not self.shards[i].sha256:
             return self.fs, self.shard_url(i)
-
         return LocalFileSystem(), self._cached_copy(i)
-
-    def _sha256(self, i: int) -> str | None:
-        """Shard i's sha256 from the manifest (lower-case), None if it has none; a malformed value is refused."""
-        sha = self.shards[i].get("sha256")
-        if not sha:
-            return None
-        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
-            raise ValueError(f"{self.url}/{fmt.MANIFEST_NAME} is malformed: shard {self.shards[i].get('name')!r} has "
-                             f"sha256 {sha!r}, not 64 hexadecimal characters")
-        return sha.lower()
 
     def _cached_copy(self, i: int) -> str:
         """Path of shard i in the read-through cache (named by its sha256, so caches share identical shards and a
         changed remote object can never be mistaken for the cached one)."""
         s = self.shards[i]
-        sha = self._sha256(i)
+        sha = s.sha256  # checked as 64 hex digits by the manifest: safe as a local file name
         path = os.path.join(self.cache_dir, sha[:2], f"{sha}.parquet")
-        if os.path.exists(path) and os.path.getsize(path) == int(s["bytes"]):
+        if os.path.exists(path) and os.path.getsize(path) == s.bytes:
             return path
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp.{os.getpid()}.{os.urandom(4).hex()}"
@@ -127,7 +111,7 @@ class Cache:
                 got = sha256_stream(f)
                 os.fsync(f.fileno())  # on disk before the rename makes it the cached copy (checked by size only)
             if got != sha:
-                raise ValueError(f"{s['name']}: the copy downloaded from {self.url} has sha256 {got}, "
+                raise ValueError(f"{s.name}: the copy downloaded from {self.url} has sha256 {got}, "
                                  f"the manifest says {sha} (the object changed or is corrupt)")
             os.replace(tmp, path)  # concurrent readers (workers, ranks) may both download; each rename is whole
         finally:
@@ -135,12 +119,20 @@ class Cache:
                 os.remove(tmp)
         return path
 
-    @contextlib.contextmanager
-    def open_shard(self, i: int) -> Iterator[pq.ParquetFile]:
-        """The shard as a ParquetFile over a (range-reading) file handle, closed on exit."""
+    def open_shard_file(self, i: int, *, whole_file: bool = False,
+                        verify_checksum: bool = False) -> tuple[Any, pq.ParquetFile]:
+        """(file handle, ParquetFile) of shard i, its footer checked against the manifest (and with
+        `verify_checksum` its sha256): `kd_cache.shards.open_checked`. The caller closes the handle."""
         fs, path = self.shard_location(i)
-        with fs.open(path, "rb") as fh:
-            yield pq.ParquetFile(fh, **fmt.READ_OPTIONS)
+        return open_checked(fs, path, self.shards[i], self.manifest, whole_file=whole_file,
+                            verify_checksum=verify_checksum)
+
+    @contextlib.contextmanager
+    def open_shard(self, i: int, *, verify_checksum: bool = False) -> Iterator[pq.ParquetFile]:
+        """Shard i as a checked ParquetFile over a (range-reading) file handle, closed on exit."""
+        fh, pf = self.open_shard_file(i, verify_checksum=verify_checksum)
+        with fh:
+            yield pf
 
     def iter_with_positions(self, start: Position | None = None,
                             shards: list[int] | None = None) -> Iterator[tuple[Position, dict]]:
@@ -149,19 +141,33 @@ class Cache:
         for si in order:
             if start is not None and si < start.shard:
                 continue
-            with self.open_shard(si) as pf:
+            with self._named(si, "footer"):
+                fh, pf = self.open_shard_file(si)
+            with fh:
                 for rg in range(pf.num_row_groups):
                     if start is not None and (si, rg) < (start.shard, start.row_group):
                         continue
-                    table = pf.read_row_group(rg)
-                    cols = columns(table)
+                    with self._named(si, f"row group {rg}"):
+                        cols = columns(pf.read_row_group(rg))
                     first = start.offset if start is not None and (si, rg) == (start.shard, start.row_group) else 0
-                    for off in range(first, table.num_rows):
-                        yield Position(si, rg, off), self.decode(row_of(cols, off))
+                    for off in range(first, len(cols["sample_id"])):
+                        with self._named(si, f"row group {rg} row {off}"):
+                            sample = self.decode(stored_row(cols, off))
+                        yield Position(si, rg, off), sample
+
+    @contextlib.contextmanager
+    def _named(self, i: int, where: str) -> Iterator[None]:
+        """Errors of reading shard i become CorruptShardError naming the shard (a page CRC failure alone does not)."""
+        try:
+            yield
+        except CorruptShardError:
+            raise
+        except READ_ERRORS as e:
+            raise CorruptShardError(self.shards[i].name, f"{where}: {type(e).__name__}: {e}") from e
 
     def decode(self, row: dict[str, Any]) -> CachedSample:
         """One stored row -> the documented sample dict of numpy arrays (dequantized, Gram dense)."""
-        return decode_row(row, self.text_spec, self.visual_spec, self.version, self.gram_vocab)
+        return decode_row(row, self.manifest.text, self.manifest.visual, self.version, self.manifest.gram_vocab)
 
 
 def open_cache(path_or_url: str, cache_dir: str | os.PathLike | None = None) -> Cache:

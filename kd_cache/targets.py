@@ -2,26 +2,48 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from kd_cache.build_config import BuildConfig
 from kd_cache.codec import quantize_eigvecs
 
+# the defaults of the settings a caller may leave out are `kd cache build`'s, so the two cannot disagree
+_BUILD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BuildConfig)}
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class TargetOptions:
-    """What the teacher computes per sample. kind: "topk" (k ids per row) or "sampled" (`samples` draws per row)."""
+    """What the teacher computes per sample; both teacher backends take the same object.
 
-    text_kind: str = "topk"
-    text_k: int = 64
-    visual_kind: str = "topk"
-    visual_k: int = 64
-    samples: int = 50
-    gram: bool = True
-    gram_lowrank: bool = True
-    gram_tolerance: float = 1e-4
-    seed: int = 0
+    kind: "topk" (k ids per row) or "sampled" (`samples` draws per row), chosen per row type with nothing assumed:
+    the row kinds and widths are always given. `text_k` and `visual_k` are clamped here to `vocab_size` (the
+    teacher's logit width), the one place where a requested top-k meets the vocabulary.
+    """
+
+    text_kind: str
+    text_k: int
+    visual_kind: str
+    visual_k: int
+    vocab_size: int
+    samples: int = _BUILD_DEFAULTS["samples"]
+    gram: bool = _BUILD_DEFAULTS["gram"]
+    gram_lowrank: bool = _BUILD_DEFAULTS["gram_encoding"] == "lowrank"
+    gram_tolerance: float = _BUILD_DEFAULTS["gram_tolerance"]
+    seed: int = _BUILD_DEFAULTS["seed"]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text_k", min(self.text_k, self.vocab_size))
+        object.__setattr__(self, "visual_k", min(self.visual_k, self.vocab_size))
+
+    @classmethod
+    def from_config(cls, cfg: BuildConfig, vocab_size: int) -> "TargetOptions":
+        """The options of a `kd cache build` configuration for a teacher with `vocab_size` logits per row."""
+        return cls(text_kind=cfg.targets, text_k=cfg.top_k, visual_kind=cfg.visual_targets, visual_k=cfg.visual_top_k,
+                   vocab_size=vocab_size, samples=cfg.samples, gram=cfg.gram,
+                   gram_lowrank=cfg.gram_encoding == "lowrank", gram_tolerance=cfg.gram_tolerance, seed=cfg.seed)
 
 
 @dataclass
@@ -39,12 +61,13 @@ def topk_targets(logits: torch.Tensor, k: int, *, chunk_rows: int = 256) -> RowT
 
     Args:
         logits: (N, V) raw logits, any float dtype; math runs in float32.
-        k: number of ids kept per row (clamped to V).
+        k: number of ids kept per row, at most V (`TargetOptions` clamps a requested k to the vocabulary).
     The tail is a logsumexp over the vocabulary with the top-k ids masked out, not log(1 - sum p), which
     would cancel catastrophically when the top-k hold nearly all the mass.
     """
     n, v = logits.shape
-    k = min(k, v)
+    if k > v:
+        raise ValueError(f"top-k of {k} ids from {v} logits per row; clamp k to the vocabulary (TargetOptions does)")
     ids, lps, tails, lses = [], [], [], []
     for start in range(0, max(n, 1), chunk_rows):
         z = logits[start : start + chunk_rows].float()
@@ -119,13 +142,14 @@ def sampled_targets(logits: torch.Tensor, n_draws: int, *, generator: torch.Gene
         draws, _ = torch.sort(draws, dim=-1)
         new = torch.ones_like(draws, dtype=torch.bool)
         new[:, 1:] = draws[:, 1:] != draws[:, :-1]
-        # run-length encode every row at once: run starts -> ids, gaps between starts -> counts
-        row_of = torch.arange(draws.shape[0], device=z.device)[:, None].expand_as(draws)[new]
+        # run-length encode every row at once: run starts -> ids, gaps between starts -> counts; run_row: the row of
+        # each run
+        run_row = torch.arange(draws.shape[0], device=z.device)[:, None].expand_as(draws)[new]
         flat_pos = torch.nonzero(new.flatten()).flatten()
         ends = torch.cat([flat_pos[1:], flat_pos.new_tensor([draws.numel()])])
         ids.append(draws.flatten()[flat_pos])
         counts.append(ends - flat_pos)
-        lengths.append(torch.bincount(row_of, minlength=draws.shape[0]))
+        lengths.append(torch.bincount(run_row, minlength=draws.shape[0]))
         lses.append(lse)
     dev = logits.device
     if not ids:

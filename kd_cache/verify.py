@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 
-
 from kd_cache import format as fmt
+from kd_cache.format import Manifest
+from kd_cache.reader import Cache, fs_and_root
 from kd_cache.shards import footer_problems, open_parquet, shard_sha256
-from kd_cache.reader import _fs_and_root
-
-
-def _load_manifest(fs, root: str) -> dict:
-    path = f"{root}/{fmt.MANIFEST_NAME}"
-    if not fs.exists(path):
-        raise FileNotFoundError(f"{root}: no {fmt.MANIFEST_NAME}; the cache is incomplete or this is not a kd cache")
-    with fs.open(path, "rb") as f:
-        m = json.load(f)
-    fmt.check_version(m.get("format_version"), path)
-    return m
 
 
 def column_group(name: str) -> str:
@@ -31,27 +20,25 @@ def column_group(name: str) -> str:
     return "common"
 
 
-def expected_schema(m: dict):
-    t = m["targets"]
-    return fmt.schema(t["text"]["kind"], t["visual"]["kind"], m["vocab_size"], version=int(m["format_version"]))
+def expected_schema(m: Manifest):
+    return fmt.schema(m.text.kind, m.visual.kind, m.vocab_size, version=m.version)
 
 
 def info(path_or_url: str) -> dict:
     """Sizes and counts of a cache, with bytes per text row, per visual row and per Gram from Parquet metadata."""
-    fs, root = _fs_and_root(path_or_url)
-    m = _load_manifest(fs, root)
+    cache = Cache(path_or_url, cache_dir="")  # reads the cache itself, never a read-through copy
+    m = cache.manifest
     col_bytes: dict[str, int] = defaultdict(int)
     shards = []
-    for s in m["shards"]:
-        fh, pf = open_parquet(fs, f"{root}/{s['name']}")
-        with fh:
+    for i, s in enumerate(m.shards):
+        with cache.open_shard(i) as pf:
             md = pf.metadata
         for rg in range(md.num_row_groups):
             g = md.row_group(rg)
             for c in range(g.num_columns):
                 col = g.column(c)
                 col_bytes[col.path_in_schema.split(".")[0]] += col.total_compressed_size
-        shards.append({"name": s["name"], "rows": s["rows"], "bytes": s["bytes"], "row_groups": md.num_row_groups})
+        shards.append({"name": s.name, "rows": s.rows, "bytes": s.bytes, "row_groups": md.num_row_groups})
     by_group: dict[str, int] = defaultdict(int)
     for c, b in col_bytes.items():
         by_group[column_group(c)] += b
@@ -61,25 +48,26 @@ def info(path_or_url: str) -> dict:
 
     return {
         "path": str(path_or_url),
-        "format_version": m["format_version"],
-        "teacher": m["teacher"]["id"],
-        "backend": m.get("backend"),
-        "samples": m["num_samples"],
-        "text_rows": m["num_text_rows"],
-        "visual_rows": m["num_visual_rows"],
-        "gram_samples": m["num_gram_samples"],
-        "k": {"text": m["targets"]["text"]["k"], "visual": m["targets"]["visual"]["k"]},
-        "targets": {"text": m["targets"]["text"]["kind"], "visual": m["targets"]["visual"]["kind"]},
-        "samples_per_row": {p: m["targets"][p].get("samples") for p in ("text", "visual")},
-        "total_bytes": m["total_bytes"],
-        "bytes_per_text_row": per(by_group["text"], m["num_text_rows"]),
-        "bytes_per_visual_row": per(by_group["visual"], m["num_visual_rows"]),
-        "bytes_per_gram": per(by_group["gram"], m["num_gram_samples"]),
-        "bytes_per_sample_common": per(by_group["common"], m["num_samples"]),
+        "format_version": m.version,
+        "teacher": m.teacher_id,
+        "backend": m.backend,
+        "samples": m.num_samples,
+        "text_rows": m.num_text_rows,
+        "visual_rows": m.num_visual_rows,
+        "gram_samples": m.num_gram_samples,
+        "k": {p: spec.k if spec.kind == "topk" else None for p, spec in (("text", m.text), ("visual", m.visual))},
+        "targets": {"text": m.text.kind, "visual": m.visual.kind},
+        "samples_per_row": {p: spec.samples if "samples" in m.raw["targets"][p] else None
+                            for p, spec in (("text", m.text), ("visual", m.visual))},
+        "total_bytes": m.total_bytes,
+        "bytes_per_text_row": per(by_group["text"], m.num_text_rows),
+        "bytes_per_visual_row": per(by_group["visual"], m.num_visual_rows),
+        "bytes_per_gram": per(by_group["gram"], m.num_gram_samples),
+        "bytes_per_sample_common": per(by_group["common"], m.num_samples),
         "column_bytes": dict(sorted(col_bytes.items())),
         "shards": shards,
-        "skipped": {"total": m["skipped"]["total"], "by_reason": m["skipped"]["by_reason"]},
-        "build": {k: m["build"].get(k) for k in ("world_size", "wall_seconds", "finished_at")},
+        "skipped": {"total": m.skipped_total, "by_reason": m.skipped_by_reason},
+        "build": {k: m.build.get(k) for k in ("world_size", "wall_seconds", "finished_at")},
     }
 
 
@@ -113,24 +101,24 @@ def _kind(d: dict, rows: str) -> str:
 
 def verify(path_or_url: str, *, checksums: bool = True) -> list[str]:
     """Every problem found, as messages naming the shard; an empty list means the cache is intact."""
-    fs, root = _fs_and_root(path_or_url)
+    fs_and_root(path_or_url)  # a URL whose filesystem is not installed is an error, not a finding
     try:
-        m = _load_manifest(fs, root)
-    except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
+        cache = Cache(path_or_url, cache_dir="")  # checks the cache itself, never a read-through copy
+    except (FileNotFoundError, ValueError) as e:
         return [str(e)]
+    m, fs = cache.manifest, cache.fs
     problems = []
     want_schema = expected_schema(m)
     total = 0
-    for s in m["shards"]:
-        name = s["name"]
-        path = f"{root}/{name}"
+    for i, s in enumerate(m.shards):
+        name, path = s.name, cache.shard_url(i)
         if not fs.exists(path):
             problems.append(f"{name}: missing")
             continue
         size = fs.size(path)
-        if size != s["bytes"]:
-            problems.append(f"{name}: size {size} bytes, manifest says {s['bytes']} (truncated or replaced)")
-        if checksums and shard_sha256(fs, path) != s["sha256"]:
+        if size != s.bytes:
+            problems.append(f"{name}: size {size} bytes, manifest says {s.bytes} (truncated or replaced)")
+        if checksums and shard_sha256(fs, path) != s.sha256:
             problems.append(f"{name}: sha256 mismatch (content changed since the build)")
         try:
             fh, pf = open_parquet(fs, path)
@@ -140,9 +128,9 @@ def verify(path_or_url: str, *, checksums: bool = True) -> list[str]:
             problems.append(f"{name}: not a readable Parquet file ({type(e).__name__}: {e})")
             continue
         if not schema.remove_metadata().equals(want_schema):
-            problems.append(f"{name}: schema differs from format v{m['format_version']} with these targets")
+            problems.append(f"{name}: schema differs from format v{m.version} with these targets")
         problems += [f"{name}: {p}" for p in footer_problems(metadata, s, m, strict=True)]
         total += metadata.num_rows
-    if total != m["num_samples"] and not any("missing" in p for p in problems):
-        problems.append(f"shards hold {total} samples, manifest says {m['num_samples']}")
+    if total != m.num_samples and not any("missing" in p for p in problems):
+        problems.append(f"shards hold {total} samples, manifest says {m.num_samples}")
     return problems

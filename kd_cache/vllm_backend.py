@@ -60,9 +60,10 @@ import numpy as np
 import torch
 
 from kd_cache import targets as kd_targets
-from kd_cache.data import EncodedSample, image_token_id_of, load_images
 from kd_cache.codec import SampleTargets
+from kd_cache.data import EncodedSample, image_token_id_of, load_images, max_images_for
 from kd_cache.hf import load_processor_and_config, pad_token_id, pick_dtype, text_config
+from kd_cache.targets import TargetOptions
 
 log = logging.getLogger("kd_cache")
 # The threads vLLM's engine client (V1, multiprocessing) starts in this process; close() waits for them. Both end
@@ -88,10 +89,10 @@ def vllm_version() -> str | None:
     return "unknown"
 
 
-def needs_full_logits(multimodal: bool, gram: bool, text_kind: str = "topk", visual_kind: str = "topk") -> bool:
+def needs_full_logits(multimodal: bool, opts: TargetOptions) -> bool:
     """The Gram R = Z Zᵀ (whole raw-logit rows at the image rows) and sampled targets (draws from the whole
     distribution) need the full logit rows; top-k targets do not. Visual rows exist only in a multimodal teacher."""
-    return bool(multimodal and (gram or visual_kind != "topk")) or text_kind != "topk"
+    return bool(multimodal and (opts.gram or opts.visual_kind != "topk")) or opts.text_kind != "topk"
 
 
 def preflight() -> None:
@@ -116,12 +117,13 @@ def preflight() -> None:
 class VllmTeacher:
     """A teacher served by a vLLM engine. `targets()` returns the same `SampleTargets` as `Teacher.targets()`."""
 
-    def __init__(self, name: str, *, records, image_root: str | None = None, device: str | None = None,
-                 dtype: str | None = None, trust_remote_code: bool = False, revision: str | None = None,
-                 top_k: int = 64, visual_top_k: int = 64, gram: bool = True, max_length: int | None = None,
-                 batch_size: int = 8, max_images: int | None = None, text_kind: str = "topk",
-                 visual_kind: str = "topk",
-                 engine_args: dict | None = None):
+    def __init__(self, name: str, *, records, opts: TargetOptions, image_root: str | None = None,
+                 device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False,
+                 revision: str | None = None, max_length: int | None = None, batch_size: int = 8,
+                 max_images: int | None = None, engine_args: dict | None = None):
+        """opts: the targets `targets()` will be asked for. They size the engine (full-logits or top-k mode, the
+        number of log-probs per row), which is fixed when it starts, so they are made from the teacher config's
+        vocabulary before the engine reports its own."""
         preflight()
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         self.name = name
@@ -131,7 +133,7 @@ class VllmTeacher:
         tok = getattr(self.processor, "tokenizer", self.processor)
         self.image_token_id = image_token_id_of(self.config, tok) if self.multimodal else None
         self.pad_id = pad_token_id(tok)
-        self.full = needs_full_logits(self.multimodal, gram, text_kind, visual_kind)
+        self.full = needs_full_logits(self.multimodal, opts)
 
         from vllm import LLM
         from vllm.platforms import current_platform
@@ -148,9 +150,7 @@ class VllmTeacher:
         self.device = torch.device("cpu" if on_cpu else "cuda")
         self.dtype = pick_dtype(self.device, dtype)
         text_cfg = text_config(self.config)
-        vocab = int(text_cfg.vocab_size)
-        self.k_text, self.k_vis = min(top_k, vocab), min(visual_top_k, vocab)
-        self.k_request = max(self.k_text, self.k_vis) if self.multimodal else self.k_text
+        self.k_request = max(opts.text_k, opts.visual_k) if self.multimodal else opts.text_k
         kwargs: dict[str, Any] = dict(
             model=name, revision=revision, trust_remote_code=trust_remote_code,
             dtype=str(self.dtype).replace("torch.", ""), seed=0,
@@ -161,8 +161,9 @@ class VllmTeacher:
         if max_length is not None:
             kwargs["max_model_len"] = max_length + 1  # + the appended pad token
         if self.multimodal:
-            if max_images is None:  # as build(): LLaVA-1.5 takes one image per sample
-                max_images = 1 if self.config.model_type == "llava" else 8
+            max_images = max_images_for(self.config, max_images)
+            if max_images is None:  # no limit of the model's own: vLLM needs one to size its image inputs
+                max_images = 8
             kwargs["limit_mm_per_prompt"] = {"image": max(1, max_images)}
         if on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             kwargs["kv_cache_memory_bytes"] = _cpu_kv_bytes(text_cfg, self.dtype, batch_size, max_length)
@@ -175,8 +176,6 @@ class VllmTeacher:
             raise ValueError(f"vLLM {vllm_version()} rejected the engine arguments kd needs ({e}); "
                              f"kd's vLLM backend is tested with vLLM 0.32") from None
         self.vocab_size = int(self.llm.model_config.get_vocab_size())
-        if self.vocab_size != vocab:
-            self.k_text, self.k_vis = min(top_k, self.vocab_size), min(visual_top_k, self.vocab_size)
         self._flat = "flat_logprobs" in _fields()
         self._engine_threads = [t for t in threading.enumerate()
                                 if t not in threads_before and t.name in _ENGINE_CLIENT_THREADS]
@@ -246,20 +245,18 @@ class VllmTeacher:
     # ------------------------------------------------------------------------------------------- targets
 
     @torch.no_grad()
-    def targets(self, samples: list[tuple[int, EncodedSample]], opts=None, *, top_k: int | None = None,
-                visual_top_k: int | None = None, with_gram: bool | None = None) -> list[SampleTargets]:
-        """Like `Teacher.targets`: `opts` is a `kd_cache.targets.TargetOptions` (or give the top-k keywords)."""
-        if opts is None:
-            opts = _Options(text_k=top_k, visual_k=visual_top_k, gram=True if with_gram is None else with_gram)
+    def targets(self, samples: list[tuple[int, EncodedSample]], opts: TargetOptions) -> list[SampleTargets]:
+        """Like `Teacher.targets`; `opts` must fit the options the engine was started for."""
         if not self.full:
             if opts.text_kind != "topk" or (self.multimodal and opts.visual_kind != "topk"):
-                raise ValueError("sampled targets need the full logit rows; start VllmTeacher with text_kind/"
-                                 "visual_kind")
+                raise ValueError("sampled targets need the full logit rows; start VllmTeacher with options that "
+                                 "ask for them")
             if max(opts.text_k, opts.visual_k if self.multimodal else 0) > self.k_request:
                 raise ValueError(f"the vLLM engine was started for k <= {self.k_request}, asked for "
                                  f"text k={opts.text_k}, visual k={opts.visual_k}")
             if opts.gram and self.multimodal:
-                raise ValueError("the visual Gram needs the full logit rows; start VllmTeacher with gram=True")
+                raise ValueError("the visual Gram needs the full logit rows; start VllmTeacher with options whose "
+                                 "gram is True")
         out: list[SampleTargets] = []
         for group in self._groups(samples):
             prompts = [self._prompt(i, s) for i, s in group]
@@ -291,7 +288,7 @@ class VllmTeacher:
             groups.append(cur)
         return groups
 
-    def _sample_targets(self, index: int, s: EncodedSample, r, opts) -> SampleTargets:
+    def _sample_targets(self, index: int, s: EncodedSample, r, opts: TargetOptions) -> SampleTargets:
         L = len(s.input_ids)
         got = list(r.prompt_token_ids)[:-1]
         if got != [int(x) for x in s.input_ids]:
@@ -382,15 +379,6 @@ def _rows(pl, L: int, width: int, flat: bool) -> tuple[np.ndarray, np.ndarray]:
         tok[t] = [i for i, _ in top]
         val[t] = [v for _, v in top]
     return tok, val
-
-
-class _Options:
-    """Top-k options for callers that pass keywords (the fields of `kd_cache.targets.TargetOptions` used here)."""
-
-    def __init__(self, text_k: int, visual_k: int, gram: bool):
-        self.text_kind = self.visual_kind = "topk"
-        self.text_k, self.visual_k, self.gram = text_k, visual_k, gram
-        self.samples, self.seed, self.gram_tolerance, self.gram_lowrank = 0, 0, 1e-4, False
 
 
 def _fields() -> set:

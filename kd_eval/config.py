@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from kd_cache.config import option
+from kd_cache.config import check_choices, option
 from kd_cache.paths import check_writable_folder
 from kd_eval.synth import QUESTION_TYPES
 
@@ -46,6 +46,7 @@ class EvalConfig:
     progress: bool = option(True, flag="--progress/--quiet", help="Show progress.")
 
     def __post_init__(self) -> None:
+        check_choices(self)
         for name in ("batch_size", "max_new_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from kd_cache.data import Encoder, RecordSource, SkipSample, image_token_id_of, load_images, sample_id_of
+from kd_cache.data import (Encoder, RecordSource, SkipSample, image_token_id_of, load_images, max_images_for,
+                           sample_id_of)
 from kd_cache.hf import pick_device
 from kd_cache.paths import check_input_path, check_model_path
 from kd_cache.progress import progress as progress_bar, quiet_library_bars
@@ -122,7 +123,6 @@ def evaluate(model_path: str | os.PathLike, data: Any, images: str | os.PathLike
         raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
 
     # what can be wrong without the model fails before it is loaded: the model folder, the data, the image folder
-
     check_model_path(model_path)
     if images is not None:
         check_input_path(images, "image folder", folder=True)
@@ -135,7 +135,7 @@ def evaluate(model_path: str | os.PathLike, data: Any, images: str | os.PathLike
     model.eval()
     tokenizer = getattr(processor, "tokenizer", processor)
     encoder = Encoder(processor, image_token_id_of(model.config, tokenizer), image_root=images,
-                      max_images=1 if model.config.model_type == "llava" else None)  # as `kd cache build`
+                      max_images=max_images_for(model.config))
     model_dtype = next(model.parameters()).dtype
 
     pad_id = model.generation_config.pad_token_id

@@ -1,4 +1,4 @@
-"""Per-sample features and batches for the student: model inputs plus the cached teacher targets.
+"""Training examples and micro-batches for the student: model inputs plus the cached teacher targets.
 
 The student re-encodes each record with its own processor through `kd_cache.data.Encoder` (the function the
 cache builder used), which yields its pixels; the token ids must then equal the cached `input_ids` exactly,
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kd_cache.codec import LOGPROB_KEYS, ROWS, CachedSample, target_keys
+from kd_cache.codec import CachedSample, TargetLayout, Targets, concat_targets
 from kd_cache.data import EncodedSample, Encoder, image_token_id_of
 from kd_cache.hf import collate as collate_model_inputs, tokenizer_of
 
@@ -21,11 +21,18 @@ class CacheMismatchError(ValueError):
     """The student's encoding of a sample differs from what the cache recorded."""
 
 
-def features(encoded: EncodedSample, cached: CachedSample | None = None) -> dict:
-    """One training example: the encoded sample and (for KD stages) its cached targets, as numpy arrays."""
+def training_example(encoded: EncodedSample, cached: CachedSample | None = None,
+                     layout: TargetLayout | None = None) -> dict:
+    """One training example: the encoded sample and, for KD stages, its cached targets typed by `layout` (numpy).
+
+    Keys: "encoded", "n_tokens", and with `cached` "text_targets", "visual_targets" (`kd_cache.codec.Targets`) and
+    "gram" (the teacher's (Nv, Nv) Gram).
+    """
     out = {"encoded": encoded, "n_tokens": len(encoded.input_ids)}
     if cached is None:
         return out
+    if layout is None:
+        raise ValueError("training_example needs the cache's TargetLayout to read cached targets, got None")
     if not np.array_equal(encoded.input_ids, cached["input_ids"]):
         n = min(len(encoded.input_ids), len(cached["input_ids"]))
         neq = np.flatnonzero(encoded.input_ids[:n] != cached["input_ids"][:n])
@@ -35,11 +42,12 @@ def features(encoded: EncodedSample, cached: CachedSample | None = None) -> dict
             f"(student {len(encoded.input_ids)} tokens, cache {len(cached['input_ids'])}); the student's processor, "
             "chat template or max_length does not match the cache's"
         )
-    for prefix in ROWS:
-        if not np.array_equal(getattr(encoded, f"{prefix}_positions"), cached[f"{prefix}_positions"]):
-            raise CacheMismatchError(f"sample {cached['sample_id']!r}: {prefix} positions differ from the cache's")
-    for name in target_keys(cached):
-        out[name] = cached[name]
+    for rows, mine, theirs in (("text", encoded.text_positions, cached["text_positions"]),
+                               ("visual", encoded.visual_positions, cached["visual_positions"])):
+        if not np.array_equal(mine, theirs):
+            raise CacheMismatchError(f"sample {cached['sample_id']!r}: {rows} positions differ from the cache's")
+    out["text_targets"] = layout.targets(cached, "text")
+    out["visual_targets"] = layout.targets(cached, "visual")
     out["gram"] = cached["gram"]
     return out
 
@@ -53,8 +61,9 @@ class Batch:
     text_labels: torch.Tensor  # (Nt,) long: the supervised next tokens
     visual_rows: torch.Tensor  # (2, Nv) long
     visual_splits: list[int]  # visual rows per sample (for per-sample Gram matrices)
-    targets: dict[str, torch.Tensor] | None  # text_*/visual_* targets concatenated over the batch; grams list below
-    grams: list[torch.Tensor] | None
+    text_targets: Targets | None  # the Nt text rows' teacher targets (torch), None without a cache
+    visual_targets: Targets | None  # the Nv visual rows' teacher targets (torch)
+    grams: list[torch.Tensor] | None  # the teacher's Gram per sample
     n_tokens: int
 
     def to(self, device) -> "Batch":
@@ -62,9 +71,14 @@ class Batch:
         return Batch(
             {k: mv(v) for k, v in self.model_inputs.items()}, mv(self.text_rows), mv(self.text_labels),
             mv(self.visual_rows), self.visual_splits,
-            None if self.targets is None else {k: mv(v) for k, v in self.targets.items()},
+            None if self.text_targets is None else self.text_targets.map(mv),
+            None if self.visual_targets is None else self.visual_targets.map(mv),
             None if self.grams is None else [mv(g) for g in self.grams], self.n_tokens,
         )
+
+    @property
+    def has_targets(self) -> bool:
+        return self.grams is not None
 
     @property
     def n_text(self) -> int:
@@ -85,22 +99,24 @@ def _rows(positions: list[np.ndarray]) -> torch.Tensor:
     return torch.as_tensor(np.stack([np.asarray(b, np.int64), np.asarray(p, np.int64)]), dtype=torch.long)
 
 
+def _as_tensor(a: np.ndarray) -> torch.Tensor:
+    """Log-probs as float32, ids and counts as int64."""
+    return torch.as_tensor(a, dtype=torch.float32 if np.asarray(a).dtype.kind == "f" else torch.long)
+
+
 def make_batch(items: list[dict], pad_id: int) -> Batch:
-    """Collate `features` dicts into a Batch (runs in DataLoader workers)."""
+    """Collate `training_example` dicts into a Batch (runs in DataLoader workers)."""
     encs = [it["encoded"] for it in items]
     model_inputs = collate_model_inputs(encs, pad_id)
     text_rows = _rows([e.text_positions for e in encs])
     labels = torch.as_tensor(np.concatenate([e.input_ids[e.text_positions + 1] for e in encs]), dtype=torch.long)
     visual_rows = _rows([e.visual_positions for e in encs])
-    targets = grams = None
+    text = visual = grams = None
     if "gram" in items[0]:
-        targets = {}
-        for name in target_keys(items[0]):
-            arr = np.concatenate([it[name] for it in items])
-            is_logprob = name.split("_", 1)[1] in LOGPROB_KEYS
-            targets[name] = torch.as_tensor(arr, dtype=torch.float32 if is_logprob else torch.long)
+        text = concat_targets([it["text_targets"] for it in items]).map(_as_tensor)
+        visual = concat_targets([it["visual_targets"] for it in items]).map(_as_tensor)
         grams = [torch.as_tensor(it["gram"]) for it in items]
-    return Batch(model_inputs, text_rows, labels, visual_rows, [len(e.visual_positions) for e in encs], targets,
+    return Batch(model_inputs, text_rows, labels, visual_rows, [len(e.visual_positions) for e in encs], text, visual,
                  grams, int(sum(it["n_tokens"] for it in items)))
 
 

@@ -1,33 +1,21 @@
-"""Row-chunked LM head + loss: the KD objective without ever holding (N, V) logits (issue 13, item 1).
+"""Row-chunked LM head + loss: a loss over the logits of N rows without ever holding (N, V) logits.
 
-The unchunked path (:class:`kd_train.objective.RowLogits` then :func:`kd_train.objective.micro_batch_loss`)
-materialises the student's logits at every supervised row in fp32, plus their log-softmax and gradients: at
-LLaVA scale (576 visual + 150 response rows, V = 152K) several GB.  Here the head is applied to one chunk of
-rows at a time and the chunk's gradients w.r.t. the hidden states, the head weight and bias are taken right away
-(inside the forward, Liger / TRL style), so at most one chunk of (rows, V) logits and their gradients is alive.
-Backward only scales the stored gradients by the incoming gradient.
+Applied to all rows at once, the head materialises the student's logits at every supervised row in fp32, plus
+their log-softmax and gradients: at LLaVA scale (576 visual + 150 response rows, V = 152K) several GB.  Here the
+head is applied to one chunk of rows at a time and the chunk's gradients w.r.t. the hidden states, the head weight
+and bias are taken right away (inside the forward, Liger / TRL style), so at most one chunk of (rows, V) logits and
+their gradients is alive.  Backward only scales the stored gradients by the incoming gradient.
 
-Public API
-----------
-* :func:`chunked_row_loss` -- ``(hidden (N, D), head, fn) -> (loss, term sums)``; the loss is differentiable
-  w.r.t. ``hidden`` and the head's weight / bias.
-* :class:`RowTerms` and its builders, mirroring ``micro_batch_loss`` term by term:
-  :func:`text_rows_fn` (CE + text MDist), :func:`visual_rows_fn` (visual MDist), :func:`concat_row_fns`
-  (several row sets in one pass), :func:`micro_batch_row_fn` (a micro-batch's text then visual rows) and
-  :func:`loss_scales` (the per-term factor ``weight * world_size / max(step rows, 1)``).
-
-The loss math is not re-implemented: every chunk calls :func:`kd_train.losses.ce_loss`,
-:func:`~kd_train.losses.mdist_loss` and :func:`~kd_train.losses.sampled_kd_loss` with ``reduction="sum"``, whose
-sums over row chunks add up to the sums over all rows.  Values and gradients equal the unchunked path's up to
-float rounding.
-
-RDist is not chunked here: :class:`kd_train.objective.StudentGram` computes the student's Gram from the visual
-hidden states as ``H (WᵀW) Hᵀ`` without logits.  Only when the head has a bias or the model a logit transform does
-it fall back to ``Z Zᵀ``; that path still needs the (Nv, V) visual logits.
+Here: `chunked_row_loss` (`(hidden (N, D), head, fn) -> (loss, term sums)`, differentiable w.r.t. `hidden` and the
+head's weight / bias), `RowTerms` (a loss made of named sums over rows, the form `fn` takes) and `concat_row_fns`
+(several row sets in one pass).  What the terms are is the objective's (`kd_train/objective.py`): it builds one
+`RowTerms` per row set and calls it once over all rows (unchunked) or here, chunk by chunk; the terms are sums over
+rows (`reduction="sum"`), so chunk sums add up to the sums over all rows and values and gradients equal the
+unchunked path's up to float rounding.
 
 Memory: O(chunk_size · V) for the chunk's logits, the losses' intermediates and their gradients, plus gradient
-buffers the size of ``hidden`` and of the weight (fp32 when the weight is bf16/fp16) that are handed to autograd
-in backward (they become ``weight.grad``, no copy when it was None).  Nothing is computed at import time.
+buffers the size of `hidden` and of the weight (fp32 when the weight is bf16/fp16) that are handed to autograd in
+backward (they become `weight.grad`, no copy when it was None).  Nothing is computed at import time.
 """
 
 from __future__ import annotations
@@ -40,7 +28,6 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from kd_train.config import DEFAULT_LOSS_CHUNK_SIZE
-from kd_train.losses import KDLossConfig, ce_loss, mdist_loss, sampled_kd_loss
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -48,21 +35,17 @@ __all__ = [
     "RowTerms",
     "chunked_row_loss",
     "concat_row_fns",
-    "loss_scales",
-    "micro_batch_row_fn",
-    "text_rows_fn",
-    "visual_rows_fn",
 ]
 
-#: Rows per chunk by default, from benchmarks/chunked_loss.py (docs/benchmarks.md, "Chunked KD loss"): at
-#: Nv = 576, Nt = 150, V = 152K, D = 896 (fp32, CPU) 96 rows is the largest measured size whose loss activation
-#: memory is <= 1/4 of the unchunked path's (0.23x; 128 rows: 0.31x) at no step-time cost (0.89-0.98x).  The
-#: activation memory is about 6 (rows, V) fp32 buffers per chunk row, so it scales linearly with the chunk.
+# Rows per chunk by default, from benchmarks/chunked_loss.py (docs/benchmarks.md, "Chunked KD loss"): at Nv = 576,
+# Nt = 150, V = 152K, D = 896 (fp32, CPU) 96 rows is the largest measured size whose loss activation memory is
+# <= 1/4 of the unchunked path's (0.23x; 128 rows: 0.31x) at no step-time cost.  The activation memory is about
+# 6 (rows, V) fp32 buffers per chunk row, so it scales linearly with the chunk.
 DEFAULT_CHUNK_SIZE: int = DEFAULT_LOSS_CHUNK_SIZE  # one definition: kd_train/config.py (why 96)
 
-#: ``fn(logits (n, V) float32, start, end) -> (scalar loss of rows start:end, {term: sum over those rows})``.
-#: The term values may be floats or 0-dim tensors (tensors avoid a device sync per chunk).
 RowLossFn = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, Mapping[str, Union[float, torch.Tensor]]]]
+"""`fn(logits (n, V) float32, start, end) -> (scalar loss of rows start:end, {term: sum over those rows})`.
+The term values may be floats or 0-dim tensors (tensors avoid a device sync per chunk)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -185,40 +168,40 @@ def chunked_row_loss(
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     amp_dtype: torch.dtype | str | None = "auto",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of the head's logits at N rows, computed chunk by chunk: never more than ``chunk_size`` rows of logits.
+    """Loss of the head's logits at N rows, computed chunk by chunk: never more than `chunk_size` rows of logits.
 
-    Equals, in value and in gradients w.r.t. ``hidden``, ``head.weight`` and ``head.bias`` (up to rounding)::
+    Equals, in value and in gradients w.r.t. `hidden`, `head.weight` and `head.bias` (up to rounding):
 
         z = head(hidden)                      # under autocast when amp_dtype is set
         z = transform(z) if transform else z  # same autocast state
         loss, terms = fn(z.float(), 0, N)     # autocast off, as the losses run in the engine
 
-    because ``fn`` is additive over rows (sums): it is called on consecutive chunks ``fn(z[s:e], s, e)`` and the
-    chunk losses and term sums are added.  Each chunk's gradients are taken immediately
-    (``torch.autograd.grad``) and accumulated; backward hands them to autograd scaled by the incoming gradient.
-    A head parameter with ``requires_grad=False`` (frozen head) gets no buffer and no gradient.
+    because `fn` is additive over rows (sums): it is called on consecutive chunks `fn(z[s:e], s, e)` and the chunk
+    losses and term sums are added.  Each chunk's gradients are taken immediately (`torch.autograd.grad`) and
+    accumulated; backward hands them to autograd scaled by the incoming gradient.  A head parameter with
+    `requires_grad=False` (frozen head) gets no buffer and no gradient.
 
     Args:
         hidden: (N, D) final hidden states at the rows (after the final norm), usually requiring grad.  N = 0 is
-            allowed (``fn`` is then called once on a (0, V) chunk so it reports its terms).
-        head: the LM head, applied as ``F.linear(h, head.weight, head.bias)``: an ``nn.Linear`` (V, D) weight and
+            allowed (`fn` is then called once on a (0, V) chunk so it reports its terms).
+        head: the LM head, applied as `F.linear(h, head.weight, head.bias)`: an `nn.Linear` (V, D) weight and
             optional (V,) bias.  Heads whose forward does more (LoRA on the head, quantised linears, hooks that
             change the output) are not reproduced.
-        fn: per-chunk loss, ``fn(logits (n, V) float32, start, end) -> (scalar sum over the rows, {term: sum})``;
-            it must be a sum over rows (any ``reduction="sum"`` loss of :mod:`kd_train.losses`).  Build it with
-            :func:`micro_batch_row_fn` / :func:`text_rows_fn` / :func:`visual_rows_fn`.  An ``n_rows`` attribute,
-            when present, is checked against N.
-        chunk_size: rows per chunk (>= 1); :data:`DEFAULT_CHUNK_SIZE` by default.
-        transform: the model's logit transform (:func:`kd_cache.hf.logit_transform`), applied to the head's
-            output before the loss.
-        amp_dtype: dtype of the head's matmul and the transform.  ``"auto"`` (default) takes the autocast dtype
-            when autocast is enabled for ``hidden``'s device at the call, as the unchunked ``head(h)`` would run;
-            ``None`` runs in the inputs' dtype; a dtype (e.g. ``torch.bfloat16``) forces that autocast, which lets
-            the caller compute the loss outside the autocast region and still match a head run inside it.
+        fn: per-chunk loss, `fn(logits (n, V) float32, start, end) -> (scalar sum over the rows, {term: sum})`; it
+            must be a sum over rows (any `reduction="sum"` loss of `kd_train.losses`), e.g. a `RowTerms` (the
+            objective's are built by `kd_train.objective.text_rows_fn` / `visual_rows_fn`).  An `n_rows`
+            attribute, when present, is checked against N.
+        chunk_size: rows per chunk (>= 1); `DEFAULT_CHUNK_SIZE` by default.
+        transform: the model's logit transform (`kd_cache.hf.logit_transform`), applied to the head's output
+            before the loss.
+        amp_dtype: dtype of the head's matmul and the transform.  "auto" (default) takes the autocast dtype when
+            autocast is enabled for `hidden`'s device at the call, as the unchunked `head(h)` would run; None runs
+            in the inputs' dtype; a dtype (e.g. `torch.bfloat16`) forces that autocast, which lets the caller
+            compute the loss outside the autocast region and still match a head run inside it.
 
     Returns:
-        ``(loss, terms)``: a 0-dim tensor (float32 for float32/bf16 logits) differentiable w.r.t. ``hidden`` and
-        the head's parameters, and the per-term sums over all rows as floats.  The graph supports one backward.
+        `(loss, terms)`: a 0-dim tensor (float32 for float32/bf16 logits) differentiable w.r.t. `hidden` and the
+        head's parameters, and the per-term sums over all rows as floats.  The graph supports one backward.
     """
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or not hidden.is_floating_point():
         shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
@@ -256,33 +239,16 @@ def chunked_row_loss(
 
 
 # --------------------------------------------------------------------------------------
-# per-chunk loss functions mirroring micro_batch_loss
+# per-chunk loss functions
 # --------------------------------------------------------------------------------------
 
 
-def loss_scales(cfg: KDLossConfig, counts: Any, world_size: int) -> dict[str, float]:
-    """Per-term factor ``weight * world_size / max(step rows, 1)``, exactly as ``micro_batch_loss`` applies them.
-
-    Args:
-        cfg: the loss weights.
-        counts: the step's target rows over all micro-batches and ranks, with ``.text``, ``.visual``, ``.gram``
-            (``kd_train.objective.StepCounts``).
-        world_size: data-parallel ranks whose gradients are averaged (>= 1).
-    """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-    denom = {"ce": counts.text, "mdist_text": counts.text, "mdist_visual": counts.visual, "rdist": counts.gram}
-    weights = {"ce": cfg.ce_weight, "mdist_text": cfg.mdist_text_weight, "mdist_visual": cfg.mdist_visual_weight,
-               "rdist": cfg.rdist_weight}
-    return {name: weights[name] * world_size / max(int(denom[name]), 1) for name in weights}
-
-
 class RowTerms:
-    """A :data:`RowLossFn` made of named sum-over-rows terms, ``loss = sum_t scale_t * term_t(z, s, e)``.
+    """A `RowLossFn` made of named sums over rows: `loss = sum_t scale_t * term_t(z, s, e)`, reporting each
+    `term_t` (detached) under its name.
 
-    Attributes:
-        n_rows: rows the terms cover (checked by :func:`chunked_row_loss`).
-        names: the terms it reports, in order (the keys of ``micro_batch_loss``'s logged parts).
+    `terms`: (name, scale, term) triples, `term(logits of rows s:e, s, e) -> 0-dim sum over those rows`. `n_rows`:
+    the rows the terms cover (`chunked_row_loss` checks it); `names`: the terms it reports, in order.
     """
 
     def __init__(self, n_rows: int,
@@ -303,124 +269,14 @@ class RowTerms:
         return loss, sums
 
 
-def _n_target_rows(targets: Mapping[str, torch.Tensor], prefix: str) -> int | None:
-    for key in (f"{prefix}_topk_ids", f"{prefix}_sample_row_lengths"):
-        if key in targets:
-            return int(targets[key].shape[0])
-    return None
-
-
-def _mdist_term(targets: Mapping[str, torch.Tensor], prefix: str, cfg: KDLossConfig, n_rows: int,
-                teacher_vocab_size: int | None, n_draws: int) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
-    """MDist of one row set (``prefix`` "text" / "visual") restricted to rows start:end, as micro_batch_loss
-    computes it over all rows: sampled-target KD when the targets are sampled, else top-k + tail MDist."""
-    if f"{prefix}_sample_ids" in targets:
-        ids, counts = targets[f"{prefix}_sample_ids"], targets[f"{prefix}_sample_counts"]
-        lengths = targets[f"{prefix}_sample_row_lengths"]
-        if tuple(lengths.shape) != (n_rows,) or ids.shape != counts.shape or ids.dim() != 1:
-            raise ValueError(f"{prefix} sampled targets must hold row_lengths ({n_rows},) and equal-length 1-D ids "
-                             f"and counts, got {tuple(lengths.shape)}, {tuple(ids.shape)}, {tuple(counts.shape)}")
-        if isinstance(n_draws, bool) or not isinstance(n_draws, int) or n_draws < 1:
-            raise ValueError(f"n_draws must be an int >= 1 for sampled {prefix} targets, got {n_draws!r}")
-        # ids are stored flattened, row after row: rows s:e are ids[offsets[s]:offsets[e]] (one host sync here,
-        # none per chunk)
-        offsets = [0] + lengths.to(torch.long).cumsum(0).tolist()
-        if offsets[-1] != ids.shape[0]:
-            raise ValueError(f"{prefix}_sample_row_lengths must sum to len({prefix}_sample_ids)="
-                             f"{ids.shape[0]}, got {offsets[-1]}")
-
-        def sampled(z: torch.Tensor, s: int, e: int) -> torch.Tensor:
-            a, b = offsets[s], offsets[e]
-            return sampled_kd_loss(z, ids[a:b], counts[a:b], lengths[s:e], n_draws)
-
-        return sampled
-
-    ids, lps, tail = (targets[f"{prefix}_{k}"] for k in ("topk_ids", "topk_logprobs", "tail_logprob"))
-    if ids.dim() != 2 or ids.shape[0] != n_rows or lps.shape != ids.shape or tuple(tail.shape) != (n_rows,):
-        raise ValueError(f"{prefix} top-k targets must be (N={n_rows}, k), (N, k), (N,), got {tuple(ids.shape)}, "
-                         f"{tuple(lps.shape)}, {tuple(tail.shape)}")
-    kw = cfg.mdist_kwargs(prefix) | {"teacher_vocab_size": teacher_vocab_size}
-
-    def topk(z: torch.Tensor, s: int, e: int) -> torch.Tensor:
-        return mdist_loss(z, ids[s:e], lps[s:e], tail[s:e], **kw)
-
-    return topk
-
-
-def text_rows_fn(labels: torch.Tensor, targets: Mapping[str, torch.Tensor] | None, cfg: KDLossConfig,
-                 scales: Mapping[str, float], *, teacher_vocab_size: int | None = None, n_draws: int = 0) -> RowTerms:
-    """CE + text MDist over the Nt response rows, term for term as ``micro_batch_loss`` computes them on ``zt``.
-
-    Terms: ``"ce"`` when ``cfg.ce_weight`` (``ce_loss(z, labels, label_smoothing=cfg.label_smoothing)``, even
-    with no rows), ``"mdist_text"`` when there are targets, rows and ``cfg.mdist_text_weight``: top-k + tail
-    MDist with ``cfg.mdist_kwargs("text")`` and ``teacher_vocab_size``, or sampled-target KD with ``n_draws``.
-
-    Args:
-        labels: (Nt,) supervised next tokens (``batch.text_labels``; ignore_index -100 rows count 0).
-        targets: ``batch.targets`` (``text_topk_ids`` / ``text_topk_logprobs`` / ``text_tail_logprob`` or
-            ``text_sample_ids`` / ``text_sample_counts`` / ``text_sample_row_lengths``), or None.
-        cfg: loss weights and MDist options.
-        scales: :func:`loss_scales` (``"ce"`` and ``"mdist_text"`` are used).
-        teacher_vocab_size: the teacher's vocabulary size (MDist's T != 1 tail approximation).
-        n_draws: draws per row of sampled text targets.
-    """
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
-        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(f"labels must be a 1-D (Nt,) tensor, got {shape}")
-    n = int(labels.shape[0])
-    terms = []
-    if cfg.ce_weight:
-        eps = cfg.label_smoothing
-        terms.append(("ce", scales["ce"], lambda z, s, e: ce_loss(z, labels[s:e], label_smoothing=eps)))
-    if targets is not None and cfg.mdist_text_weight and n:
-        terms.append(_checked_mdist_term(targets, "text", cfg, n, scales, teacher_vocab_size, n_draws))
-    return RowTerms(n, terms)
-
-
-def _checked_mdist_term(targets: Mapping[str, torch.Tensor], prefix: str, cfg: KDLossConfig, n: int,
-                        scales: Mapping[str, float], teacher_vocab_size: int | None, n_draws: int) -> tuple:
-    """("mdist_<prefix>", its scale, its per-chunk fn), after checking the targets cover the n rows."""
-    rows = _n_target_rows(targets, prefix)
-    if rows != n:
-        what = "labelled" if prefix == "text" else "visual"
-        raise ValueError(f"{prefix} targets must cover the N{prefix[0]}={n} {what} rows, got {rows}")
-    return (f"mdist_{prefix}", scales[f"mdist_{prefix}"], _mdist_term(targets, prefix, cfg, n, teacher_vocab_size,
-                                                                       n_draws))
-
-
-def visual_rows_fn(n_rows: int, targets: Mapping[str, torch.Tensor] | None, cfg: KDLossConfig,
-                   scales: Mapping[str, float], *, teacher_vocab_size: int | None = None,
-                   n_draws: int = 0) -> RowTerms:
-    """Visual MDist over the Nv visual rows, as ``micro_batch_loss`` computes it on ``zv``.
-
-    Term ``"mdist_visual"`` when there are targets, rows and ``cfg.mdist_visual_weight``: top-k + tail MDist with
-    ``cfg.mdist_kwargs("visual")`` (its ``visual_temperature``) or sampled-target KD.  RDist is not here (see the
-    module docstring).
-
-    Args:
-        n_rows: Nv (``batch.n_visual``).
-        targets, teacher_vocab_size: as in :func:`text_rows_fn`, with ``visual_*`` keys.
-        scales: :func:`loss_scales` (``"mdist_visual"`` is used).
-        n_draws: draws per row of sampled visual targets.
-    """
-    if isinstance(n_rows, bool) or not isinstance(n_rows, int) or n_rows < 0:
-        raise ValueError(f"n_rows must be an int >= 0, got {n_rows!r}")
-    terms = []
-    if targets is not None and cfg.mdist_visual_weight and n_rows:
-        terms.append(_checked_mdist_term(targets, "visual", cfg, n_rows, scales, teacher_vocab_size, n_draws))
-    return RowTerms(n_rows, terms)
-
-
 def concat_row_fns(*parts: RowTerms | tuple[int, RowLossFn]) -> RowTerms:
-    """One :data:`RowLossFn` over row sets stacked one after the other (``torch.cat`` of their hidden states).
+    """One `RowLossFn` over row sets stacked one after the other (`torch.cat` of their hidden states).
 
-    One pass over the concatenation shares one weight-gradient buffer (one call per row set would hold one each
-    until backward) and fills every chunk.  A chunk that straddles two row sets calls each on its part, with
-    row indices local to that set; a row set with no rows is called once, on an empty slice of the first chunk,
-    so that its terms are reported as ``micro_batch_loss`` reports them.
-
-    Args:
-        parts: :class:`RowTerms` (their ``n_rows`` is used) or ``(n_rows, fn)`` pairs, in row order.
+    `parts`: `RowTerms` (their `n_rows` is used) or `(n_rows, fn)` pairs, in row order.  One pass over the
+    concatenation shares one weight-gradient buffer (one call per row set would hold one each until backward) and
+    fills every chunk.  A chunk that straddles two row sets calls each on its part, with row indices local to that
+    set; a row set with no rows is called once, on an empty slice of the first chunk, so that its terms are
+    reported (as zeros) as they are when the set is called on all its rows at once.
     """
     spans = []
     start = 0
@@ -462,25 +318,3 @@ class _Concat(RowTerms):
 
     def __call__(self, z: torch.Tensor, start: int, end: int):
         return self._fn(z, start, end)
-
-
-def micro_batch_row_fn(batch: Any, cfg: KDLossConfig, counts: Any, world_size: int,
-                       teacher_vocab: int | None = None, n_draws: Mapping[str, int] | None = None) -> RowTerms:
-    """The CE + MDist part of ``micro_batch_loss`` for a micro-batch, over its text rows then its visual rows.
-
-    Use with ``hidden = torch.cat([h_text (Nt, D), h_visual (Nv, D)])`` (the final hidden states at
-    ``batch.text_rows`` and ``batch.visual_rows``): ``chunked_row_loss(hidden, head, fn, transform=...)`` then
-    returns the sum of ``micro_batch_loss``'s weighted CE, text-MDist and visual-MDist terms and their raw sums
-    (its logged parts), to which the caller adds RDist.
-
-    Args:
-        batch: a ``kd_train.batch.Batch`` (``text_labels``, ``targets``, ``n_visual`` are read).
-        cfg, counts, world_size, teacher_vocab, n_draws: as ``micro_batch_loss`` takes them.
-    """
-    scales = loss_scales(cfg, counts, world_size)
-    draws = n_draws or {}
-    text = text_rows_fn(batch.text_labels, batch.targets, cfg, scales, teacher_vocab_size=teacher_vocab,
-                        n_draws=draws.get("text", 0))
-    visual = visual_rows_fn(int(batch.n_visual), batch.targets, cfg, scales, teacher_vocab_size=teacher_vocab,
-                            n_draws=draws.get("visual", 0))
-    return concat_row_fns(text, visual)

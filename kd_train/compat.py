@@ -15,7 +15,9 @@ import numpy as np
 import pyarrow.compute as pc
 from PIL import Image
 
+from kd_cache.format import Manifest
 from kd_cache.hf import text_config, tokenizer_fingerprint
+from kd_cache.reader import Cache
 from kd_train.student import visual_tokens_per_image
 
 __all__ = [
@@ -53,7 +55,7 @@ def _first_visual_sample(cache: Any) -> tuple[int, int, str] | None:
 
 def cached_visual_tokens_per_image(cache: Any) -> int | None:
     """Visual tokens per image the teacher used: from the first cached sample that has any; None if none has."""
-    if cache.manifest.get("num_visual_rows", 1) == 0:
+    if not cache.manifest.has_visual:
         return None  # text-only cache: no need to read it through
     first = _first_visual_sample(cache)
     return None if first is None else first[0]
@@ -74,10 +76,9 @@ def max_cached_topk_id(cache: Any) -> int:
     return best
 
 
-def _default_image(manifest: dict):
+def _default_image(manifest: Manifest):
     """A neutral image at the teacher's image-processor size (fixed-resolution processors resize anyway)."""
-
-    ip = manifest.get("image_processor") or {}
+    ip = manifest.image_processor or {}
     size = ip.get("crop_size") or ip.get("size") or {}
     h = size.get("height") or size.get("shortest_edge") or 336
     w = size.get("width") or size.get("shortest_edge") or 336
@@ -95,9 +96,9 @@ def check_compatibility(manifest: Any, processor: Any, model_config: Any, *, sam
                         max_topk_id: int | None = None) -> list[str]:
     """Every mismatch between a cache and a student, as messages naming the difference ([] = compatible).
 
-    `manifest` is the cache's manifest dict, or the opened `kd_cache.Cache`, from which the cache-derived
+    `manifest` is the cache's `Manifest`, or the opened `kd_cache.Cache`, from which the cache-derived
     facts (visual tokens per image, the teacher's image token id, and — only when the student's vocabulary
-    is smaller than the teacher's LM head — the largest cached top-k id) are read. With a bare manifest dict
+    is smaller than the teacher's LM head — the largest cached top-k id) are read. With a bare Manifest
     pass them as `cached_visual_tokens` / `cached_image_token_id` / `max_topk_id`: a check that cannot be made
     is reported as a problem, never skipped. `sample_image` is the image the visual-token counts are compared
     on (default: a blank image at the teacher's image size; pass a cached sample's image for processors whose
@@ -105,18 +106,15 @@ def check_compatibility(manifest: Any, processor: Any, model_config: Any, *, sam
     """
 
     cache = None
-    if not isinstance(manifest, dict):
-        if not hasattr(manifest, "manifest"):
-            raise ValueError(f"manifest must be a cache manifest dict or a kd_cache.Cache, got {type(manifest).__name__}")
+    if isinstance(manifest, Cache):
         cache, manifest = manifest, manifest.manifest
-    for key in ("teacher", "tokenizer", "vocab_size"):
-        if key not in manifest:
-            raise ValueError(f"manifest must hold {key!r} (a kd cache manifest), got keys {sorted(manifest)}")
-    teacher = f"teacher {manifest['teacher'].get('id')}"
+    if not isinstance(manifest, Manifest):
+        raise ValueError(f"manifest must be a kd_cache Manifest or Cache, got {type(manifest).__name__}")
+    teacher = f"teacher {manifest.teacher_id}"
     problems: list[str] = []
 
     # ---- tokenizer: the cached input ids and top-k ids are ids of the teacher's tokenizer
-    want, have = manifest["tokenizer"], tokenizer_fingerprint(processor)
+    want, have = manifest.tokenizer, tokenizer_fingerprint(processor)
     if have["vocab_sha256"] != want.get("vocab_sha256"):
         problems.append(f"student tokenizer vocabulary differs from the cache's ({teacher}): student has "
                         f"{have['vocab_size']} tokens (sha256 {have['vocab_sha256'][:12]}), the cache "
@@ -135,7 +133,7 @@ def check_compatibility(manifest: Any, processor: Any, model_config: Any, *, sam
 
     # ---- vocabulary rows: every cached id must index a row of the student's LM head
     text_cfg = text_config(model_config)
-    rows, head, n_tok = int(text_cfg.vocab_size), int(manifest["vocab_size"]), int(want.get("vocab_size") or 0)
+    rows, head, n_tok = int(text_cfg.vocab_size), manifest.vocab_size, int(want.get("vocab_size") or 0)
     if rows < n_tok:
         problems.append(f"student LM vocabulary has {rows} rows, fewer than the cache's tokenizer ({n_tok} tokens): "
                         "cached input ids would index past the student's embeddings")
@@ -150,7 +148,7 @@ def check_compatibility(manifest: Any, processor: Any, model_config: Any, *, sam
 
     # ---- images: the cached visual positions are where the teacher put its image tokens
     student_mm = getattr(processor, "image_processor", None) is not None
-    has_visual = manifest.get("num_visual_rows", 1 if manifest["teacher"].get("multimodal") else 0) > 0
+    has_visual = manifest.has_visual
     if has_visual and not student_mm:
         problems.append(f"cache holds visual targets from the multimodal {teacher} but the student is text-only "
                         f"(got a {type(processor).__name__} without an image processor)")
@@ -197,7 +195,7 @@ def require_compatible(manifest: Any, processor: Any, model_config: Any, **kwarg
 _TOPK_ONLY = {"kind": "forward_kl", "temperature": 1.0, "visual_temperature": None, "use_tail": True, "jsd_beta": 0.5}
 
 
-def fit_loss_to_cache(loss: Any, cfg: Any, manifest: dict) -> tuple[Any, list[str]]:
+def fit_loss_to_cache(loss: Any, cfg: Any, manifest: Manifest) -> tuple[Any, list[str]]:
     """(the loss config this cache can serve, warnings to log once). Refuses what the user asked for explicitly
     and the cache cannot give; turns off, with a warning, what only the stage preset asked for.
 
@@ -208,33 +206,32 @@ def fit_loss_to_cache(loss: Any, cfg: Any, manifest: dict) -> tuple[Any, list[st
     """
 
     warnings = []
-    gram = bool(manifest["targets"].get("gram", {}).get("enabled", True))
-    if not gram and loss.rdist_weight:
+    if not manifest.gram and loss.rdist_weight:
         if cfg.rdist_weight is not None:
             raise ValueError(f"rdist_weight={cfg.rdist_weight} but the cache was built without the Gram matrix "
                              "(--no-gram): RDist has no target; set rdist_weight 0 or rebuild the cache with it")
         warnings.append("the cache was built without the Gram matrix (--no-gram): RDist is off for this stage "
                         "(the stage preset asked for it)")
         loss = dataclasses.replace(loss, rdist_weight=0.0)  # KDLossConfig refuses all-zero weights
-    text_sampled = manifest["targets"]["text"].get("kind") == "sampled"
-    visual_sampled = manifest["targets"]["visual"].get("kind") == "sampled"
-    set_ = {k: getattr(cfg, k) for k, default in _TOPK_ONLY.items() if getattr(cfg, k) != default}
+    text_sampled = manifest.text.kind == "sampled"
+    visual_sampled = manifest.visual.kind == "sampled"
+    changed = {k: getattr(cfg, k) for k, default in _TOPK_ONLY.items() if getattr(cfg, k) != default}
     if cfg.kind != "jsd":
-        set_.pop("jsd_beta", None)  # only meaningful with jsd
+        changed.pop("jsd_beta", None)  # only meaningful with jsd
     if text_sampled:
         if not visual_sampled:
-            set_.pop("visual_temperature", None)  # shapes the visual rows, which hold top-k targets
-        if set_:
+            changed.pop("visual_temperature", None)  # shapes the visual rows, which hold top-k targets
+        if changed:
             raise ValueError(f"the cache holds sampled targets (random-sampling KD), whose loss is an importance-"
-                             f"weighted CE; the top-k MDist options {set_} do not apply to it: leave them at their "
-                             "defaults or use a top-k cache")
+                             f"weighted CE; the top-k MDist options {changed} do not apply to it: leave them at "
+                             "their defaults or use a top-k cache")
     elif visual_sampled and loss.mdist_visual_weight:
-        if "visual_temperature" in set_:
+        if "visual_temperature" in changed:
             raise ValueError(f"visual_temperature={cfg.visual_temperature} but the cache's visual rows hold sampled "
                              "targets (random-sampling KD: forward KL at T = 1): leave it unset or rebuild the cache "
                              "with --visual-targets topk")
-        if set_:
+        if changed:
             warnings.append(f"the cache's visual rows hold sampled targets: their MDist is the sampled forward-KL "
-                            f"estimate at T = 1; {set_} shape the response rows only (rebuild with "
+                            f"estimate at T = 1; {changed} shape the response rows only (rebuild with "
                             "--visual-targets topk to apply them to the visual rows too)")
     return loss, warnings

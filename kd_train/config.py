@@ -6,7 +6,7 @@ import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kd_cache.config import check_choice, option
+from kd_cache.config import check_choices, option
 from kd_train.stages import PRESETS, RECIPES, STAGES, StagePreset
 
 if TYPE_CHECKING:
@@ -106,15 +106,19 @@ class TrainConfig:
     online_top_k: int = option(64, help="Online mode: top-k per response row (0: the full vocabulary).")
     online_visual_top_k: int = option(64, help="Online mode: top-k per visual row (0: the full vocabulary).")
     progress: bool = option(True, flag="--progress/--quiet", help="Show progress.")
+    overwrite: bool = option(False, help="Start over: delete what an earlier `kd train` wrote in --out (stages, "
+                                         "checkpoints, saved configuration) first. Without it, a rerun into the same "
+                                         "--out resumes that run and must use its settings.")
+
+    # fields that change how a run is watched or stored, not what it trains: a rerun may change them and resume
+    NON_SEMANTIC = ("out", "progress", "overwrite", "num_workers", "checkpoint_every", "keep_checkpoints", "log_every",
+                    "trackers", "skip_corrupt_shards", "skip_missing_images")
 
     def __post_init__(self) -> None:
         if (self.stage is None) == (self.recipe is None):
             raise ValueError(f"give exactly one of stage ({', '.join(STAGES)}) or recipe ({', '.join(RECIPES)}), "
                              f"got stage={self.stage!r} recipe={self.recipe!r}")
-        if self.stage is not None and self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.recipe is not None and self.recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+        check_choices(self)
         for name in ("epochs", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -145,8 +149,6 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
         unknown = set(self.tracker_list()) - {"jsonl", "tensorboard"}
         if unknown:
             raise ValueError(f"trackers must be a comma list of jsonl, tensorboard; got {sorted(unknown)}")
@@ -175,10 +177,16 @@ class TrainConfig:
     def lora_target_list(self) -> list[str]:
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
+    def setting(self, preset: StagePreset, name: str):
+        """The stage's value of a setting the preset also defines (loss weights, lr, trained parts): the flag when
+        given, else the preset's."""
+        value = getattr(self, name)
+        return getattr(preset, name) if value is None else value
+
     def loss_config(self, preset: StagePreset) -> "KDLossConfig":
         from kd_train.losses import KDLossConfig  # deferred: losses.py imports torch, the CLI starts without it
 
-        pick = lambda name: getattr(preset, name) if getattr(self, name) is None else getattr(self, name)  # noqa: E731
+        pick = lambda name: self.setting(preset, name)  # noqa: E731
         return KDLossConfig(ce_weight=pick("ce_weight"), mdist_text_weight=pick("mdist_text_weight"),
                             mdist_visual_weight=pick("mdist_visual_weight"), rdist_weight=pick("rdist_weight"),
                             kind=self.kind, temperature=self.temperature, use_tail=self.use_tail,
@@ -204,4 +212,4 @@ class ComposeConfig:
     dtype: str = option("float32", help="Weights dtype of the saved student.")
 
     def __post_init__(self) -> None:
-        check_choice("vision_feature_select_strategy", self.vision_feature_select_strategy, SELECT_STRATEGIES)
+        check_choices(self)

@@ -18,19 +18,19 @@ from accelerate.utils import set_seed
 
 from kd_cache.data import RecordSource
 from kd_cache.files import save_json
-from kd_cache.hf import logit_transform, pad_token_id, tokenizer_fingerprint
+from kd_cache.hf import pad_token_id, tokenizer_fingerprint, tokenizer_of
 from kd_cache.progress import progress, quiet_library_bars
-from kd_cache.reader import open_cache
+from kd_cache.reader import Cache
 from kd_cache.teacher import Teacher
 from kd_train.batch import encoder_for
 from kd_train.checkpoint import CHECKPOINT_DIR, STATE_NAME, latest_checkpoint, prune_checkpoints
-from kd_train.compat import fit_loss_to_cache, require_compatible
+from kd_train.compat import require_compatible
 from kd_train.config import TrainConfig
-from kd_train.objective import (TERMS, RowLogits, StepCounts, StudentGram, chunked_micro_batch_loss,
-                                micro_batch_loss)
+from kd_train.objective import TERMS, Objective, RowLogits, StepCounts
 from kd_train.schedule import cosine_with_warmup
 from kd_train.sources import CacheData, OnlineData, RecordData
-from kd_train.stages import StagePreset
+from kd_train.stream import ensure_nonempty
+from kd_train.plan import StagePlan
 from kd_train.lora import add_lora, merge_lora
 from kd_train.student import (enable_gradient_checkpointing, load_student, parameter_counts, save_student,
                               set_trainable)
@@ -40,124 +40,123 @@ from kd_train.validate import answer_nll
 log = logging.getLogger("kd_train")
 
 
-def cache_append_eos(manifest: dict, asked: bool | None) -> bool:
-    """The EOS rule the cache was built with (caches from before the rule: off); the student must re-encode with
-    it, or its ids stop matching the cached input_ids."""
-    built = bool(manifest["config"].get("append_eos", False))
-    if asked is not None and asked != built:
-        raise ValueError(f"append_eos={asked} but the cache was built with append_eos={built}; the student must "
-                         "encode conversations as the cache did (leave append_eos unset to follow the cache)")
-    return built
-
-
 class StageRunner:
-    """Everything one stage needs; `fit()` trains it and writes `<out>/final`."""
+    """One planned stage (kd_train/plan.py); `fit()` trains it and writes `<out>/final`. Built in named steps:
+    accelerator, model (what trains, LoRA, checkpointing), data, schedule, optimizer, objective, validation."""
 
-    def __init__(self, cfg: TrainConfig, preset: StagePreset, student: str, out: str):
-        self.cfg, self.preset, self.out = cfg, preset, out
-        self.loss_cfg = cfg.loss_config(preset)
-        self.uses_cache = preset.uses_cache and any(
-            (self.loss_cfg.mdist_text_weight, self.loss_cfg.mdist_visual_weight, self.loss_cfg.rdist_weight))
+    def __init__(self, plan: StagePlan, cache: Cache | None = None):
+        self.plan, self.cfg, self.preset, self.out = plan, plan.config, plan.preset, plan.out
+        self.loss_cfg = plan.loss
+        for note in plan.notes:
+            log.warning("stage %s: %s", plan.name, note)
+        self.acc = self._make_accelerator()
+        set_seed(self.cfg.seed)
+        quiet_library_bars()  # no loading bar frames in a log file (stderr not a terminal)
+        self.model, self.processor = load_student(plan.student)
+        self.lora = self._prepare_model()
+        self.pad = pad_token_id(tokenizer_of(self.processor))
+        self.data = self._make_data(cache)
+        self.steps_per_epoch, self.total_steps = self._count_steps()
+        self.optimizer, self.scheduler = self._make_optimizer()
+        self.wrapped, self.optimizer, self.scheduler = self.acc.prepare(RowLogits(self.model), self.optimizer,
+                                                                        self.scheduler)
+        self._make_objective()
+        self.step = 0
+        self.epoch = 0
+        # held-out teacher-forced answer NLL (--val-data), and the best weights so far (--keep-best)
+        self.val = self._make_validation()
+        self.val_history: list[dict] = []
+        self.best: tuple[float, int, dict] | None = None  # (val nll, step, CPU state_dict)
+
+    def _make_accelerator(self) -> Accelerator:
+        cfg = self.cfg
         mp = cfg.mixed_precision
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
         trackers: list[Any] = []
+        self.jsonl = None
         if "jsonl" in cfg.tracker_list():
-            trackers.append(make_tracker_class()(run_name=preset.name, logging_dir=out))
+            self.jsonl = make_tracker_class()(run_name=self.plan.name, logging_dir=self.out)
+            trackers.append(self.jsonl)
         if "tensorboard" in cfg.tracker_list():
             trackers.append("tensorboard")
         # cpu=True is what makes accelerate form a gloo process group from torchrun-style env on GPU-less hosts
-        self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp, log_with=trackers or None,
-                               project_dir=out)
-        set_seed(cfg.seed)
+        return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp, log_with=trackers or None,
+                           project_dir=self.out)
 
-        quiet_library_bars()  # no loading bar frames in a log file (stderr not a terminal)
-        self.model, self.processor = load_student(student)
-        self.lora = self._prepare_model(cfg, preset)
-
-        tok = getattr(self.processor, "tokenizer", self.processor)
-        pad = pad_token_id(tok)
-        max_length = cfg.max_length
-        append_eos = cfg.append_eos if cfg.append_eos is not None else True
-        self.teacher_vocab = None
-        self.n_draws = {"text": 0, "visual": 0}
-        if self.uses_cache and cfg.online_teacher is None:
-            cache = open_cache(cfg.cache)
-            manifest = cache.manifest
-            self.loss_cfg, notes = fit_loss_to_cache(self.loss_cfg, cfg, manifest)
-            for note in notes:
-                log.warning("stage %s: %s", preset.name, note)
-            require_compatible(cache, self.processor, self.model.config)
-            max_length = manifest["config"].get("max_length")
-            append_eos = cache_append_eos(manifest, cfg.append_eos)
-            self.teacher_vocab = manifest["vocab_size"]
-            self.n_draws = {rows: int(manifest["targets"][rows].get("samples") or 0) for rows in self.n_draws}
-        encoder = encoder_for(self.processor, self.model.config, image_root=cfg.images, max_length=max_length,
-                              append_eos=append_eos)
-        if self.uses_cache and cfg.online_teacher is not None:
-            self.data = self._online_data(cfg, encoder, pad, max_length)
-        elif self.uses_cache:
-            self.data = CacheData(cfg, encoder, self.acc, pad)
-        else:
-            self.data = RecordData(cfg, encoder, self.acc, pad)
-        per_step = cfg.batch_size * cfg.grad_accum
-        self.steps_per_epoch = self.data.per_rank // per_step
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"each of {self.acc.num_processes} process(es) gets {self.data.per_rank} samples, fewer than "
-                             f"one optimizer step (batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum}); "
-                             "lower them or add data")
-        self.total_steps = self.steps_per_epoch * cfg.epochs
-        if cfg.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError(f"stage {preset.name} trains no parameter: check the student's module names")
-        lr = cfg.lr if cfg.lr is not None else preset.lr
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-        warmup = int(round(cfg.warmup_ratio * self.total_steps))
-        total = self.total_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           lambda s: cosine_with_warmup(s, total, warmup))
-        self.wrapped, self.optimizer, self.scheduler = self.acc.prepare(RowLogits(self.model), self.optimizer,
-                                                                        self.scheduler)
-        self.student_gram = StudentGram(self.model)
-        # the row-chunked objective applies the head outside the wrapped forward (its gradients still reach DDP)
-        self.head = self.model.get_output_embeddings()
-        if cfg.loss_chunk_size and not isinstance(self.head, torch.nn.Linear):
-            raise ValueError(f"the row-chunked objective needs a plain linear LM head, got {type(self.head).__name__}; "
-                             "set loss_chunk_size 0")
-        self.transform = logit_transform(self.model.config)
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.acc.mixed_precision)
-        self.step = 0
-        self.epoch = 0
-        # held-out teacher-forced answer NLL (--val-data), and the best weights so far (--keep-best)
-        self.val = None
-        if cfg.val_data is not None:
-            val_encoder = encoder_for(self.processor, self.model.config, image_root=cfg.val_images or cfg.images,
-                                      max_length=max_length, append_eos=append_eos)
-            self.val = (RecordSource(cfg.val_data), val_encoder, pad)
-        self.val_history: list[dict] = []
-        self.best: tuple[float, int, dict] | None = None  # (val nll, step, CPU state_dict)
-
-    def _prepare_model(self, cfg: TrainConfig, preset: StagePreset):
-        """What trains (the stage preset unless the flags say otherwise), LoRA adapters on the LLM, gradient
-        checkpointing. Returns the LoRA tuner (merged into the stage's output at the end), or None."""
-        pick = lambda name: getattr(preset, name) if getattr(cfg, name) is None else getattr(cfg, name)  # noqa: E731
-        counts = set_trainable(self.model, vision=pick("train_vision"), projector=pick("train_projector"),
-                               llm=pick("train_llm"))
+    def _prepare_model(self):
+        """What trains (from the plan), LoRA adapters on the LLM, gradient checkpointing. Returns the LoRA tuner
+        (merged into the stage's output at the end), or None."""
+        plan, cfg = self.plan, self.cfg
+        counts = set_trainable(self.model, vision=plan.train_vision, projector=plan.train_projector,
+                               llm=plan.train_llm)
         lora = None
-        if cfg.lora_r and pick("train_llm"):  # the LLM trains through adapters; merged into the stage's output
+        if cfg.lora_r and plan.train_llm:  # the LLM trains through adapters; merged into the stage's output
             lora = add_lora(self.model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_target_list(),
-                            dropout=cfg.lora_dropout, vision=pick("train_vision"), projector=pick("train_projector"))
+                            dropout=cfg.lora_dropout, vision=plan.train_vision, projector=plan.train_projector)
             counts = {**parameter_counts(self.model),
                       "lora": sum(p.numel() for n, p in self.model.named_parameters() if "lora_" in n)}
         elif cfg.lora_r:
-            log.info("stage %s: the LLM is frozen here, so no LoRA adapters", preset.name)
+            log.info("stage %s: the LLM is frozen here, so no LoRA adapters", plan.name)
         if cfg.gradient_checkpointing:
-            on = enable_gradient_checkpointing(self.model, vision=pick("train_vision"))
-            log.info("stage %s: gradient checkpointing on the %s", preset.name, " and ".join(on))
-        log.info("stage %s: trainable parameters %s", preset.name, counts)
+            on = enable_gradient_checkpointing(self.model, vision=plan.train_vision)
+            log.info("stage %s: gradient checkpointing on the %s", plan.name, " and ".join(on))
+        log.info("stage %s: trainable parameters %s", plan.name, counts)
         return lora
+
+    def _encoder(self, images: str | None):
+        return encoder_for(self.processor, self.model.config, image_root=images, max_length=self.plan.max_length,
+                           append_eos=self.plan.append_eos)
+
+    def _make_data(self, cache: Cache | None):
+        """The stage's micro-batches: the cache stream (checked against the student first), the records with the
+        online teacher, or the records alone."""
+        plan, cfg = self.plan, self.cfg
+        encoder = self._encoder(cfg.images)
+        if plan.source == "online":
+            return self._online_data(cfg, encoder, self.pad, plan.max_length)
+        if plan.source == "records":
+            return RecordData(cfg, encoder, self.acc, self.pad)
+        cache = cache if cache is not None else ensure_nonempty(cfg.cache)
+        require_compatible(cache, self.processor, self.model.config)
+        return CacheData(cfg, encoder, self.acc, self.pad, cache)
+
+    def _count_steps(self) -> tuple[int, int]:
+        """(optimizer steps per epoch, steps of the stage) from each rank's share of the data."""
+        cfg = self.cfg
+        per_step = cfg.batch_size * cfg.grad_accum
+        per_epoch = self.data.per_rank // per_step
+        if per_epoch == 0:
+            raise ValueError(f"each of {self.acc.num_processes} process(es) gets {self.data.per_rank} samples, fewer "
+                             f"than one optimizer step (batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum}); "
+                             "lower them or add data")
+        total = per_epoch * cfg.epochs
+        if cfg.max_steps is not None:
+            total = min(total, cfg.max_steps)
+        return per_epoch, total
+
+    def _make_optimizer(self):
+        """AdamW over what trains, and the warmup + cosine schedule."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"stage {self.plan.name} trains no parameter: check the student's module names")
+        optimizer = torch.optim.AdamW(params, lr=self.plan.lr, weight_decay=self.cfg.weight_decay)
+        total, warmup = self.total_steps, int(round(self.cfg.warmup_ratio * self.total_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total, warmup))
+        return optimizer, scheduler
+
+    def _make_objective(self) -> None:
+        """The stage's loss; the row-chunked one applies the head outside the wrapped forward (its gradients still
+        reach DDP), in the autocast dtype the wrapped forward runs in."""
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.acc.mixed_precision)
+        self.objective = Objective.for_student(self.loss_cfg, self.model, chunk_size=self.cfg.loss_chunk_size,
+                                               amp_dtype=amp_dtype)
+
+    def _make_validation(self):
+        cfg = self.cfg
+        if cfg.val_data is None:
+            return None
+        return RecordSource(cfg.val_data), self._encoder(cfg.val_images or cfg.images), self.pad
 
     def _online_data(self, cfg: TrainConfig, encoder, pad: int, max_length):
         teacher = Teacher(cfg.online_teacher, device=str(self.acc.device), dtype="float32"
@@ -167,7 +166,6 @@ class StageRunner:
         if have["fingerprint"] != want["fingerprint"]:
             raise ValueError(f"online teacher {cfg.online_teacher} and the student tokenize differently "
                              f"(fingerprints {want['fingerprint']} vs {have['fingerprint']})")
-        self.teacher_vocab = teacher.vocab_size
         t_encoder = encoder_for(teacher.processor, teacher.config, image_root=cfg.images, max_length=max_length,
                                 append_eos=encoder.append_eos)
         return OnlineData(cfg, encoder, self.acc, pad, teacher, t_encoder)
@@ -203,6 +201,8 @@ class StageRunner:
         self.acc.load_state(ckpt)
         self.step, self.epoch = state["step"], state["epoch"]
         self.data.load(state["data"][self.acc.process_index])
+        if self.jsonl is not None and self.acc.is_main_process:
+            self.jsonl.drop_after(self.step)
         log.info("resumed stage %s from %s (step %d)", self.preset.name, ckpt, self.step)
 
     # ------------------------------------------------------------------------------------------ loop
@@ -232,6 +232,8 @@ class StageRunner:
                     log.warning("epoch %d ran short of samples on some rank (skips); next epoch", self.epoch)
                     break
                 metrics = self._optimizer_step(group)
+                if metrics is None:  # nothing to train on anywhere: not a step (and not logged as a perfect one)
+                    continue
                 self.step += 1
                 metrics.update(lr=self.scheduler.get_last_lr()[0], epoch=self.epoch,
                                step_seconds=time.perf_counter() - t0)
@@ -252,14 +254,19 @@ class StageRunner:
             bar.close()
         self._finish()
 
-    def _optimizer_step(self, group: list) -> dict[str, float]:
+    def _optimizer_step(self, group: list) -> dict[str, float] | None:
         acc = self.acc
         device = acc.device
-        if isinstance(self.data, OnlineData):
-            group = [(None if b is None else self.data.materialize(b), t) for b, t in group]
+        group = [(None if b is None else self.data.materialize(b), t) for b, t in group]
         local = torch.tensor([[b.n_text, b.n_visual, b.n_gram, b.n_tokens] if b is not None else [0, 0, 0, 0]
                               for b, _ in group], dtype=torch.float64, device=device).sum(0)
         total = acc.reduce(local, reduction="sum")
+        if total[3] == 0:  # every sample of every micro-batch on every rank was skipped: the same call on all ranks
+            for _, tags in group:
+                self.data.mark(tags)
+            log.warning("stage %s: a step's micro-batches held no usable sample on any rank (all skipped); not "
+                        "counted as a step", self.plan.name)
+            return None
         counts = StepCounts(text=int(total[0]), visual=int(total[1]), gram=int(total[2]))
         sums = {name: 0.0 for name in TERMS}
         loss_value = 0.0
@@ -268,23 +275,18 @@ class StageRunner:
             ctx = acc.no_sync(self.wrapped) if not last else contextlib.nullcontext()
             with ctx:
                 if batch is None:  # every sample of this micro-batch was skipped: keep DDP in step with a zero loss
-                    loss = sum(p.sum() * 0.0 for p in self.wrapped.parameters() if p.requires_grad)
-                    parts = {}
+                    loss, parts = self._zero_loss(), {}
                 else:
                     batch = batch.to(device)
-                    chunked = self.cfg.loss_chunk_size > 0
-                    with acc.autocast():
-                        zt, zv, hv = self.wrapped(batch.model_inputs, batch.text_rows, batch.visual_rows,
-                                                  logits=not chunked)
-                    if chunked:  # zt holds the text rows' hidden states: the head runs chunk by chunk
-                        loss, parts = chunked_micro_batch_loss(
-                            zt, hv, self.head, self.transform, batch, self.loss_cfg, counts, acc.num_processes,
-                            chunk_size=self.cfg.loss_chunk_size, amp_dtype=self.amp_dtype,
-                            teacher_vocab=self.teacher_vocab, student_gram=self.student_gram, n_draws=self.n_draws)
-                    else:
-                        loss, parts = micro_batch_loss(zt.float(), zv.float(), batch, self.loss_cfg, counts,
-                                                       acc.num_processes, self.teacher_vocab, hv=hv,
-                                                       student_gram=self.student_gram, n_draws=self.n_draws)
+                    with acc.autocast():  # chunked: hidden states at the text rows; the head runs chunk by chunk
+                        rows = self.wrapped(batch.model_inputs, batch.text_rows, batch.visual_rows,
+                                            logits=not self.objective.chunked)
+                    loss, parts = self.objective(*rows, batch, counts, acc.num_processes)
+                    if not loss.requires_grad or acc.num_processes > 1:
+                        # a loss that reaches no (or not every) trainable parameter: a text-only micro-batch while
+                        # only the projector trains. Every trainable parameter joins the graph with a zero, so
+                        # backward runs and, under DDP, every rank's all-reduce covers the same parameters.
+                        loss = loss + self._zero_loss()
                 acc.backward(loss)
             loss_value += float(loss.detach()) / acc.num_processes
             for k, v in parts.items():
@@ -298,12 +300,15 @@ class StageRunner:
         # term means over the global step, for logging
         vec = acc.reduce(torch.tensor([sums[k] for k in TERMS] + [loss_value], dtype=torch.float64, device=device),
                          reduction="sum")
-        denom = {"ce": counts.text, "mdist_text": counts.text, "mdist_visual": counts.visual, "rdist": counts.gram}
-        metrics = {k: float(vec[i]) / max(denom[k], 1) for i, k in enumerate(TERMS) if vec[i] != 0 or k == "ce"}
+        metrics = self.objective.metrics(dict(zip(TERMS, vec[:-1].tolist())), counts)
         metrics["loss"] = float(vec[-1])
         metrics["tokens"] = float(total[3])
         metrics["text_rows"], metrics["visual_rows"] = counts.text, counts.visual
         return metrics
+
+    def _zero_loss(self) -> torch.Tensor:
+        """0 that depends on every trainable parameter (their gradients: exact zeros)."""
+        return sum(p.sum() * 0.0 for p in self.wrapped.parameters() if p.requires_grad)
 
     def validate(self) -> dict[str, float]:
         """Teacher-forced answer NLL on --val-data (every rank scores all of it: small, and no collective); with

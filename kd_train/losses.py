@@ -1,35 +1,34 @@
 """Loss functions for offline LLaVA-KD style distillation (arXiv 2410.16236).
 
-The teacher is never in memory: its targets come from a cache.  For every
-supervised logits row the cache holds
+The teacher is never in memory: its targets come from a cache.  For every supervised logits row the cache holds
 
-* ``topk_ids``       (N, k) int64   -- the teacher's top-k token ids (distinct per row),
-* ``topk_logprobs``  (N, k) float32 -- teacher log-probs of those ids (log-softmax of the
-  raw logits at temperature 1),
-* ``tail_logprob``   (N,)   float32 -- log of the teacher mass outside the top-k
-  (``-inf`` when the top-k hold all of it),
-* ``logsumexp``      (N,)   float32 -- logsumexp of the raw teacher logits, so raw top-k
-  logits are ``topk_logprobs + logsumexp``.  The losses below never need it: every
-  quantity is invariant to a per-row shift of the teacher logits.
+* `topk_ids`       (N, k) int64   -- the teacher's top-k token ids (distinct per row),
+* `topk_logprobs`  (N, k) float32 -- teacher log-probs of those ids (log-softmax of the raw logits at
+  temperature 1),
+* `tail_logprob`   (N,)   float32 -- log of the teacher mass outside the top-k (`-inf` when the top-k hold all of
+  it),
+* `logsumexp`      (N,)   float32 -- logsumexp of the raw teacher logits, so raw top-k logits are
+  `topk_logprobs + logsumexp`.  The losses below never need it: every quantity is invariant to a per-row shift
+  of the teacher logits,
 
-The student provides ``student_logits`` (N, V) at the same rows.
+or, for sampled targets, the unique ids drawn per row with their counts (`sampled_kd_loss`).  The student provides
+`student_logits` (N, V) at the same rows.
 
-Public API
-----------
-* :func:`mdist_loss`        -- MDist: KL / reverse KL / generalised JSD between the teacher's
-  and the student's distributions collapsed to k+1 buckets (top-k ids + one tail bucket).
-* :func:`rdist_loss`        -- RDist: ``1 - cos(R_T, R_S)`` of visual-token Gram matrices.
-* :func:`gram`, :func:`gram_from_hidden` -- ``R = Z Z^T`` directly or as ``H (W^T W) H^T``.
-* :func:`ce_loss`           -- token cross entropy, summed over supervised rows.
-* :func:`normalize_by_rows` -- turn summed losses into a per-row mean over the whole
-  optimizer step (all micro-batches and ranks).
-* :class:`KDLossConfig`     -- weights and MDist options, validated.
+Here:
 
-Conventions: every loss is computed in at least float32 (``float64`` inputs stay float64;
-``bfloat16``/``float16`` are upcast) and returned in that dtype; losses default to
-``reduction="sum"`` so that the caller can normalise once, by the global row count, with
-:func:`normalize_by_rows`.  Invalid arguments raise ``ValueError`` whose message says what
-was received ("got ...").  Nothing is computed at import time.
+* `mdist_loss`        -- MDist: KL / reverse KL / generalised JSD between the teacher's and the student's
+  distributions collapsed to k+1 buckets (top-k ids + one tail bucket).
+* `sampled_kd_loss`   -- random-sampling KD: cross-entropy against the sampled teacher distribution.
+* `rdist_loss`        -- RDist: `1 - cos(R_T, R_S)` of visual-token Gram matrices.
+* `gram`, `gram_from_hidden` -- `R = Z Z^T` directly or as `H (W^T W) H^T`.
+* `ce_loss`           -- token cross entropy, summed over supervised rows.
+* `KDLossConfig`      -- weights and MDist options, validated.
+
+Conventions: every loss is computed in at least float32 (`float64` inputs stay float64; `bfloat16`/`float16` are
+upcast) and returned in that dtype; losses default to `reduction="sum"` so that the caller can normalise once, by
+the row count of the whole optimizer step (`kd_train.objective.loss_scales`), and so that sums over row chunks add
+up to the sum over all rows.  Invalid arguments raise `ValueError` whose message says what was received
+("got ...").  Nothing is computed at import time.
 """
 
 from __future__ import annotations
@@ -50,20 +49,20 @@ __all__ = [
     "gram",
     "gram_from_hidden",
     "mdist_loss",
-    "normalize_by_rows",
     "rdist_loss",
+    "sampled_kd_loss",
 ]
 
-#: Divergences accepted by :func:`mdist_loss` (``kind=``).
 KINDS: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
+"""Divergences accepted by `mdist_loss` (`kind=`)."""
 
-#: Lower bound applied to the teacher's bucket log-probs, ``log`` of the smallest normal
-#: float32 (about -87.34).  A teacher probability that is exactly zero (``tail_logprob =
-#: -inf``) or below float32 resolution is treated as this tiny value.  For the forward KL
-#: and the JSD this changes the loss by < 1e-36 (the ``0 * log 0 = 0`` convention); for the
-#: reverse KL, where ``p_S * log(p_S / 0)`` would be ``+inf``, it gives a large but finite
-#: penalty (about ``p_S_tail * (log p_S_tail + 87.3)``) so values and gradients stay finite.
 TEACHER_LOGPROB_FLOOR: float = math.log(torch.finfo(torch.float32).tiny)
+"""Lower bound applied to the teacher's bucket log-probs, `log` of the smallest normal float32 (about -87.34).
+
+A teacher probability that is exactly zero (`tail_logprob = -inf`) or below float32 resolution is treated as this
+tiny value.  For the forward KL and the JSD this changes the loss by < 1e-36 (the `0 * log 0 = 0` convention); for
+the reverse KL, where `p_S * log(p_S / 0)` would be `+inf`, it gives a large but finite penalty (about
+`p_S_tail * (log p_S_tail + 87.3)`) so values and gradients stay finite."""
 
 _REDUCTIONS = ("sum", "none")
 
@@ -152,8 +151,8 @@ def _student_bucket_logprobs(
         use_tail: whether a tail bucket exists (the caller guarantees k < V when True).
 
     Returns:
-        (N, k+1) log-probs ``[log p_S(id_1..id_k), log p_S(outside the ids)]`` when
-        ``use_tail``, else (N, k) log-probs renormalised over the top-k ids.
+        (N, k+1) log-probs `[log p_S(id_1..id_k), log p_S(outside the ids)]` when
+        `use_tail`, else (N, k) log-probs renormalised over the top-k ids.
     """
     topk = s.gather(-1, topk_ids)  # (N, k)
     if not use_tail:
@@ -181,10 +180,10 @@ def _teacher_bucket_logprobs(
         tail_logprob: (N,) log teacher mass outside the top-k (may be -inf).
         temperature: T > 0.
         use_tail: keep the tail bucket (else renormalise over the top-k only).
-        n_tail_ids: number of vocabulary ids outside the top-k (``V_teacher - k``).
+        n_tail_ids: number of vocabulary ids outside the top-k (`V_teacher - k`).
 
     Returns:
-        (N, k+1) or (N, k) log-probs, clamped below at :data:`TEACHER_LOGPROB_FLOOR`.
+        (N, k+1) or (N, k) log-probs, clamped below at `TEACHER_LOGPROB_FLOOR`.
     """
     # A per-row shift of the logits (the cached logsumexp) cancels in every softmax, so
     # log-probs stand in for the raw logits: raw / T = topk_logprobs / T + const.
@@ -247,69 +246,69 @@ def mdist_loss(
     """MDist loss between cached top-k teacher targets and the student's logits.
 
     Both distributions are collapsed to the same k+1 buckets: the k teacher top-k ids and
-    one tail bucket with all the other ids.  Teacher buckets: ``topk_logprobs`` and
-    ``tail_logprob``.  Student buckets: ``log_softmax(z/T)`` at the ids, and the log mass
-    outside the ids computed stably as ``logsumexp`` over the vocabulary with the ids masked
-    to ``-inf`` minus the full ``logsumexp`` (never ``log(1 - sum p)``).  Both bucket
-    vectors are renormalised with ``log_softmax`` (a no-op up to rounding at T=1 when the
+    one tail bucket with all the other ids.  Teacher buckets: `topk_logprobs` and
+    `tail_logprob`.  Student buckets: `log_softmax(z/T)` at the ids, and the log mass
+    outside the ids computed stably as `logsumexp` over the vocabulary with the ids masked
+    to `-inf` minus the full `logsumexp` (never `log(1 - sum p)`).  Both bucket
+    vectors are renormalised with `log_softmax` (a no-op up to rounding at T=1 when the
     cache is consistent).
 
-    Divergences (``kind``), per row, over the buckets:
+    Divergences (`kind`), per row, over the buckets:
 
-    * ``"forward_kl"``: ``KL(p_T || p_S) = sum p_T (log p_T - log p_S)``.
-    * ``"reverse_kl"``: ``KL(p_S || p_T) = sum p_S (log p_S - log p_T)``.
-    * ``"jsd"``: generalised JSD as in GKD / TRL / Liger, with ``M = beta p_T + (1-beta) p_S``:
-      ``beta KL(p_T || M) + (1 - beta) KL(p_S || M)``; ``0 < jsd_beta < 1``.
+    * `"forward_kl"`: `KL(p_T || p_S) = sum p_T (log p_T - log p_S)`.
+    * `"reverse_kl"`: `KL(p_S || p_T) = sum p_S (log p_S - log p_T)`.
+    * `"jsd"`: generalised JSD as in GKD / TRL / Liger, with `M = beta p_T + (1-beta) p_S`:
+      `beta KL(p_T || M) + (1 - beta) KL(p_S || M)`; `0 < jsd_beta < 1`.
 
-    ``use_tail=False`` drops the tail bucket and renormalises both distributions over the
+    `use_tail=False` drops the tail bucket and renormalises both distributions over the
     top-k ids.  When k equals the student vocabulary size V there is no tail id: the tail
-    bucket is dropped whatever ``use_tail`` says (the loss is then the exact dense
+    bucket is dropped whatever `use_tail` says (the loss is then the exact dense
     divergence).
 
-    Temperature ``T``: both distributions come from ``logits / T`` and the per-row loss is
-    multiplied by ``T**2`` (Hinton et al.).  Teacher raw top-k logits are
-    ``topk_logprobs + logsumexp``; the per-row constant cancels, so the tempered top-k
-    bucket logits are ``topk_logprobs / T``.  The tempered mass of the tail is not known
+    Temperature `T`: both distributions come from `logits / T` and the per-row loss is
+    multiplied by `T**2` (Hinton et al.).  Teacher raw top-k logits are
+    `topk_logprobs + logsumexp`; the per-row constant cancels, so the tempered top-k
+    bucket logits are `topk_logprobs / T`.  The tempered mass of the tail is not known
     exactly from the cache; it is approximated by spreading the tail mass uniformly over
-    its ``n = teacher_vocab_size - k`` ids (each with raw logit
-    ``log(tail_mass / n) + logsumexp``), so the tempered tail bucket has unnormalised log
-    mass ``log n + (tail_logprob - log n) / T``.  This is exact at T = 1 and is the
+    its `n = teacher_vocab_size - k` ids (each with raw logit
+    `log(tail_mass / n) + logsumexp`), so the tempered tail bucket has unnormalised log
+    mass `log n + (tail_logprob - log n) / T`.  This is exact at T = 1 and is the
     maximum-entropy choice given only the tail's total (it over-estimates the tempered tail
     mass for T > 1 and under-estimates it for T < 1 compared with a peaked real tail, by
     Jensen's inequality).  The student side is always exact.
 
-    ``tail_logprob = -inf`` (top-k hold all the teacher's mass) is allowed: teacher bucket
-    log-probs are clamped below at :data:`TEACHER_LOGPROB_FLOOR`, which realises the
-    ``0 log 0 = 0`` convention for the forward KL and the JSD and keeps the reverse KL
-    (otherwise ``+inf``) finite.  Values and gradients contain no NaN for finite student
+    `tail_logprob = -inf` (top-k hold all the teacher's mass) is allowed: teacher bucket
+    log-probs are clamped below at `TEACHER_LOGPROB_FLOOR`, which realises the
+    `0 log 0 = 0` convention for the forward KL and the JSD and keeps the reverse KL
+    (otherwise `+inf`) finite.  Values and gradients contain no NaN for finite student
     logits.
 
     Memory: one (N, V) copy of the student logits in the compute dtype (plus one for the
-    upcast when the logits are bf16/fp16, and one for ``/ T`` when ``T != 1``) is made and
+    upcast when the logits are bf16/fp16, and one for `/ T` when `T != 1`) is made and
     kept for backward; split very large N into row chunks in the caller if needed (the
-    ``"sum"`` reduction adds up exactly).
+    `"sum"` reduction adds up exactly).
 
     Args:
         student_logits: (N, V) raw student logits, any float dtype; computed in at least
             float32 (float64 stays float64).
-        topk_ids: (N, k) integer teacher top-k ids, distinct within a row, ``1 <= k <= V``,
-            values in ``[0, V)``.
-        topk_logprobs: (N, k) teacher log-probs at temperature 1 for ``topk_ids``.
-        tail_logprob: (N,) log of the teacher's mass outside the top-k; may be ``-inf``.
-        kind: one of :data:`KINDS`.
+        topk_ids: (N, k) integer teacher top-k ids, distinct within a row, `1 <= k <= V`,
+            values in `[0, V)`.
+        topk_logprobs: (N, k) teacher log-probs at temperature 1 for `topk_ids`.
+        tail_logprob: (N,) log of the teacher's mass outside the top-k; may be `-inf`.
+        kind: one of `KINDS`.
         temperature: T > 0.
         use_tail: keep the tail bucket (default) or renormalise over the top-k ids.
-        jsd_beta: beta of the generalised JSD, ``0 < beta < 1`` (validated for every kind).
+        jsd_beta: beta of the generalised JSD, `0 < beta < 1` (validated for every kind).
         row_weight: optional (N,) weights multiplying the per-row losses.
-        reduction: ``"sum"`` (scalar, sum over rows) or ``"none"`` (per-row (N,) vector).
-            Mean normalisation is the caller's job, with :func:`normalize_by_rows`.
+        reduction: `"sum"` (scalar, sum over rows) or `"none"` (per-row (N,) vector).
+            Mean normalisation is the caller's job (`kd_train.objective.loss_scales`).
         teacher_vocab_size: number of ids in the teacher's vocabulary, used only for the
-            T != 1 tail approximation (``n = teacher_vocab_size - k``); defaults to V.
+            T != 1 tail approximation (`n = teacher_vocab_size - k`); defaults to V.
             Set it when the student's logits are padded to a larger size than the teacher's.
 
     Returns:
-        Scalar (``"sum"``) or (N,) (``"none"``) tensor in the compute dtype, differentiable
-        w.r.t. ``student_logits``.
+        Scalar (`"sum"`) or (N,) (`"none"`) tensor in the compute dtype, differentiable
+        w.r.t. `student_logits`.
     """
     student_logits = _check_tensor("student_logits", student_logits)
     topk_ids = _check_tensor("topk_ids", topk_ids)
@@ -391,14 +390,14 @@ def mdist_loss(
 
 
 def gram(z: torch.Tensor) -> torch.Tensor:
-    """Gram matrix ``R = Z Z^T`` of a sample's visual-token logits.
+    """Gram matrix `R = Z Z^T` of a sample's visual-token logits.
 
     Args:
         z: (Nv, V) raw logits (any float dtype; computed in at least float32).
 
     Returns:
         (Nv, Nv) symmetric matrix in the compute dtype.  On CUDA, float32 matmuls follow
-        ``torch.backends.cuda.matmul.allow_tf32``; disable TF32 for full float32 accuracy.
+        `torch.backends.cuda.matmul.allow_tf32`; disable TF32 for full float32 accuracy.
     """
     z = _check_tensor("z", z)
     if z.dim() != 2 or not z.is_floating_point():
@@ -415,20 +414,20 @@ def gram_from_hidden(
     lm_head_weight: torch.Tensor,
     wtw: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Exact Gram of the logits ``Z = H W^T`` without forming Z: ``R = H (W^T W) H^T``.
+    """Exact Gram of the logits `Z = H W^T` without forming Z: `R = H (W^T W) H^T`.
 
-    Mathematically identical to ``gram(hidden @ lm_head_weight.T)`` (only rounding
-    differs).  Cost with a precomputed ``W^T W``: ``Nv D^2 + Nv^2 D`` instead of
-    ``Nv V D + Nv^2 V`` (e.g. Nv=576, D=896, V=151936: ~8e8 vs ~1.3e11 multiply-adds).
-    Computing ``W^T W`` costs ``V D^2``; precompute it (``W.float().T @ W.float()`` under
-    ``torch.no_grad()``) only while the LM head is frozen -- with a precomputed ``wtw`` no
-    gradient reaches ``lm_head_weight``.  Pass ``wtw=None`` to get gradients for both H and
+    Mathematically identical to `gram(hidden @ lm_head_weight.T)` (only rounding
+    differs).  Cost with a precomputed `W^T W`: `Nv D^2 + Nv^2 D` instead of
+    `Nv V D + Nv^2 V` (e.g. Nv=576, D=896, V=151936: ~8e8 vs ~1.3e11 multiply-adds).
+    Computing `W^T W` costs `V D^2`; precompute it (`W.float().T @ W.float()` under
+    `torch.no_grad()`) only while the LM head is frozen -- with a precomputed `wtw` no
+    gradient reaches `lm_head_weight`.  Pass `wtw=None` to get gradients for both H and
     W.  Assumes a bias-free LM head (true for LLaMA/Qwen-family heads).
 
     Args:
         hidden: (Nv, D) final hidden states (after the final norm) at the visual rows.
-        lm_head_weight: (V, D) LM head weight.  Only its shape is used when ``wtw`` is given.
-        wtw: optional (D, D) precomputed ``W^T W``.
+        lm_head_weight: (V, D) LM head weight.  Only its shape is used when `wtw` is given.
+        wtw: optional (D, D) precomputed `W^T W`.
 
     Returns:
         (Nv, Nv) Gram matrix in at least float32.
@@ -466,11 +465,11 @@ def rdist_loss(
     eps: float = 1e-8,
     is_gram: bool | None = None,
 ) -> torch.Tensor:
-    """RDist for one sample: ``1 - cos(R_T, R_S)`` over the flattened Gram matrices.
+    """RDist for one sample: `1 - cos(R_T, R_S)` over the flattened Gram matrices.
 
-    ``R_S = Z_S Z_S^T`` with ``Z_S`` the student's raw logits at the sample's Nv visual rows
-    (or a Gram computed beforehand, e.g. by :func:`gram_from_hidden`); ``R_T`` is the
-    cached teacher Gram.  ``cos = <R_T / max(|R_T|, eps), R_S / max(|R_S|, eps)>`` with
+    `R_S = Z_S Z_S^T` with `Z_S` the student's raw logits at the sample's Nv visual rows
+    (or a Gram computed beforehand, e.g. by `gram_from_hidden`); `R_T` is the
+    cached teacher Gram.  `cos = <R_T / max(|R_T|, eps), R_S / max(|R_S|, eps)>` with
     Frobenius norms, computed in at least float32.  The loss is in [0, 2] and invariant
     to positive rescaling of either matrix.
 
@@ -481,11 +480,11 @@ def rdist_loss(
     Args:
         student_visual_logits_or_gram: (Nv, V) student logits at the visual rows, or the
             (Nv, Nv) student Gram.
-        teacher_gram: (Nv, Nv) teacher Gram ``R_T`` (any float dtype).
+        teacher_gram: (Nv, Nv) teacher Gram `R_T` (any float dtype).
         eps: floor on each Frobenius norm (> 0).
-        is_gram: ``True`` if the first argument already is the Gram, ``False`` if it is
-            logits; ``None`` (default) infers it: a tensor shaped exactly like
-            ``teacher_gram`` is taken as a Gram.  Pass it explicitly if V could equal Nv.
+        is_gram: `True` if the first argument already is the Gram, `False` if it is
+            logits; `None` (default) infers it: a tensor shaped exactly like
+            `teacher_gram` is taken as a Gram.  Pass it explicitly if V could equal Nv.
 
     Returns:
         Scalar tensor, differentiable w.r.t. the student input.
@@ -540,7 +539,7 @@ def rdist_loss(
 
 
 # --------------------------------------------------------------------------------------
-# CE and normalisation
+# CE
 # --------------------------------------------------------------------------------------
 
 
@@ -554,21 +553,21 @@ def ce_loss(
 ) -> torch.Tensor:
     """Token cross entropy, summed over supervised rows (labels != ignore_index).
 
-    The causal shift is the caller's: row i of ``logits`` predicts ``labels[i]``.
+    The causal shift is the caller's: row i of `logits` predicts `labels[i]`.
 
     Args:
         logits: (N, V) or (..., V) raw logits, any float dtype; computed in at least float32.
         labels: (N,) or (...) integer targets aligned with the logits rows.
         ignore_index: label value excluded from the loss (contributes 0).
-        reduction: ``"sum"`` (scalar; 0 when every row is ignored) or ``"none"`` (per-row,
-            shaped like ``labels``, 0 at ignored rows).
+        reduction: `"sum"` (scalar; 0 when every row is ignored) or `"none"` (per-row,
+            shaped like `labels`, 0 at ignored rows).
         label_smoothing: eps in [0, 1): the target is (1 - eps) one-hot + eps uniform over the V
-            logits (``torch.nn.functional.cross_entropy``'s definition), the classic regulariser
+            logits (`torch.nn.functional.cross_entropy`'s definition), the classic regulariser
             KD is compared against.
 
     Returns:
-        Loss tensor in the compute dtype.  Normalise with :func:`normalize_by_rows`, the
-        row count being ``(labels != ignore_index).sum()`` over the optimizer step.
+        Loss tensor in the compute dtype.  Normalise by the row count of the optimizer step,
+        `(labels != ignore_index).sum()` over all its micro-batches and ranks.
     """
     logits = _check_tensor("logits", logits)
     labels = _check_tensor("labels", labels)
@@ -604,70 +603,6 @@ def ce_loss(
     return out
 
 
-def normalize_by_rows(
-    loss_sum: torch.Tensor,
-    n_rows_local: int | torch.Tensor,
-    *,
-    world_n_rows: int | torch.Tensor | None = None,
-    world_size: int = 1,
-) -> torch.Tensor:
-    """Divide a summed loss by the number of target rows of the whole optimizer step.
-
-    Why: with gradient accumulation and data parallelism an optimizer step sees many
-    micro-batches with different numbers of supervised rows.  Averaging each micro-batch by
-    its own count (then averaging micro-batches / ranks) weights a row of a short
-    micro-batch more than a row of a long one, so the gradient differs from that of one big
-    batch.  Dividing every micro-batch's *sum* by the same global count ``W`` (rows over all
-    micro-batches of the step and all ranks) makes the accumulated gradient exactly
-    ``grad(sum of all row losses) / W`` -- the per-row mean of a single combined batch.
-
-    The caller computes ``world_n_rows`` before the step's backward passes, e.g. summing the
-    rows of all its micro-batches and ``all_reduce``-ing (SUM) across ranks.  Do not let the
-    framework divide again: ``accelerate``'s ``accelerator.backward`` divides by
-    ``gradient_accumulation_steps`` (undo it or call ``loss.backward()`` directly), and
-    DDP/FSDP *average* gradients across ranks -- pass ``world_size`` (the number of ranks
-    averaged over) so the result is multiplied by it and the averaged gradient is again the
-    global per-row mean.  Leave ``world_size=1`` if the gradient reduction sums.
-
-    Args:
-        loss_sum: scalar (or any shape) summed loss of the local micro-batch.
-        n_rows_local: rows behind ``loss_sum`` (int or integer/float tensor); used as the
-            divisor when ``world_n_rows`` is None (single micro-batch, single rank).
-        world_n_rows: rows over all micro-batches and ranks of the optimizer step.
-        world_size: number of data-parallel ranks whose gradients are averaged (>= 1).
-
-    Returns:
-        ``loss_sum * world_size / max(count, 1)``; a zero count (every row ignored) gives
-        ``loss_sum * world_size`` (normally 0) instead of NaN.
-    """
-    loss_sum = _check_tensor("loss_sum", loss_sum)
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-    for name, value in (("n_rows_local", n_rows_local), ("world_n_rows", world_n_rows)):
-        if value is None and name == "world_n_rows":
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, torch.Tensor)):
-            raise ValueError(f"{name} must be an int or a tensor, got {value!r}")
-        if isinstance(value, int) and value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-        if isinstance(value, torch.Tensor) and value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
-    if (
-        isinstance(world_n_rows, int)
-        and isinstance(n_rows_local, int)
-        and world_n_rows < n_rows_local
-    ):
-        raise ValueError(
-            f"world_n_rows must be >= n_rows_local={n_rows_local}, got {world_n_rows}"
-        )
-    count = n_rows_local if world_n_rows is None else world_n_rows
-    if isinstance(count, int):
-        scale = float(world_size) / float(max(count, 1))
-        return loss_sum * scale
-    denom = count.reshape(()).to(device=loss_sum.device, dtype=loss_sum.dtype).clamp(min=1)
-    return loss_sum * float(world_size) / denom
-
-
 # --------------------------------------------------------------------------------------
 # config
 # --------------------------------------------------------------------------------------
@@ -685,11 +620,11 @@ class KDLossConfig:
     Attributes:
         ce_weight, mdist_text_weight, mdist_visual_weight, rdist_weight: finite, >= 0, not
             all zero.  Default 1.0 each.
-        kind: MDist divergence, one of :data:`KINDS`.
+        kind: MDist divergence, one of `KINDS`.
         temperature: MDist temperature T > 0 (loss scaled by T**2).
         use_tail: keep the teacher tail bucket in MDist.
         jsd_beta: generalised-JSD beta, 0 < beta < 1.
-        visual_temperature: MDist temperature of the visual rows (None: ``temperature``); their
+        visual_temperature: MDist temperature of the visual rows (None: `temperature`); their
             distributions are far flatter than the response rows', so they may want their own.
         label_smoothing: CE label smoothing eps in [0, 1) (the regularisation control KD is
             compared with).
@@ -730,8 +665,8 @@ class KDLossConfig:
         object.__setattr__(self, "label_smoothing", eps)
 
     def mdist_kwargs(self, rows: str = "text") -> dict[str, Any]:
-        """Keyword arguments for :func:`mdist_loss` on the "text" or "visual" rows: kind, temperature, use_tail,
-        jsd_beta (the visual rows take ``visual_temperature`` when it is set)."""
+        """Keyword arguments for `mdist_loss` on the "text" or "visual" rows: kind, temperature, use_tail,
+        jsd_beta (the visual rows take `visual_temperature` when it is set)."""
         t = self.visual_temperature if rows == "visual" and self.visual_temperature is not None else self.temperature
         return {
             "kind": self.kind,

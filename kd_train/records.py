@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from kd_cache.data import Encoder, RecordSource, SkipSample, load_images
-from kd_train.batch import features
+from kd_train.batch import training_example
 
 log = logging.getLogger("kd_train")
 
 
 class RecordDataset(torch.utils.data.Dataset):
-    """Index -> features of one record, or None when the sample is skipped (counted by the loop)."""
+    """Index -> the training example of one record, or None when the sample is skipped (counted by the loop)."""
 
     def __init__(self, records: RecordSource, encoder: Encoder):
         self.records, self.encoder = records, encoder
@@ -32,12 +32,12 @@ class RecordDataset(torch.utils.data.Dataset):
         try:
             record = self.records[index]
             images = load_images(record, self.encoder.image_root)
-            out = features(self.encoder.encode(record, index, images=images))
+            out = training_example(self.encoder.encode(record, index, images=images))
             if self.teacher_encoder is not None:
                 out["teacher"] = self.teacher_encoder.encode(record, index, images=images)
             return out
         except SkipSample as e:
-            return {"skip": e.reason, "index": index}
+            return {"skip": e.reason, "index": index, "detail": str(e)}
 
 
 class EpochSampler(torch.utils.data.Sampler):

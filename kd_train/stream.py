@@ -33,14 +33,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-import pyarrow as pa
 import torch
 
-from kd_cache.codec import columns, row_of
+from kd_cache.codec import columns, stored_row
 from kd_cache.data import RecordSource, SkipSample, load_images, sample_id_of
 from kd_cache.errors import DataError
 from kd_cache.reader import Cache, Position, open_cache
-from kd_cache.shards import footer_problems, open_parquet, shard_sha256
+from kd_cache.shards import READ_ERRORS, CorruptShardError, shard_sha256
 
 log = logging.getLogger("kd_train.stream")
 
@@ -51,16 +50,6 @@ TAG_KEYS = ("position", "next_position", "stream_index", "worker_id", "num_worke
 
 
 # --------------------------------------------------------------------------------------------- errors
-
-
-class CorruptShardError(DataError):
-    """A shard could not be read or does not match the manifest. `shard` is its name in the cache."""
-
-    def __init__(self, shard: str, detail: str):
-        super().__init__(f"cache shard {shard} is corrupt or unreadable ({detail}); run `kd cache verify` on the "
-                         "cache, rebuild or re-download the shard, or pass skip_corrupt_shards=True to skip it")
-        self.shard = shard
-        self.detail = detail
 
 
 class DataMismatchError(ValueError):
@@ -86,9 +75,8 @@ def ensure_nonempty(cache: "Cache | CacheStream | str | os.PathLike") -> Cache:
     elif not isinstance(cache, Cache):
         cache = open_cache(str(cache))
     if len(cache) == 0:
-        skipped = cache.manifest.get("skipped", {})
-        reasons = skipped.get("by_reason") or {}
-        why = f"; the build skipped {skipped.get('total', 0)} samples ({reasons})" if reasons else ""
+        reasons = cache.manifest.skipped_by_reason
+        why = f"; the build skipped {cache.manifest.skipped_total} samples ({reasons})" if reasons else ""
         raise ValueError(f"cache {cache.url} holds no samples (got num_samples=0){why}; rebuild it from data "
                          "that yields usable samples")
     return cache
@@ -226,7 +214,7 @@ class ResumeState:
 
 def cache_fingerprint(cache: Cache) -> str:
     """Identity of a cache's content (shard names, rows, sha256), so a state cannot resume another cache."""
-    key = [(s["name"], s["rows"], s.get("sha256")) for s in cache.shards]
+    key = [(s.name, s.rows, s.sha256) for s in cache.shards]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
@@ -259,7 +247,7 @@ _BAD = _Bad()
 
 
 def _corrupt_error_types() -> tuple[type, ...]:
-    return (OSError, ValueError, KeyError, IndexError, EOFError, pa.ArrowException)
+    return READ_ERRORS
 
 
 def _is_transport_error(e: BaseException) -> bool:
@@ -311,26 +299,24 @@ class _ShardReader:
         self._cols = {}
 
     def _name(self, shard: int) -> str:
-        return str(self.cache.shards[shard]["name"])
+        return self.cache.shards[shard].name
 
     def _corrupt(self, shard: int, e: BaseException, where: str) -> None:
         """Raise CorruptShardError, or (skipping) log and count the shard once per worker."""
         if isinstance(e, CorruptShardError) or _is_transport_error(e):
             raise e
         if not self.skip_corrupt:
-            raise CorruptShardError(self._name(shard), f"{where}: {type(e).__name__}: {e}") from e
+            raise CorruptShardError(self._name(shard), f"{where}: {type(e).__name__}: {e}",
+                                    "rebuild or re-download the shard, or pass skip_corrupt_shards=True to skip it") from e
         if shard not in self.counters.corrupt_shards:
             log.warning("skipping corrupt cache shard %s (%s: %s: %s)", self._name(shard), where, type(e).__name__, e)
         self.counters.corrupt_shards.add(shard)
 
     def _open(self, shard: int) -> None:
         self.close()
-        fs, url = self.cache.shard_location(shard)  # remote, or a local copy in the read-through cache
-        self._fh, self._pf = open_parquet(fs, url, whole_file=self._whole_file)
+        # remote, or a local copy in the read-through cache; its footer checked against the manifest
+        self._fh, self._pf = self.cache.open_shard_file(shard, whole_file=self._whole_file)
         self._shard = shard
-        problems = footer_problems(self._pf.metadata, self.cache.shards[shard], self.cache.manifest)
-        if problems:
-            raise ValueError("; ".join(problems))
 
     def _ranged(self, fn: Callable[[], Any]) -> Any:
         """Run fn; if the server ignores HTTP Range requests (e.g. `python -m http.server`), switch to reading
@@ -375,7 +361,7 @@ class _ShardReader:
         """Compare the shard's sha256 with the manifest's, once per shard: a few corruptions (in dictionary
         pages, in zstd literals) still decode, to wrong targets, and only a checksum sees them."""
         if shard not in self._verified:
-            want = self.cache.shards[shard].get("sha256")
+            want = self.cache.shards[shard].sha256
             fs, url = self.cache.shard_location(shard)
             got = shard_sha256(fs, url, whole_file=self._whole_file)
             ok = not want or got == want
@@ -410,7 +396,7 @@ class _ShardReader:
             self._bad.add((pos.shard, pos.row_group))
             return _BAD
         try:
-            return _owned(self.cache.decode(row_of(self._cols, pos.offset)))
+            return _owned(self.cache.decode(stored_row(self._cols, pos.offset)))
         except self._errors as e:
             self._corrupt(pos.shard, e, f"row group {pos.row_group} row {pos.offset}")
             return _BAD
@@ -445,7 +431,7 @@ class CacheStream(torch.utils.data.IterableDataset):
     resume point (workers hold a copy of the stream made when the loader is iterated).
     """
 
-    def __init__(self, cache_url: str | os.PathLike, *, records: Any = None,
+    def __init__(self, cache: "Cache | str | os.PathLike", *, records: Any = None,
                  image_root: str | os.PathLike | None = None, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle_buffer: int = 64, shuffle_shards: bool = True, epoch: int = 0,
                  skip_missing_images: bool = False, skip_corrupt_shards: bool = False,
@@ -459,14 +445,15 @@ class CacheStream(torch.utils.data.IterableDataset):
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if transform is not None and not callable(transform):
             raise ValueError(f"transform must be callable or None, got {type(transform).__name__}")
-        self.cache_url = str(cache_url)
+        # an opened Cache is used as it is (the trainer opens each cache once per process); a URL is opened here
+        self.cache_url = cache.url if isinstance(cache, Cache) else str(cache)
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
         self.shuffle_buffer, self.shuffle_shards = shuffle_buffer, bool(shuffle_shards)
         self.skip_missing_images, self.skip_corrupt_shards = bool(skip_missing_images), bool(skip_corrupt_shards)
         self.transform = transform
         self.verify_checksums = bool(verify_checksums)
         self.image_root = None if image_root is None else str(image_root)
-        self._cache: Cache | None = open_cache(self.cache_url)
+        self._cache: Cache | None = cache if isinstance(cache, Cache) else open_cache(self.cache_url)
         self._cache_pid = os.getpid()
         self.fingerprint = cache_fingerprint(self._cache)
         self.records = self._records(records)
@@ -479,14 +466,14 @@ class CacheStream(torch.utils.data.IterableDataset):
 
         if not isinstance(records, RecordSource):
             records = RecordSource(records)
-        built = (self.cache.manifest.get("data") or {}).get("fingerprint")
+        built = self.cache.manifest.data_fingerprint
         have = getattr(records, "fingerprint", None)
         if built and have and built != have:
             log.warning("data %s differs from the data the cache was built from (%s); every sample is checked "
-                        "by id", records.description, (self.cache.manifest.get("data") or {}).get("source"))
+                        "by id", records.description, self.cache.manifest.data_source)
         return records
 
-    # ---- workers re-open the cache: fsspec filesystems (their event loops) and file handles are per process,
+    # ---- DataLoader workers re-open the cache (once each): fsspec filesystems (their event loops) and file handles are per process,
     # and a forked worker inherits this object without pickling, so the owner's pid is checked too.
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
@@ -595,17 +582,17 @@ class CacheStream(torch.utils.data.IterableDataset):
         return self._live[w] if w in self._live else _Counters.from_snapshot(self._snap.get(w))
 
     # ---- the split
-    def rank_slices(self) -> list[Slice]:
-        """This rank's share of the cache for the current epoch."""
-        rows = [int(s["rows"]) for s in self.cache.shards]
+    def rank_slices(self, rank: int | None = None) -> list[Slice]:
+        """This rank's (or `rank`'s) share of the cache for the current epoch."""
+        rows = [s.rows for s in self.cache.shards]
         order = shard_order(len(rows), self.seed, self.epoch, self.shuffle_shards)
-        return split([Slice(s, 0, 1) for s in order], rows, self.world_size, self.rank)
+        return split([Slice(s, 0, 1) for s in order], rows, self.world_size, self.rank if rank is None else rank)
 
-    def num_samples(self) -> int:
-        """Cached samples in this rank's share this epoch (before skips), from the manifest: lets a trainer
-        equalise steps across ranks, whose shares may differ by a shard."""
-        rows = [int(s["rows"]) for s in self.cache.shards]
-        return sum(s.count(rows[s.shard]) for s in self.rank_slices())
+    def num_samples(self, rank: int | None = None) -> int:
+        """Cached samples in this rank's (or `rank`'s) share this epoch (before skips), from the manifest: lets a
+        trainer equalise steps across ranks, whose shares may differ by a shard."""
+        rows = [s.rows for s in self.cache.shards]
+        return sum(s.count(rows[s.shard]) for s in self.rank_slices(rank))
 
     # ---- iteration
     def __iter__(self) -> Iterator[dict]:
@@ -625,7 +612,7 @@ class CacheStream(torch.utils.data.IterableDataset):
 
     def _iter_share(self, worker: int, nw: int, skip: int, counters: _Counters) -> Iterator[dict]:
         cache = self.cache
-        rows = [int(s["rows"]) for s in cache.shards]
+        rows = [s.rows for s in cache.shards]
         slices = split(self.rank_slices(), rows, nw, worker)
         reader = _ShardReader(cache, self.skip_corrupt_shards, counters, self.verify_checksums)
         store: dict[Position, Any] = {}
@@ -668,7 +655,7 @@ class CacheStream(torch.utils.data.IterableDataset):
             reader.close()
 
     def _mismatch(self, what: str) -> DataMismatchError:
-        built = (self.cache.manifest.get("data") or {}).get("source")
+        built = self.cache.manifest.data_source
         return DataMismatchError(f"{what}: the data file {self.records.description} differs from the one the cache "
                                  f"was built from ({built}); pass the original data")
 

@@ -201,6 +201,14 @@ def compose_student(
                          f"(-{n_layers + 1}..{n_layers}), got {vision_feature_layer}")
 
     try:
+        llm_config = AutoConfig.from_pretrained(llm)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load llm {llm!r} as a causal LM: {str(e).splitlines()[0]}") from None
+    if getattr(llm_config, "vision_config", None) is not None:
+        raise ValueError(f"llm {llm!r} is a multimodal model ({llm_config.model_type}); --llm takes the text-only "
+                         "causal LM the student's language model starts from (e.g. Qwen/Qwen2-0.5B-Instruct); pass "
+                         "this model as --vision (and --processor-from) to reuse its vision tower")
+    try:
         lm = AutoModelForCausalLM.from_pretrained(llm, dtype=torch_dtype)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load llm {llm!r} as a causal LM: {str(e).splitlines()[0]}") from None

@@ -7,6 +7,8 @@ import os
 
 from accelerate.tracking import GeneralTracker
 
+from kd_cache.files import atomic_write_text
+
 
 class JsonlTracker:
     """accelerate tracker writing one JSON object per logged step to `<out>/metrics.jsonl` (main process only)."""
@@ -41,6 +43,27 @@ class JsonlTracker:
     def log(self, values: dict, step: int | None = None, **kwargs) -> None:
         self._f.write(json.dumps({"step": step, **values}, default=float) + "\n")
         self._f.flush()
+
+    def drop_after(self, step: int) -> None:
+        """Forget what a killed run logged after `step` (the checkpoint a resume starts from), so that each step is
+        logged once: the file is rewritten (tmp + rename) without those lines."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.readlines()
+        keep = []
+        for line in lines:
+            try:
+                logged = json.loads(line).get("step")
+            except (json.JSONDecodeError, AttributeError):
+                continue  # a line torn by the kill
+            if logged is None or logged <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        if len(keep) != len(lines):
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            atomic_write_text(self.path, "".join(keep))
 
     def finish(self) -> None:
         if self._file is not None:

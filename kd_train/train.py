@@ -7,56 +7,64 @@ the gradient is the per-row mean over the global batch whatever the accumulation
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
 import os
+import shutil
+from collections.abc import Callable
 
 from kd_cache.config import to_dict
 from kd_cache.files import save_json
 from kd_cache.paths import check_input_path, check_model_path, check_writable_folder
+from kd_cache.reader import Cache
 from kd_cache.remote import is_remote
 from kd_train.config import TrainConfig
 from kd_train.engine import StageRunner
-from kd_train.stages import PRESETS, StagePreset, recipe_stages
+from kd_train.plan import StagePlan, distils, plan_stage, stage_configs
 from kd_train.stream import ensure_nonempty
 
-__all__ = ["TrainConfig", "run", "preflight", "train_stage"]
+__all__ = ["TrainConfig", "run", "preflight", "train_stage", "stage_runner"]
 
 log = logging.getLogger("kd_train")
 
 
-def run(cfg: TrainConfig) -> list[str]:
-    """Run the configured stage or recipe; returns the output folders (one per stage, in order)."""
-    preflight(cfg)
-    if cfg.stage is not None:
-        return [train_stage(cfg, PRESETS[cfg.stage], cfg.student, cfg.out)]
-    outs, student = [], cfg.student
-    if int(os.environ.get("RANK", "0")) == 0:  # each stage saves its own; this is the command as resolved
-        os.makedirs(cfg.out, exist_ok=True)
+def run(cfg: TrainConfig, report: Callable[[str, str, bool], None] | None = None) -> list[str]:
+    """Run the configured stage or recipe; returns the output folders (one per stage, in order). `report(stage,
+    final folder, trained)` is called as each stage ends (trained False: it had finished before)."""
+    plans, caches = preflight(cfg)
+    if cfg.recipe is not None and int(os.environ.get("RANK", "0")) == 0:  # each stage saves its own; this is the
+        os.makedirs(cfg.out, exist_ok=True)                                 # command as resolved
         save_json(os.path.join(cfg.out, "train_config.json"), {"recipe": cfg.recipe, "config": to_dict(cfg)})
-    for preset in recipe_stages(cfg.recipe):
-        out = os.path.join(cfg.out, preset.name)
-        student = train_stage(_recipe_stage_config(cfg, preset, student, out), preset, student, out)
-        outs.append(student)
+    outs = []
+    for preset, stage_cfg in stage_configs(cfg):
+        plan = plans.get(preset.name)
+        if plan is None:
+            log.info("stage %s already finished at %s", preset.name, os.path.join(stage_cfg.out, "final"))
+            outs.append(os.path.join(stage_cfg.out, "final"))
+        else:
+            outs.append(train_stage(plan, caches.get(stage_cfg.cache)))
+        if report is not None and int(os.environ.get("RANK", "0")) == 0:
+            report(preset.name, outs[-1], plan is not None)
     return outs
 
 
-def preflight(cfg: TrainConfig) -> None:
+def preflight(cfg: TrainConfig) -> tuple[dict[str, StagePlan], dict[str, Cache]]:
     """Everything about a run that can be wrong without a model, checked before any model is loaded (and before
     anything is written): the student folder, the output folder is writable, and for every stage still to run its
-    data file and image folder exist and the cache it reads exists, is complete (manifest written) and holds
-    samples. Raises FileNotFoundError / ValueError naming the stage and the path."""
+    data file and image folder exist, the cache it reads exists, is complete (manifest written) and holds samples,
+    and its flags fit that cache (`plan_stage`). Raises FileNotFoundError / ValueError naming the stage and the path.
+
+    Returns the plan of every stage still to run (by stage name) and the caches they read, each opened once."""
     check_writable_folder(cfg.out)
-    if cfg.stage is not None:
-        stages = [(PRESETS[cfg.stage], cfg, cfg.out)]
-    else:
-        stages = [(p, _recipe_stage_config(cfg, p, cfg.student, os.path.join(cfg.out, p.name)),
-                   os.path.join(cfg.out, p.name)) for p in recipe_stages(cfg.recipe)]
-    todo = [(p, c) for p, c, out in stages if not os.path.exists(os.path.join(out, "final", "config.json"))]
+    _same_run_or_start_over(cfg)
+    stages = stage_configs(cfg)
+    todo = [(p, c) for p, c in stages if not os.path.exists(os.path.join(c.out, "final", "config.json"))]
     if todo and todo[0][0] is stages[0][0]:  # later stages start from the previous stage's output
         check_model_path(cfg.student, "student")
     if todo and cfg.online_teacher is not None:
         check_model_path(cfg.online_teacher, "online teacher")
+    caches: dict[str, Cache] = {}
+    plans: dict[str, StagePlan] = {}
     for preset, c in todo:
         where = f" (stage {preset.name})" if cfg.recipe is not None else ""
         if c.data is not None:
@@ -67,41 +75,81 @@ def preflight(cfg: TrainConfig) -> None:
             check_input_path(c.val_data, f"val data file{where}")
         if c.val_images is not None:
             check_input_path(c.val_images, f"val image folder{where}", folder=True)
-        loss = c.loss_config(preset)
-        reads_cache = preset.uses_cache and any((loss.mdist_text_weight, loss.mdist_visual_weight, loss.rdist_weight))
-        if reads_cache and c.online_teacher is None and c.cache is not None:
-            _check_cache(c.cache, where)
+        manifest = None
+        if distils(c, preset) and c.online_teacher is None and c.cache is not None:
+            if c.cache not in caches:
+                caches[c.cache] = _open_cache(c.cache, where)
+            manifest = caches[c.cache].manifest
+        try:
+            plans[preset.name] = plan_stage(c, preset, manifest)
+        except ValueError as e:
+            raise ValueError(f"stage {preset.name}: {e}" if cfg.recipe is not None else str(e)) from None
+    return plans, caches
 
 
-def _recipe_stage_config(cfg: TrainConfig, preset: StagePreset, student: str, out: str) -> TrainConfig:
-    """The configuration of one stage of a recipe: DPT reads the caption data and cache (dpt_*, default the main
-    ones), SFT and DFT the main ones. Validation data is instruction data: scored in SFT and DFT, not in DPT."""
-    dpt = preset.name == "dpt"
-    return dataclasses.replace(
-        cfg, recipe=None, stage=preset.name, student=student, out=out,
-        data=(cfg.dpt_data or cfg.data) if dpt else (cfg.data or cfg.dpt_data),
-        images=(cfg.dpt_images or cfg.images) if dpt else cfg.images,
-        cache=(cfg.dpt_cache or cfg.cache) if dpt else cfg.cache,
-        val_data=None if dpt else cfg.val_data, keep_best=False if dpt else cfg.keep_best,
-    )
+CONFIG_NAME = "train_config.json"
 
 
-def _check_cache(cache: str, where: str = "") -> None:
-    """The cache exists, is complete and holds samples (its manifest is read; no shard is)."""
+def _same_run_or_start_over(cfg: TrainConfig) -> None:
+    """A rerun into an --out that holds a run resumes it, so it must ask for what that run was started with (else
+    the saved configuration would stop describing the weights beside it); `--overwrite` deletes the earlier run
+    first. ValueError naming every setting that differs."""
+    saved_path = os.path.join(cfg.out, CONFIG_NAME)
+    if cfg.overwrite:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("overwrite deletes the earlier run before the processes start training: run it in one "
+                             "process (or delete the folder), then launch the processes without it")
+        if os.path.isdir(cfg.out) and os.listdir(cfg.out):
+            if not os.path.exists(saved_path):
+                raise ValueError(f"overwrite: {cfg.out} holds files but no {CONFIG_NAME}: not a `kd train` output "
+                                 "folder, so nothing is deleted; give another --out")
+            log.warning("overwrite: deleting the earlier run in %s", cfg.out)
+            shutil.rmtree(cfg.out)
+        return
+    if not os.path.exists(saved_path):
+        return
+    try:
+        with open(saved_path) as f:
+            saved = json.load(f)["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{saved_path} is unreadable ({type(e).__name__}: {e}); pass --overwrite to start over "
+                         "or give another --out") from None
+    want = json.loads(json.dumps(to_dict(cfg), default=str))
+    if not isinstance(saved, dict):
+        saved = {}
+    differ = [k for k in sorted(want) if k in saved and k not in TrainConfig.NON_SEMANTIC and saved[k] != want[k]]
+    if differ:
+        lines = "; ".join(f"--{k.replace('_', '-')}: the run has {saved[k]!r}, this command {want[k]!r}" for k in differ)
+        raise ValueError(f"{cfg.out} holds a run started with other settings ({lines}); rerun with its settings to "
+                         "resume it, give another --out, or pass --overwrite to start over")
+
+
+def _open_cache(cache: str, where: str = "") -> Cache:
+    """The cache, opened: it exists, is complete and holds samples (its manifest is read; no shard is)."""
     if not is_remote(cache):
         if not os.path.exists(cache):
             raise FileNotFoundError(f"cache{where} {cache} does not exist; build it with `kd cache build`")
         if not os.path.isdir(cache):
             raise ValueError(f"cache{where} {cache} is a file; give the cache folder (or URL)")
-    ensure_nonempty(cache)  # FileNotFoundError while the manifest is missing (incomplete), ValueError when empty
+    return ensure_nonempty(cache)  # FileNotFoundError while the manifest is missing (incomplete), ValueError when empty
 
 
-def train_stage(cfg: TrainConfig, preset: StagePreset, student: str, out: str) -> str:
-    """Train one stage from `student`; writes the HF-loadable student to `out/final` and returns that path."""
-    final = os.path.join(out, "final")
-    if os.path.exists(os.path.join(final, "config.json")):
-        log.info("stage %s already finished at %s", preset.name, final)
-        return final
-    runner = StageRunner(cfg, preset, student, out)
-    runner.fit()
-    return final
+def train_stage(plan: StagePlan, cache: Cache | None = None) -> str:
+    """Train one planned stage; writes the HF-loadable student to `<out>/final` and returns that path. `cache`: the
+    opened cache the stage reads (opened here when not given)."""
+    if plan.done:
+        log.info("stage %s already finished at %s", plan.name, plan.final)
+        return plan.final
+    StageRunner(plan, cache).fit()
+    return plan.final
+
+
+def stage_runner(cfg: TrainConfig) -> StageRunner:
+    """The runner of a one-stage configuration, checked and planned as `kd train` does (benchmarks drive its steps
+    directly); the stage must not be finished."""
+    if cfg.stage is None:
+        raise ValueError("stage_runner takes a one-stage configuration (stage set, no recipe)")
+    plans, caches = preflight(cfg)
+    if cfg.stage not in plans:
+        raise ValueError(f"stage {cfg.stage} already finished at {os.path.join(cfg.out, 'final')}")
+    return StageRunner(plans[cfg.stage], caches.get(cfg.cache))

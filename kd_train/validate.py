@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from kd_cache.data import Encoder, SkipSample
-from kd_train.batch import features, make_batch
+from kd_train.batch import make_batch, training_example
 from kd_train.objective import RowLogits
 
 
@@ -52,7 +52,7 @@ def answer_nll(model: torch.nn.Module, encoder: Encoder, records: Sequence[dict]
     try:
         for i, record in enumerate(records):
             try:
-                pending.append((i, features(encoder.encode(record, i))))
+                pending.append((i, training_example(encoder.encode(record, i))))
             except SkipSample as e:
                 skipped[e.reason] = skipped.get(e.reason, 0) + 1
                 continue

@@ -39,7 +39,7 @@ def test_build_from_config_file_with_flag_override(tmp_path, llava_teacher, tiny
     r = runner.invoke(app, ["cache", "info", str(out), "--json"])
     assert r.exit_code == 0
     d = json.loads(r.output)
-    assert d["k"] == {"text": 8, "visual": 4} and d["bytes_per_text_row"] > 0
+    assert d["k"] == {"text": 8, "visual": None} and d["bytes_per_text_row"] > 0  # visual rows: sampled, no k
     assert d["targets"] == {"text": "topk", "visual": "sampled"} and d["samples_per_row"]["visual"] == 50
     r = runner.invoke(app, ["cache", "info", str(out)])
     assert r.exit_code == 0 and "bytes/row" in r.output
@@ -60,7 +60,7 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path, llava_teacher, tiny_data)
     assert r.exit_code == 2 and "does not exist" in r.output
     r = runner.invoke(app, ["cache", "build", "--teacher", str(llava_teacher), "--data", str(data),
                             "--images", str(images), "--out", str(tmp_path / "o"), "--top-k", "0"])
-    assert r.exit_code == 2 and "top_k must be a positive integer, got 0" in r.output
+    assert r.exit_code == 2 and "error: --top-k must be a positive integer, got 0" in r.output
     bad = tmp_path / "bad.yaml"
     bad.write_text("teacher: x\nbogus_key: 1\n")
     r = runner.invoke(app, ["cache", "build", "--config", str(bad)])

@@ -182,6 +182,23 @@ def test_missing_required_and_bad_choice_are_one_line_errors(tmp_path):
     assert r.exit_code == 2 and "bogus" in r.output
 
 
+@pytest.mark.parametrize("name,cmd,cls", config_commands(), ids=[n for n, _, _ in config_commands()])
+def test_every_declared_choice_is_checked_in_a_config_file_too(name, cmd, cls, tmp_path):
+    """The CLI checks choices given as flags; a config file's values reach the config unchecked by it, and the
+    config's own check (`kd_cache.config.check_choices`, from the field's declared choices) refuses them."""
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("choices"):
+            continue
+        path = tmp_path / f"{f.name}.json"
+        path.write_text(json.dumps({f.name: "bogus"}))
+        args = {**base_args(name, tmp_path), **ADJUST.get((name, f.name), {})}
+        args.pop("--" + f.name.replace("_", "-"), None)  # a flag would win over the file
+        argv = name.split() + ["--config", str(path)] + [x for k, v in args.items() if v is not None for x in (k, v)]
+        r = runner.invoke(app, argv)
+        flag = "--" + f.name.replace("_", "-")  # the error names the option as the CLI spells it
+        assert r.exit_code == 2 and f"{flag} must be one of" in r.output and "'bogus'" in r.output, (argv, r.output)
+
+
 # ------------------------------------------------------------------------------------------ real runs
 
 

@@ -52,17 +52,17 @@ def assert_sampled_match(sample, prefix: str, logits: torch.Tensor, n_draws: int
     lengths = sample[f"{prefix}_sample_row_lengths"]
     ids, counts = sample[f"{prefix}_sample_ids"], sample[f"{prefix}_sample_counts"]
     assert lengths.shape == (n,) and lengths.sum() == len(ids) == len(counts)
-    row_of = np.repeat(np.arange(n), lengths)
-    assert (np.bincount(row_of, weights=counts, minlength=n) == n_draws).all()
+    id_row = np.repeat(np.arange(n), lengths)
+    assert (np.bincount(id_row, weights=counts, minlength=n) == n_draws).all()
     if n == 0:
         return 0.0
     for r in range(n):  # unique ids, ascending, within a row
-        assert np.all(np.diff(ids[row_of == r]) > 0)
+        assert np.all(np.diff(ids[id_row == r]) > 0)
     z = logits[rows].double()
     assert torch.allclose(torch.tensor(sample[f"{prefix}_logsumexp"]).double(), torch.logsumexp(z, -1), atol=LOGIT_ATOL)
     lp = torch.log_softmax(z, -1)
     p = lp.exp()
-    drawn = float((torch.from_numpy(counts).double() * lp[torch.from_numpy(row_of), torch.from_numpy(ids).long()]).sum())
+    drawn = float((torch.from_numpy(counts).double() * lp[torch.from_numpy(id_row), torch.from_numpy(ids).long()]).sum())
     expected = float((p * lp).sum()) * n_draws  # E[sum of drawn log-probs] = -n_draws * sum of row entropies
     var = float(((p * lp * lp).sum(-1) - (p * lp).sum(-1) ** 2).sum()) * n_draws
     zscore = (drawn - expected) / max(var, 1e-12) ** 0.5
@@ -217,7 +217,7 @@ def test_rerun_same_config_is_a_no_op_and_other_config_is_refused(tmp_path, llav
 
 def test_info_reports_bytes_per_row(llava_cache):
     d = info(str(llava_cache))
-    m = open_cache(str(llava_cache)).manifest
+    m = open_cache(str(llava_cache)).manifest.raw
     assert d["samples"] == m["num_samples"] and d["text_rows"] == m["num_text_rows"]
     assert d["bytes_per_text_row"] > 0 and d["bytes_per_visual_row"] > 0 and d["bytes_per_gram"] > 0
     # column bytes add up to (less than) the files: the rest is Parquet footers and page headers
@@ -226,7 +226,7 @@ def test_info_reports_bytes_per_row(llava_cache):
 
 
 def test_manifest_records_what_a_consumer_must_check(llava_cache):
-    m = open_cache(str(llava_cache)).manifest
+    m = open_cache(str(llava_cache)).manifest.raw
     assert m["format_version"] == fmt.FORMAT_VERSION
     assert m["teacher"]["weights_sha256"] and m["teacher"]["fingerprint"]
     assert set(m["tokenizer"]) >= {"vocab_size", "vocab_sha256", "special_tokens", "chat_template_sha256", "fingerprint"}
@@ -237,3 +237,27 @@ def test_manifest_records_what_a_consumer_must_check(llava_cache):
     for s in m["shards"]:
         assert set(s) >= {"name", "rows", "bytes", "sha256"}
     assert (llava_cache / fmt.CARD_NAME).read_text().startswith("---\n")
+
+
+def test_target_options_clamp_k_to_the_vocabulary_and_default_like_the_build(tmp_path):
+    from kd_cache.targets import TargetOptions
+
+    cfg = BuildConfig(teacher="t", data="d", out=str(tmp_path / "o"), top_k=500, visual_top_k=8,
+                      visual_targets="topk", gram_encoding="dense", seed=3)
+    opts = TargetOptions.from_config(cfg, vocab_size=100)
+    assert (opts.text_k, opts.visual_k, opts.vocab_size) == (100, 8, 100)  # clamped where the options are made
+    assert (opts.text_kind, opts.visual_kind, opts.gram_lowrank, opts.seed) == ("topk", "topk", False, 3)
+    # the settings a caller may leave out take `kd cache build`'s defaults
+    default = BuildConfig(teacher="t", data="d", out=str(tmp_path / "o"))
+    assert TargetOptions(text_kind="topk", text_k=64, visual_kind="sampled", visual_k=64, vocab_size=1000) == \
+        TargetOptions.from_config(default, vocab_size=1000)
+
+
+def test_max_images_rule():
+    from types import SimpleNamespace
+
+    from kd_cache.data import max_images_for
+
+    assert max_images_for(SimpleNamespace(model_type="llava")) == 1  # LLaVA-1.5: one image per sample
+    assert max_images_for(SimpleNamespace(model_type="llava"), 3) == 3  # --max-images wins
+    assert max_images_for(SimpleNamespace(model_type="qwen2_vl")) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -62,7 +63,7 @@ def test_sampled_targets_cache(sampled_cache, llava_teacher, tiny_data):
 
     assert verify(str(sampled_cache)) == []
     cache = open_cache(str(sampled_cache))
-    assert cache.manifest["targets"]["text"] == {"kind": "sampled", "k": 64, "samples": 50}
+    assert cache.manifest.raw["targets"]["text"] == {"kind": "sampled", "k": 64, "samples": 50}
     data, images = tiny_data
     records = RecordSource(str(data))
     for s in cache:
@@ -130,7 +131,7 @@ def _write_v1_cache(src, dst):
     name = f"{fmt.SHARD_DIR}/v1.parquet"
     pq.write_table(table, dst / name, compression="zstd")
     m.update(format_version=1, shards=[{"name": name, "rows": len(samples), "bytes": (dst / name).stat().st_size,
-                                        "sha256": "-", "text_rows": 0, "visual_rows": 0, "gram_samples": 0}])
+                                        "sha256": hashlib.sha256((dst / name).read_bytes()).hexdigest(), "text_rows": 0, "visual_rows": 0, "gram_samples": 0}])
     for p in ("text", "visual"):
         m["targets"][p] = {"kind": "topk", "k": m["targets"][p]["k"], "logprob_encoding": "uint16-neg-scaled-256"}
     (dst / fmt.MANIFEST_NAME).write_text(json.dumps(m))

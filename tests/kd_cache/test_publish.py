@@ -102,7 +102,7 @@ def test_publish_uploads_the_cache_and_its_card_in_one_commit(hub, cache_copy, l
     assert "12 samples in 3 shards" in upload["commit_message"]
 
     repo = hub.repo("org/tiny-kd", "v1")
-    shards = {s["name"] for s in open_cache(str(llava_cache)).shards}
+    shards = {s.name for s in open_cache(str(llava_cache)).shards}
     assert {str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()} == \
            {fmt.CARD_NAME, fmt.MANIFEST_NAME, fmt.CONFIG_NAME, *shards}  # no journals, no stray files
     assert (repo / fmt.CARD_NAME).read_text() == (llava_cache / fmt.CARD_NAME).read_text()
@@ -121,7 +121,7 @@ def test_publish_from_python_writes_a_missing_card_and_defaults_to_main(hub, cac
 
 def test_publish_refuses_incomplete_or_damaged_caches(hub, cache_copy):
     manifest = open_cache(str(cache_copy)).manifest
-    name = manifest["shards"][1]["name"]
+    name = manifest.shards[1].name
     data = bytearray((cache_copy / name).read_bytes())
     data[len(data) // 2] ^= 0x01
     (cache_copy / name).write_bytes(bytes(data))

@@ -532,7 +532,7 @@ def test_s3_reads_use_range_requests_and_the_read_through_cache_reads_each_shard
     monkeypatch.setattr(cache.fs, "get_file", lambda src, dst, **k: (whole.append(src), real_get(src, dst, **k)))
     assert cache.cache_dir is None
     ids = [s["sample_id"] for s in cache]
-    sizes = [s["bytes"] for s in cache.shards]
+    sizes = [s.bytes for s in cache.shards]
     # every byte came through ranged GETs of a lazily read S3 file, none through whole-object downloads (the
     # test shards are under pyarrow's 64 KB footer read, so one range covers each; row-group-sized ranges on
     # bigger shards are shown over HTTP in tests/kd_train/test_stream.py, same fsspec/pyarrow path)
@@ -545,7 +545,7 @@ def test_s3_reads_use_range_requests_and_the_read_through_cache_reads_each_shard
         assert [s["sample_id"] for s in open_cache(s3_cache)] == ids
     assert len(whole) == len(sizes) and not fetched  # one download per shard, then local reads only
     cached = sorted(cache_dir.rglob("*.parquet"))
-    assert sorted(p.stem for p in cached) == sorted(s["sha256"] for s in cache.shards)
+    assert sorted(p.stem for p in cached) == sorted(s.sha256 for s in cache.shards)
     assert open_cache(str(llava_cache), cache_dir=cache_dir).cache_dir is None  # local folders are read in place
 
 
@@ -613,4 +613,5 @@ def test_the_read_through_cache_refuses_a_sha256_that_is_not_a_digest(s3, s3_cac
                                          r"'\.\./\.\./0+', not 64 hexadecimal characters"):
         open_cache(url, cache_dir=tmp_path / "read-cache" / "inner")
     assert not (tmp_path / "read-cache").exists()
-    assert len(open_cache(url)) == 12  # read in place, the path is never made from it
+    with pytest.raises(ValueError, match="not 64 hexadecimal characters"):  # a malformed manifest is refused
+        open_cache(url)                                                    # however it is read

@@ -79,7 +79,7 @@ def test_shards_read_with_pandas_and_datasets(llava_cache):
     import pandas as pd
 
     cache = open_cache(str(llava_cache))
-    files = [str(llava_cache / s["name"]) for s in cache.shards]
+    files = [str(llava_cache / s.name) for s in cache.shards]
     df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
     assert len(df) == len(cache)
     ds = datasets.load_dataset("parquet", data_files=files, split="train")
@@ -100,7 +100,7 @@ def test_shards_read_with_pandas_and_datasets(llava_cache):
         codes = codec.eigvec_codes_from_bytes(pd_row["gram_eigvecs_hi"], pd_row["gram_eigvecs"], nv,
                                             len(pd_row["gram_eigvals"]))
         g = codec.gram_from_lowrank(pd_row["gram_mean"], pd_row["gram_eigvals"], pd_row["gram_eigvec_scales"],
-                                  codes, cache.manifest["vocab_size"])
+                                  codes, cache.manifest.vocab_size)
     assert np.array_equal(g, s["gram"]) and np.allclose(g, g.T)
 
 
@@ -112,9 +112,9 @@ def test_shard_metadata_repeats_version_and_teacher(llava_cache):
         with cache.open_shard(i) as pf:
             kv = pf.metadata.metadata
         assert kv[b"kd.format_version"] == str(fmt.FORMAT_VERSION).encode()
-        assert kv[b"kd.teacher_fingerprint"].decode() == cache.manifest["teacher"]["fingerprint"]
+        assert kv[b"kd.teacher_fingerprint"].decode() == cache.manifest.teacher_fingerprint
         assert json.loads(kv[b"kd.targets"])["text"]["k"] == 64
-    assert pq.read_schema(str(llava_cache / cache.shards[0]["name"])).remove_metadata().equals(fmt.schema("topk", "sampled"))
+    assert pq.read_schema(str(llava_cache / cache.shards[0].name)).remove_metadata().equals(fmt.schema("topk", "sampled"))
 
 
 def test_reader_resumes_at_a_position_and_reads_row_groups_lazily(llava_cache):

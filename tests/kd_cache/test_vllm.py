@@ -299,9 +299,9 @@ def _compare_caches(vllm_cache: Path, tf_cache: Path, kinds=("text",)) -> dict:
     from kd_cache import format as fmt
 
     cv, ct, pairs = _cache_pairs(vllm_cache, tf_cache)
-    assert cv.manifest["backend"] == "vllm" and ct.manifest["backend"] == "transformers"
-    assert cv.manifest["config"]["backend"] == "vllm"
-    assert cv.manifest["targets"]["text"] == ct.manifest["targets"]["text"]
+    assert cv.manifest.backend == "vllm" and ct.manifest.backend == "transformers"
+    assert cv.manifest.raw["config"]["backend"] == "vllm"
+    assert cv.manifest.text == ct.manifest.text
     tol = TOL + 2 * fmt.LOGPROB_MAX_ABS_ERROR  # one quantization step apart at most, when a value sits on a boundary
     out = {}
     for kind in kinds:
@@ -440,7 +440,7 @@ def test_llava_cache_no_gram_matches_transformers(tmp_path, vllm_llava, tiny_dat
     print(f"\n[vllm] tiny LLaVA --no-gram cache vs transformers: {stats}")
     cv, ct, pairs = _cache_pairs(tmp_path / "vllm", tmp_path / "tf")
     assert sum(len(v["visual_positions"]) > 0 for v, _ in pairs) >= 4
-    assert cv.manifest["skipped"] == ct.manifest["skipped"]
+    assert cv.manifest.raw["skipped"] == ct.manifest.raw["skipped"]
 
 
 # ------------------------------------------------------------------------------------------ subprocess side
@@ -449,35 +449,30 @@ def test_llava_cache_no_gram_matches_transformers(tmp_path, vllm_llava, tiny_dat
 def _raw_compare(a: dict) -> None:
     """Targets from both backends for the same encoded samples, unquantized, into an .npz (see `_raw`)."""
     from kd_cache import vllm_backend
-    from kd_cache.data import Encoder, RecordSource, SkipSample
+    from kd_cache.data import Encoder, RecordSource, SkipSample, max_images_for
+    from kd_cache.targets import TargetOptions
     from kd_cache.teacher import Teacher
     from kd_cache.vllm_backend import VllmTeacher
 
     records = RecordSource(a["data"])
     tf = Teacher(a["teacher"], device="cpu", dtype="float32")
     enc = Encoder(tf.processor, tf.image_token_id, image_root=a.get("images"), max_length=a["max_length"],
-                  max_images=1 if tf.config.model_type == "llava" else None)
+                  max_images=max_images_for(tf.config))
     samples = []
     for i in range(len(records)):
         try:
             samples.append((i, enc.encode(records[i], i)))
         except SkipSample:
             pass
-    try:
-        from kd_cache.targets import TargetOptions
-
-        opts = TargetOptions(text_k=a["top_k"], visual_k=a["visual_top_k"], gram=a["gram"], gram_lowrank=False,
-                             visual_kind=a.get("visual_kind", "topk"), samples=50)
-        call = {"opts": opts}
-    except ImportError:  # the keyword interface
-        call = {"top_k": a["top_k"], "visual_top_k": a["visual_top_k"], "with_gram": a["gram"]}
-    ref = tf.targets(samples, **call)
+    opts = TargetOptions(text_kind="topk", text_k=a["top_k"], visual_kind=a.get("visual_kind", "topk"),
+                         visual_k=a["visual_top_k"], vocab_size=tf.vocab_size, gram=a["gram"], gram_lowrank=False,
+                         samples=50)
+    ref = tf.targets(samples, opts)
     del tf
-    v = VllmTeacher(a["teacher"], records=records, image_root=a.get("images"), dtype="float32", top_k=a["top_k"],
-                    visual_top_k=a["visual_top_k"], gram=a["gram"], max_length=a["max_length"],
-                    batch_size=len(samples), visual_kind=a.get("visual_kind", "topk"))
+    v = VllmTeacher(a["teacher"], records=records, opts=opts, image_root=a.get("images"), dtype="float32",
+                    max_length=a["max_length"], batch_size=len(samples))
     t0 = time.perf_counter()
-    got = v.targets(samples, **call)
+    got = v.targets(samples, opts)
     seconds = time.perf_counter() - t0
     arrays: dict[str, np.ndarray] = {"n": np.array(len(samples)), "seconds": np.array(seconds),
                                      "n_visual_samples": np.array(sum(len(s.visual_positions) > 0 for _, s in samples))}
@@ -496,7 +491,7 @@ def _raw_compare(a: dict) -> None:
     if a.get("budget_check"):
         vllm_backend.FULL_MAX_ENTRIES = 10
         try:
-            v.targets(samples[:1], **call)
+            v.targets(samples[:1], opts)
             arrays["refusal"] = np.array("no refusal")
         except ValueError as e:
             arrays["refusal"] = np.array(str(e))

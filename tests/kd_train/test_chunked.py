@@ -1,5 +1,5 @@
 """kd_train.chunked: the row-chunked head + loss equals the unchunked head(hidden) -> losses, in value and gradients,
-and never holds more than one chunk of logits."""
+and never holds more than one chunk of logits; the objective's row functions (kd_train.objective) through it."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from kd_cache.codec import SampledRows, TopKRows
 from kd_cache.targets import sampled_targets, topk_targets
-from kd_train.chunked import (chunked_row_loss, concat_row_fns, loss_scales, micro_batch_row_fn, text_rows_fn,
-                              visual_rows_fn)
+from kd_train.chunked import chunked_row_loss, concat_row_fns
 from kd_train.losses import KDLossConfig, ce_loss, mdist_loss, sampled_kd_loss
+from kd_train.objective import Objective, StepCounts, loss_scales, text_rows_fn, visual_rows_fn
 
 N, D, V, K, DRAWS = 23, 8, 50, 5, 20
 CHUNKS = (1, 5, N + 4)  # one row, a non-divisor of N, more than N
@@ -35,24 +36,21 @@ def make(n=N, *, seed=0, bias=False, v=V, dtype=torch.float32):
     return hidden, head, labels, g
 
 
-def teacher_targets(prefix: str, n: int, g: torch.Generator, *, sampled=False, vocab=V) -> dict:
+def teacher_targets(n: int, g: torch.Generator, *, sampled=False, vocab=V, teacher_vocab=None, draws=DRAWS):
     logits = torch.randn(n, vocab, generator=g) * 3
     if sampled:
         t = sampled_targets(logits, DRAWS, generator=g)
-        return {f"{prefix}_sample_ids": t.ids, f"{prefix}_sample_counts": t.counts,
-                f"{prefix}_sample_row_lengths": t.row_lengths}
+        return SampledRows(t.ids, t.counts, t.row_lengths, draws)
     t = topk_targets(logits, K)
-    return {f"{prefix}_topk_ids": t.topk_ids, f"{prefix}_topk_logprobs": t.topk_logprobs,
-            f"{prefix}_tail_logprob": t.tail_logprob}
+    return TopKRows(t.topk_ids, t.topk_logprobs, t.tail_logprob, teacher_vocab)
 
 
-def reference_mdist(z, targets, prefix, cfg, teacher_vocab=None):
-    """The unchunked MDist term, as micro_batch_loss computes it."""
-    if f"{prefix}_sample_ids" in targets:
-        return sampled_kd_loss(z, targets[f"{prefix}_sample_ids"], targets[f"{prefix}_sample_counts"],
-                               targets[f"{prefix}_sample_row_lengths"], DRAWS)
-    return mdist_loss(z, targets[f"{prefix}_topk_ids"], targets[f"{prefix}_topk_logprobs"],
-                      targets[f"{prefix}_tail_logprob"], **cfg.mdist_kwargs(prefix), teacher_vocab_size=teacher_vocab)
+def reference_mdist(z, targets, rows, cfg):
+    """The MDist term over all rows at once, straight from kd_train.losses."""
+    if isinstance(targets, SampledRows):
+        return sampled_kd_loss(z, targets.ids, targets.counts, targets.row_lengths, DRAWS)
+    return mdist_loss(z, targets.ids, targets.logprobs, targets.tail, **cfg.mdist_kwargs(rows),
+                      teacher_vocab_size=targets.vocab_size)
 
 
 def params(hidden, head):
@@ -84,19 +82,19 @@ def test_text_rows_match_unchunked_fp32(case, chunk):
     hidden, head, labels, g = make(bias=c.get("bias", False), seed=len(case))
     tv = c.get("teacher_vocab")
     # the student's extra rows (ids >= teacher vocab) are never teacher top-k ids
-    targets = None if c["targets"] is None else teacher_targets("text", N, g, sampled=c["targets"] == "sampled",
-                                                                  vocab=tv or V)
+    targets = None if c["targets"] is None else teacher_targets(N, g, sampled=c["targets"] == "sampled",
+                                                                  vocab=tv or V, teacher_vocab=tv)
     cfg = KDLossConfig(**c["cfg"])
     scales = loss_scales(cfg, SimpleNamespace(text=N + 9, visual=0, gram=0), 2)
     transform = c.get("transform")
-    fn = text_rows_fn(labels, targets, cfg, scales, teacher_vocab_size=tv, n_draws=DRAWS)
+    fn = text_rows_fn(labels, targets, cfg, scales)
     loss, terms = chunked_row_loss(hidden, head, fn, chunk_size=chunk, transform=transform)
 
     z = head(hidden)
     z = (transform(z) if transform else z).float()
     ref_terms = {"ce": ce_loss(z, labels, label_smoothing=cfg.label_smoothing)}
     if targets is not None:
-        ref_terms["mdist_text"] = reference_mdist(z, targets, "text", cfg, tv)
+        ref_terms["mdist_text"] = reference_mdist(z, targets, "text", cfg)
     ref = sum(scales[k] * v for k, v in ref_terms.items())
 
     assert set(terms) == set(ref_terms)
@@ -112,9 +110,9 @@ def test_text_rows_match_unchunked_fp32(case, chunk):
 def test_visual_rows_match_unchunked_with_visual_temperature(sampled):
     hidden, head, _, g = make(seed=3)
     cfg = KDLossConfig(temperature=1.0, visual_temperature=1.5, kind="reverse_kl")
-    targets = teacher_targets("visual", N, g, sampled=sampled)
+    targets = teacher_targets(N, g, sampled=sampled)
     scales = loss_scales(cfg, SimpleNamespace(text=4, visual=N, gram=1), 1)
-    fn = visual_rows_fn(N, targets, cfg, scales, n_draws=DRAWS)
+    fn = visual_rows_fn(N, targets, cfg, scales)
     loss, terms = chunked_row_loss(hidden, head, fn, chunk_size=5)
     ref_sum = reference_mdist(head(hidden).float(), targets, "visual", cfg)
     ref = scales["mdist_visual"] * ref_sum
@@ -124,31 +122,35 @@ def test_visual_rows_match_unchunked_with_visual_temperature(sampled):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_micro_batch_row_fn_reproduces_micro_batch_loss():
-    """Text rows then visual rows in one pass (chunks straddle the boundary) == micro_batch_loss's CE + MDist."""
-    from kd_train.objective import StepCounts, micro_batch_loss
-
+def test_objective_chunked_equals_unchunked_and_the_losses():
+    """Text rows then visual rows in one pass (chunks straddle the boundary) == the same row functions over all
+    rows at once == the weighted sums of the losses themselves."""
     nt, nv = 9, 14
     hidden, head, labels, g = make(nt + nv, seed=7, bias=True)
     labels = labels[:nt]
-    targets = teacher_targets("text", nt, g) | teacher_targets("visual", nv, g, sampled=True)
+    text, visual = teacher_targets(nt, g, teacher_vocab=V), teacher_targets(nv, g, sampled=True)
     cfg = KDLossConfig(ce_weight=0.5, mdist_text_weight=2.0, mdist_visual_weight=0.7, rdist_weight=0.0,
                        temperature=1.5, label_smoothing=0.05)
-    batch = SimpleNamespace(text_labels=labels, targets=targets, n_text=nt, n_visual=nv, visual_splits=[nv],
-                            grams=None)
+    batch = SimpleNamespace(text_labels=labels, text_targets=text, visual_targets=visual, n_text=nt, n_visual=nv,
+                            visual_splits=[nv], grams=None, has_targets=False)
     counts = StepCounts(text=3 * nt, visual=2 * nv, gram=2)
-    n_draws = {"text": 0, "visual": DRAWS}
-    fn = micro_batch_row_fn(batch, cfg, counts, 4, teacher_vocab=V, n_draws=n_draws)
-    assert fn.names == ("ce", "mdist_text", "mdist_visual")
-    loss, parts = chunked_row_loss(hidden, head, fn, chunk_size=4, transform=softcap)
+    chunked = Objective(cfg, head, softcap, chunk_size=4)
+    loss, parts = chunked(hidden[:nt], None, hidden[nt:], batch, counts, 4)
+    assert list(parts) == ["ce", "mdist_text", "mdist_visual"]
 
     z = softcap(head(hidden))
-    ref, ref_parts = micro_batch_loss(z[:nt].float(), z[nt:].float(), batch, cfg, counts, 4, teacher_vocab=V,
-                                      n_draws=n_draws)
-    assert parts.keys() == ref_parts.keys()
+    ref, ref_parts = Objective(cfg, head, softcap)(z[:nt], z[nt:], hidden[nt:], batch, counts, 4)
+    scales = loss_scales(cfg, counts, 4)
+    sums = {"ce": ce_loss(z[:nt].float(), labels, label_smoothing=0.05),
+            "mdist_text": reference_mdist(z[:nt].float(), text, "text", cfg),
+            "mdist_visual": reference_mdist(z[nt:].float(), visual, "visual", cfg)}
+    direct = sum(scales[k] * v for k, v in sums.items())
+    assert parts.keys() == ref_parts.keys() == sums.keys()
     for k in parts:
         assert parts[k] == pytest.approx(ref_parts[k], rel=1e-5)
+        assert ref_parts[k] == pytest.approx(float(sums[k].detach()), rel=1e-6)
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ref, direct, rtol=1e-6, atol=1e-7)
     for a, b in zip(grads(loss, params(hidden, head)), grads(ref, params(hidden, head))):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -157,11 +159,11 @@ def test_concat_reports_terms_of_a_part_with_no_rows():
     hidden, head, _, g = make(6, seed=2)
     cfg = KDLossConfig()
     scales = loss_scales(cfg, SimpleNamespace(text=1, visual=6, gram=0), 1)
-    targets = teacher_targets("visual", 6, g)
+    targets = teacher_targets(6, g)
     fn = concat_row_fns(text_rows_fn(torch.zeros(0, dtype=torch.long), targets, cfg, scales),
                         visual_rows_fn(6, targets, cfg, scales))
     loss, terms = chunked_row_loss(hidden, head, fn, chunk_size=4)
-    assert terms["ce"] == 0.0 and "mdist_text" not in terms  # as micro_batch_loss: CE always, MDist only with rows
+    assert terms["ce"] == 0.0 and "mdist_text" not in terms  # as over all rows: CE always, MDist only with rows
     ref = scales["mdist_visual"] * reference_mdist(head(hidden), targets, "visual", cfg)
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
 
@@ -169,7 +171,7 @@ def test_concat_reports_terms_of_a_part_with_no_rows():
 @pytest.mark.parametrize("transform", [None, softcap])
 def test_bf16_autocast_matches_unchunked_within_bf16_tolerance(transform):
     hidden, head, labels, g = make(seed=11, bias=True)
-    targets = teacher_targets("text", N, g)
+    targets = teacher_targets(N, g)
     cfg = KDLossConfig(kind="jsd")
     scales = loss_scales(cfg, SimpleNamespace(text=N, visual=0, gram=0), 1)
     fn = text_rows_fn(labels, targets, cfg, scales)
@@ -196,7 +198,7 @@ def test_bf16_autocast_matches_unchunked_within_bf16_tolerance(transform):
 def test_frozen_weight_gets_no_gradient_and_hidden_gradient_matches():
     hidden, head, labels, g = make(seed=5)
     head.weight.requires_grad_(False)
-    targets = teacher_targets("text", N, g)
+    targets = teacher_targets(N, g)
     cfg = KDLossConfig()
     scales = loss_scales(cfg, SimpleNamespace(text=N, visual=0, gram=0), 1)
     loss, _ = chunked_row_loss(hidden, head, text_rows_fn(labels, targets, cfg, scales), chunk_size=5)
@@ -215,9 +217,9 @@ def test_zero_rows():
     hidden, head, labels, g = make(0, seed=1, bias=True)
     cfg = KDLossConfig()
     scales = loss_scales(cfg, SimpleNamespace(text=0, visual=0, gram=0), 1)
-    fn = text_rows_fn(labels, teacher_targets("text", 0, g), cfg, scales)
+    fn = text_rows_fn(labels, teacher_targets(0, g), cfg, scales)
     loss, terms = chunked_row_loss(hidden, head, fn, chunk_size=4)
-    assert float(loss.detach()) == 0.0 and terms == {"ce": 0.0}  # no rows: no MDist term, as micro_batch_loss
+    assert float(loss.detach()) == 0.0 and terms == {"ce": 0.0}  # no rows: no MDist term, as over all rows
     loss.backward()
     assert hidden.grad.shape == (0, D)
     assert torch.count_nonzero(head.weight.grad) == 0 and torch.count_nonzero(head.bias.grad) == 0
@@ -242,7 +244,7 @@ def test_memory_never_holds_all_rows_of_logits():
     hidden = torch.randn(n, d, generator=g).requires_grad_(True)
     head = torch.nn.Linear(d, v, bias=False)
     labels = torch.randint(0, v, (n,), generator=g)
-    targets = teacher_targets("text", n, g, vocab=v)
+    targets = teacher_targets(n, g, vocab=v)
     cfg = KDLossConfig(temperature=2.0)
     fn = text_rows_fn(labels, targets, cfg, loss_scales(cfg, SimpleNamespace(text=n, visual=0, gram=0), 1))
     seen_rows = []
@@ -289,9 +291,11 @@ def test_invalid_arguments_raise_value_error():
         chunked_row_loss(hidden, head, lambda z, s, e: (z.sum(-1), {}), chunk_size=4)
     with pytest.raises(ValueError, match="amp_dtype.*got"):
         chunked_row_loss(hidden, head, fn, chunk_size=4, amp_dtype="bf16")
-    with pytest.raises(ValueError, match="n_draws.*got 0"):
-        text_rows_fn(labels, teacher_targets("text", N, torch.Generator(), sampled=True), KDLossConfig(),
-                     {"ce": 1.0, "mdist_text": 1.0}, n_draws=0)
-    with pytest.raises(ValueError, match="Nt=.*got"):
-        text_rows_fn(labels[:4], teacher_targets("text", N, torch.Generator()), KDLossConfig(),
+    with pytest.raises(ValueError, match="draws.*got 0"):
+        text_rows_fn(labels, teacher_targets(N, torch.Generator(), sampled=True, draws=0), KDLossConfig(),
                      {"ce": 1.0, "mdist_text": 1.0})
+    with pytest.raises(ValueError, match="Nt=.*got"):
+        text_rows_fn(labels[:4], teacher_targets(N, torch.Generator()), KDLossConfig(),
+                     {"ce": 1.0, "mdist_text": 1.0})
+    with pytest.raises(ValueError, match="plain linear LM head, got Sequential"):
+        Objective(KDLossConfig(), torch.nn.Sequential(head), chunk_size=4)

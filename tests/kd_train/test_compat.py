@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import transformers
 from PIL import Image
 
 from kd_cache import open_cache
+from kd_cache.format import Manifest
 from kd_eval.tiny import make_tiny_teacher, train_tiny_tokenizer
 from kd_train.compat import (
     IncompatibleCacheError,
@@ -20,6 +22,14 @@ from kd_train.compat import (
     require_compatible,
 )
 from kd_train.student import compose_student
+
+
+def manifest_with(**fields) -> Manifest:
+    """A minimal valid manifest with `fields` replacing its top-level entries."""
+    raw = {"format_version": 2, "teacher": {"id": "t", "fingerprint": "f"}, "vocab_size": 512, "tokenizer": {},
+           "targets": {"text": {"kind": "topk", "k": 8}, "visual": {"kind": "topk", "k": 8}}, "num_samples": 0,
+           "shards": []}
+    return Manifest.parse(raw | fields, "test manifest")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +83,7 @@ def test_different_special_token_is_refused(student, cache):
     tok.pad_token = "<|im_end|>"  # same vocabulary, different padding token
     problems = check_compatibility(cache, _processor(processor, tokenizer=tok), config)
     assert problems == ["special token pad_token differs: student has '<|im_end|>', the cache's "
-                        f"(teacher {cache.manifest['teacher']['id']}) has '<|endoftext|>'"]
+                        f"(teacher {cache.manifest.teacher_id}) has '<|endoftext|>'"]
 
 
 def test_different_chat_template_is_refused(student, cache):
@@ -94,7 +104,7 @@ def test_different_visual_token_count_is_refused(student, cache, tmp_path, llava
                                    transformers.AutoConfig.from_pretrained(out),
                                    sample_image=Image.new("RGB", (40, 40)))
     assert problems == [f"student processor expands an image (40x40) to 36 visual tokens, the cache's teacher "
-                        f"{cache.manifest['teacher']['id']} used 16 visual tokens per image"]
+                        f"{cache.manifest.teacher_id} used 16 visual tokens per image"]
 
 
 def test_visual_check_needs_the_cached_count(student, cache):
@@ -108,15 +118,14 @@ def test_visual_check_needs_the_cached_count(student, cache):
 
 def test_student_vocabulary_rows(student, cache):
     processor, config = student
-    manifest = copy.deepcopy(cache.manifest)
-    manifest["vocab_size"] = 600  # a teacher whose LM head is padded past the tokenizer (like Qwen2-VL's)
+    manifest = dataclasses.replace(cache.manifest, vocab_size=600)  # a teacher whose LM head is padded past the tokenizer (like Qwen2-VL's)
     assert "pass the Cache or max_topk_id" in check_compatibility(manifest, processor, config,
                                                                  cached_visual_tokens=16)[0]
     assert check_compatibility(manifest, processor, config, cached_visual_tokens=16, max_topk_id=511) == []
     assert check_compatibility(manifest, processor, config, cached_visual_tokens=16, max_topk_id=512) == [
         "cache holds top-k id 512 but the student LM vocabulary has only 512 rows"]
     padded = open_cache(str(cache.url))
-    padded.manifest["vocab_size"] = 600  # given the Cache, the cached ids are scanned: all are < 512
+    padded.manifest = dataclasses.replace(padded.manifest, vocab_size=600)  # given the Cache, the cached ids are scanned: all are < 512
     assert check_compatibility(padded, processor, config) == []
     small = copy.deepcopy(config)
     small.text_config.vocab_size = 500
@@ -150,7 +159,7 @@ def test_cached_visual_tokens_on_a_text_only_cache(tmp_path, tiny_data):
 def test_bad_manifest_argument():
     with pytest.raises(ValueError, match="got list"):
         check_compatibility([], None, None)
-    with pytest.raises(ValueError, match="must hold 'teacher'"):
+    with pytest.raises(ValueError, match="got dict"):
         check_compatibility({}, None, None)
 
 
@@ -159,8 +168,10 @@ def test_fit_loss_to_cache_refuses_or_warns_once(tmp_path):
     from kd_train.config import TrainConfig
     from kd_train.stages import PRESETS
 
-    def manifest(gram: bool, kind: str = "topk", visual: str | None = None) -> dict:
-        return {"targets": {"text": {"kind": kind}, "visual": {"kind": visual or kind}, "gram": {"enabled": gram}}}
+    def manifest(gram: bool, kind: str = "topk", visual: str | None = None) -> Manifest:
+        return manifest_with(targets={"text": {"kind": kind, "k": 8, "samples": 50},
+                                      "visual": {"kind": visual or kind, "k": 8, "samples": 50},
+                                      "gram": {"enabled": gram}})
 
     def cfg(**kw):
         return TrainConfig(student="s", out=str(tmp_path), stage="dft", cache="c", data="d.json", **kw)
@@ -201,10 +212,10 @@ def test_fit_loss_to_cache_refuses_or_warns_once(tmp_path):
 
 
 def test_the_student_follows_the_caches_eos_rule():
-    from kd_train.engine import cache_append_eos
+    from kd_train.plan import cache_append_eos
 
-    assert cache_append_eos({"config": {"append_eos": True}}, None) is True
-    assert cache_append_eos({"config": {}}, None) is False  # caches from before the rule appended nothing
-    assert cache_append_eos({"config": {"append_eos": False}}, False) is False
+    assert cache_append_eos(manifest_with(config={"append_eos": True}), None) is True
+    assert cache_append_eos(manifest_with(config={}), None) is False  # caches from before the rule appended nothing
+    assert cache_append_eos(manifest_with(config={"append_eos": False}), False) is False
     with pytest.raises(ValueError, match="append_eos=True but the cache was built with append_eos=False"):
-        cache_append_eos({"config": {"append_eos": False}}, True)
+        cache_append_eos(manifest_with(config={"append_eos": False}), True)

@@ -17,7 +17,6 @@ from kd_train.losses import (
     gram,
     gram_from_hidden,
     mdist_loss,
-    normalize_by_rows,
     rdist_loss,
 )
 
@@ -496,92 +495,6 @@ def test_ce_loss_all_ignored_and_bf16():
 def test_ce_loss_validation(call):
     with pytest.raises(ValueError, match="got"):
         call()
-
-
-# --------------------------------------------------------------------------------------
-# normalize_by_rows
-# --------------------------------------------------------------------------------------
-
-
-def _batch(n, seed):
-    ids, tlp, tail = make_teacher(n, V, 4, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    labels = torch.randint(0, V, (n,), generator=g)
-    labels[::3] = -100
-    return ids, tlp, tail, labels
-
-
-def _micro_loss(s, ids, tlp, tail, labels, world_n_rows, world_size=1):
-    ce = ce_loss(s, labels)
-    md = mdist_loss(s, ids, tlp, tail, kind="jsd", temperature=2.0)
-    n_ce, n_md = int((labels != -100).sum()), s.shape[0]
-    return normalize_by_rows(ce, n_ce, world_n_rows=world_n_rows[0], world_size=world_size) + (
-        normalize_by_rows(md, n_md, world_n_rows=world_n_rows[1], world_size=world_size)
-    )
-
-
-def test_normalize_by_rows_microbatches_equal_one_big_batch():
-    sizes = (2, 5, 4)  # uneven micro-batches
-    batches = [_batch(n, seed=30 + i) for i, n in enumerate(sizes)]
-    s_all = make_student(sum(sizes), V, seed=40).requires_grad_(True)
-    cat = [torch.cat([b[j] for b in batches]) for j in range(4)]
-    n_ce_all = int((cat[3] != -100).sum())
-    n_md_all = s_all.shape[0]
-
-    big = normalize_by_rows(ce_loss(s_all, cat[3]), n_ce_all) + normalize_by_rows(
-        mdist_loss(s_all, *cat[:3], kind="jsd", temperature=2.0), n_md_all
-    )
-    (g_big,) = torch.autograd.grad(big, s_all)
-
-    # gradient accumulation: each micro-batch normalised by the global counts
-    parts = torch.split(s_all, sizes)
-    acc = sum(_micro_loss(p, *b, world_n_rows=(n_ce_all, n_md_all)) for p, b in zip(parts, batches))
-    (g_acc,) = torch.autograd.grad(acc, s_all)
-    torch.testing.assert_close(acc, big, **F64)
-    torch.testing.assert_close(g_acc, g_big, **F64)
-
-    # per-micro-batch means do NOT reproduce the big batch (the bug this avoids)
-    wrong = sum(
-        _micro_loss(p, *b, world_n_rows=(None, None)) for p, b in zip(parts, batches)
-    ) / len(sizes)
-    assert not torch.allclose(wrong, big)
-
-    # two DDP ranks ({mb0, mb1} and {mb2}) whose gradients are averaged: world_size=2
-    rank_losses = [
-        _micro_loss(parts[0], *batches[0], world_n_rows=(n_ce_all, n_md_all), world_size=2)
-        + _micro_loss(parts[1], *batches[1], world_n_rows=(n_ce_all, n_md_all), world_size=2),
-        _micro_loss(parts[2], *batches[2], world_n_rows=(n_ce_all, n_md_all), world_size=2),
-    ]
-    rank_grads = [torch.autograd.grad(l, s_all)[0] for l in rank_losses]
-    torch.testing.assert_close((rank_grads[0] + rank_grads[1]) / 2, g_big, **F64)
-
-
-def test_normalize_by_rows_counts():
-    x = torch.tensor(6.0, dtype=torch.float64)
-    assert normalize_by_rows(x, 3).item() == 2.0
-    assert normalize_by_rows(x, 3, world_n_rows=12).item() == 0.5
-    assert normalize_by_rows(x, torch.tensor(3), world_n_rows=torch.tensor(12)).item() == 0.5
-    assert normalize_by_rows(x, 3, world_n_rows=12, world_size=4).item() == 2.0
-    assert normalize_by_rows(x, torch.tensor(3), world_n_rows=torch.tensor(12), world_size=4).item() == 2.0
-    zero = normalize_by_rows(torch.zeros(()), 0)
-    assert zero.item() == 0.0 and not torch.isnan(zero)
-    assert normalize_by_rows(torch.zeros(()), torch.tensor(0)).item() == 0.0
-
-
-@pytest.mark.parametrize(
-    "kw",
-    [
-        dict(n_rows_local=-1),
-        dict(n_rows_local=1.5),
-        dict(n_rows_local=True),
-        dict(n_rows_local=5, world_n_rows=3),
-        dict(n_rows_local=2, world_size=0),
-        dict(n_rows_local=torch.tensor([1, 2])),
-    ],
-)
-def test_normalize_by_rows_validation(kw):
-    with pytest.raises(ValueError, match="got"):
-        normalize_by_rows(torch.ones(()), **kw)
 
 
 # --------------------------------------------------------------------------------------

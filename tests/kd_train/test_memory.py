@@ -47,13 +47,13 @@ def _loss_and_grads(model, inputs) -> tuple[float, dict[str, torch.Tensor]]:
 
 def _one_batch(model_dir, tiny_data):
     from kd_cache.data import RecordSource
-    from kd_train.batch import encoder_for, features, make_batch
+    from kd_train.batch import encoder_for, make_batch, training_example
 
     model, proc = load_student(model_dir)
     data, images = tiny_data
     enc = encoder_for(proc, model.config, image_root=str(images), max_length=None)
     recs = RecordSource(str(data))
-    b = make_batch([features(enc.encode(recs[i], i)) for i in range(3)], 0)
+    b = make_batch([training_example(enc.encode(recs[i], i)) for i in range(3)], 0)
     return model, {"model_inputs": b.model_inputs, "text_rows": b.text_rows, "visual_rows": b.visual_rows}
 
 

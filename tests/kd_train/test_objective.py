@@ -1,13 +1,19 @@
-"""The student's row-only forward and the exact cheap Gram used by RDist."""
+"""The objective (one table of terms, the step-wide normalisation), the student's row-only forward and the exact
+cheap Gram used by RDist."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from kd_train.losses import gram
-from kd_train.objective import RowLogits, StudentGram
+from kd_cache.codec import TopKRows
+from kd_train.losses import KDLossConfig, ce_loss, gram, mdist_loss
+from kd_train.objective import TERM_TABLE, TERMS, Objective, RowLogits, StepCounts, StudentGram, loss_scales
 from kd_train.student import load_student
+
+F64 = dict(rtol=1e-9, atol=1e-11)
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +112,91 @@ def test_a_student_equal_to_a_softcapped_teacher_has_zero_mdist(tmp_path):
     kd = lambda z: float(mdist_loss(z, t.topk_ids, t.topk_logprobs, t.tail_logprob).sum())  # noqa: E731
     assert kd(zt) < 1e-4 * len(pos)  # the same function: nothing to distil
     assert kd(raw) > 100 * max(kd(zt), 1e-6)  # without the transform the student would chase another function
+
+
+# ------------------------------------------------------------------------------------------ the step-wide normalisation
+
+
+def _text_batch(n: int, v: int, seed: int) -> SimpleNamespace:
+    """A micro-batch of n text rows (every third unlabelled) with top-4 teacher targets, no visual rows."""
+    g = torch.Generator().manual_seed(seed)
+    lp = torch.log_softmax(torch.randn(n, v, generator=g, dtype=torch.float64) * 2, -1)
+    tlp, ids = lp.topk(4, dim=-1)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::3] = -100
+    return SimpleNamespace(text_labels=labels, text_targets=TopKRows(ids, tlp, torch.log1p(-tlp.exp().sum(-1)), None),
+                           visual_targets=None, n_text=n, n_visual=0, visual_splits=[], grams=None, has_targets=True)
+
+
+def test_micro_batches_normalised_by_the_step_rows_equal_one_big_batch():
+    """Each micro-batch's sums divided by the rows of the whole step (all micro-batches, all ranks): the accumulated
+    gradient is the per-row mean of one combined batch; `world_size` undoes DDP's gradient averaging."""
+    v, sizes = 11, (2, 5, 4)  # uneven micro-batches
+    cfg = KDLossConfig(rdist_weight=0.0, mdist_visual_weight=0.0, kind="jsd", temperature=2.0)
+    objective = Objective(cfg, None)
+    batches = [_text_batch(n, v, seed=30 + i) for i, n in enumerate(sizes)]
+    g = torch.Generator().manual_seed(40)
+    s_all = (torch.randn(sum(sizes), v, generator=g, dtype=torch.float64) * 1.5).requires_grad_(True)
+    parts = torch.split(s_all, sizes)
+    no_visual = s_all[:0]
+    step = StepCounts(text=sum(sizes), visual=0, gram=0)
+
+    cat = lambda f: torch.cat([f(b) for b in batches])  # noqa: E731
+    labels = cat(lambda b: b.text_labels)
+    ids, tlp, tail = (cat(lambda b: getattr(b.text_targets, k)) for k in ("ids", "logprobs", "tail"))
+    big = (ce_loss(s_all, labels) + mdist_loss(s_all, ids, tlp, tail, kind="jsd", temperature=2.0)) / sum(sizes)
+    (g_big,) = torch.autograd.grad(big, s_all)
+
+    acc = sum(objective(p, no_visual, None, b, step, 1)[0] for p, b in zip(parts, batches))
+    (g_acc,) = torch.autograd.grad(acc, s_all)
+    torch.testing.assert_close(acc, big, **F64)
+    torch.testing.assert_close(g_acc, g_big, **F64)
+
+    # per-micro-batch means do NOT reproduce the big batch (what the step-wide counts avoid)
+    own = lambda b: StepCounts(text=b.n_text, visual=0, gram=0)  # noqa: E731
+    wrong = sum(objective(p, no_visual, None, b, own(b), 1)[0] for p, b in zip(parts, batches)) / len(sizes)
+    assert not torch.allclose(wrong, big)
+
+    # two DDP ranks ({mb0, mb1} and {mb2}) whose gradients are averaged: world_size=2
+    rank_losses = [objective(parts[0], no_visual, None, batches[0], step, 2)[0]
+                   + objective(parts[1], no_visual, None, batches[1], step, 2)[0],
+                   objective(parts[2], no_visual, None, batches[2], step, 2)[0]]
+    rank_grads = [torch.autograd.grad(loss, s_all)[0] for loss in rank_losses]
+    torch.testing.assert_close((rank_grads[0] + rank_grads[1]) / 2, g_big, **F64)
+
+
+def test_one_table_of_terms_for_the_loss_and_the_metrics():
+    cfg = KDLossConfig(ce_weight=0.5, mdist_text_weight=2.0, mdist_visual_weight=3.0, rdist_weight=4.0)
+    assert TERMS == tuple(t.name for t in TERM_TABLE) == ("ce", "mdist_text", "mdist_visual", "rdist")
+    counts = StepCounts(text=10, visual=40, gram=0)
+    assert loss_scales(cfg, counts, 2) == {"ce": 0.5 * 2 / 10, "mdist_text": 2.0 * 2 / 10,
+                                           "mdist_visual": 3.0 * 2 / 40, "rdist": 4.0 * 2 / 1}
+    metrics = Objective(cfg, None).metrics({"ce": 5.0, "mdist_text": 0.0, "mdist_visual": 8.0, "rdist": 0.0}, counts)
+    assert metrics == {"ce": 0.5, "mdist_visual": 0.2}  # CE always; the others when they were computed
+    assert Objective(cfg, None).metrics({}, counts) == {"ce": 0.0}
+    with pytest.raises(ValueError, match="world_size must be an int >= 1, got 0"):
+        loss_scales(cfg, counts, 0)
+
+
+def test_the_layout_types_a_decoded_samples_targets():
+    """What the batch carries: the decoded sample's arrays, typed by the cache's target specs, with the teacher's
+    vocabulary and the draws per row."""
+    import numpy as np
+
+    from kd_cache.codec import SampledRows, TargetLayout, concat_targets
+    from kd_cache.format import TargetSpec
+
+    layout = TargetLayout(TargetSpec("topk", k=2), TargetSpec("sampled", samples=5), vocab_size=99)
+    sample = {"sample_id": "a", "text_topk_ids": np.array([[3, 1]]), "text_topk_logprobs": np.array([[-0.1, -2.0]]),
+              "text_tail_logprob": np.array([-3.0]), "visual_sample_ids": np.array([4, 7, 2]),
+              "visual_sample_counts": np.array([1, 4, 5]), "visual_sample_row_lengths": np.array([2, 1])}
+    text, visual = layout.targets(sample, "text"), layout.targets(sample, "visual")
+    assert isinstance(text, TopKRows) and text.vocab_size == 99 and text.n_rows == 1
+    assert text.ids is sample["text_topk_ids"] and text.tail is sample["text_tail_logprob"]
+    assert isinstance(visual, SampledRows) and visual.draws == 5 and visual.n_rows == 2
+    both = concat_targets([visual, visual]).map(torch.as_tensor)
+    assert both.draws == 5 and both.ids.tolist() == [4, 7, 2, 4, 7, 2] and both.row_lengths.tolist() == [2, 1, 2, 1]
+    with pytest.raises(ValueError, match="holds no text_sample_ids.*not sampled targets"):
+        TargetLayout(TargetSpec("sampled", samples=5), layout.visual, 99).targets(sample, "text")
+    with pytest.raises(ValueError, match="must share the draws per row, got \\[5, 6\\]"):
+        concat_targets([visual, SampledRows(visual.ids, visual.counts, visual.row_lengths, 6)])

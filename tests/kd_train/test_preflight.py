@@ -22,6 +22,8 @@ def no_model_loads(monkeypatch):
     """Any attempt to load weights fails the test: the checks must come first."""
     import transformers
 
+    import kd_eval.evaluate  # noqa: F401 - modules that bind load_student are imported before the patch,
+    import kd_train.engine  # noqa: F401   so that none of them keeps the patched loader after the test
     import kd_train.student
 
     def forbidden(*a, **k):

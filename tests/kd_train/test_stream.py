@@ -325,12 +325,12 @@ def test_corrupt_shard_is_named_or_skipped(llava_cache, tiny_data, tmp_path):
     cache = tmp_path / "cache"
     shutil.copytree(llava_cache, cache)
     shard = open_cache(str(cache)).shards[1]
-    path = cache / shard["name"]
+    path = cache / shard.name
     size = path.stat().st_size
     with open(path, "r+b") as f:
         f.seek(size // 2)
         f.write(b"\xde\xad\xbe\xef" * 64)
-    with pytest.raises(CorruptShardError, match=Path(shard["name"]).name):
+    with pytest.raises(CorruptShardError, match=Path(shard.name).name):
         list(make(cache, tiny_data))
     st = make(cache, tiny_data, skip_corrupt_shards=True)
     got = list(st)
@@ -343,7 +343,7 @@ def test_corrupt_shard_is_named_or_skipped(llava_cache, tiny_data, tmp_path):
 def test_checksums_catch_corruption_that_still_decodes(llava_cache, tiny_data, tmp_path):
     cache = tmp_path / "cache"
     shutil.copytree(llava_cache, cache)
-    name = open_cache(str(cache)).shards[0]["name"]
+    name = open_cache(str(cache)).shards[0].name
     path = cache / name
     raw = path.read_bytes()
     assert b"parquet-cpp" in raw  # the writer's name in the footer: free text, no reader looks at it
@@ -352,7 +352,7 @@ def test_checksums_catch_corruption_that_still_decodes(llava_cache, tiny_data, t
     with pytest.raises(CorruptShardError, match=f"{Path(name).name}.*sha256"):
         list(make(cache, tiny_data, verify_checksums=True))
     st = make(cache, tiny_data, verify_checksums=True, skip_corrupt_shards=True)
-    assert len(list(st)) == 12 - open_cache(str(cache)).shards[0]["rows"] and st.stats["corrupt_shards"] == 1
+    assert len(list(st)) == 12 - open_cache(str(cache)).shards[0].rows and st.stats["corrupt_shards"] == 1
 
 
 def test_sample_id_mismatch_is_refused(llava_cache, tiny_data, tmp_path):
