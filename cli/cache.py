@@ -24,14 +24,16 @@ def build(cfg: BuildConfig) -> None:
     run it under `torchrun`/`accelerate launch` to split the work across processes."""
     from kd_cache.backends import end_process
     from kd_cache.build import build as run_build
+    from kd_cache.format import Manifest
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with reported():
         manifest = run_build(cfg)
     if manifest is not None:
-        sk = manifest["skipped"]
-        typer.echo(f"cache complete: {manifest['num_samples']} samples in {len(manifest['shards'])} shards at {cfg.out}"
-                   f" ({sk['total']} skipped{': ' + json.dumps(sk['by_reason']) if sk['total'] else ''})")
+        m = Manifest.parse(manifest, cfg.out)
+        skipped = f": {json.dumps(m.skipped_by_reason)}" if m.skipped_total else ""
+        typer.echo(f"cache complete: {m.num_samples} samples in {len(m.shards)} shards at {cfg.out} "
+                   f"({m.skipped_total} skipped{skipped})")
     end_process(cfg.backend)  # the backend's own exit rule (vLLM: skip the interpreter teardown)
 
 

@@ -113,3 +113,26 @@ def smollm2_tokenizer():
     folder = Path(spec.submodule_search_locations[0])
     gguf = next(folder.glob("*.gguf"))
     return AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf.name)
+
+
+def run_in_group(cmd: list[str], *, env: dict | None = None, timeout: float = 600, cwd=None):
+    """Run a multi-process launcher in its own process group; on timeout the whole group is killed, so no rank
+    outlives a failed test. Returns the CompletedProcess (text stdout / stderr)."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(map(str, cmd[:6]))} ... ran past {timeout} s; its process group was killed\n"
+                             f"{err[-3000:]}") from None
+    finally:
+        try:  # ranks the launcher left behind (it exited, they did not)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
