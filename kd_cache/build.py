@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 
 import torch
@@ -16,8 +17,9 @@ from kd_cache.backends import load_teacher, preflight as backend_preflight
 from kd_cache.build_config import BuildConfig
 from kd_cache.config import to_dict
 from kd_cache.data import Encoder, RecordSource, SkipSample, max_images_for, sample_id_of
-from kd_cache.files import atomic_write_text, remove_stale_temps
-from kd_cache.hf import load_processor_and_config, text_config, tokenizer_fingerprint, weights_fingerprint
+from kd_cache.files import atomic_write_bytes, atomic_write_text, remove_stale_temps
+from kd_cache.hf import (load_processor_and_config, text_config, tokenizer_fingerprint, tokenizer_of,
+                         weights_fingerprint)
 from kd_cache.lock import BuildLock, is_lock_file
 from kd_cache.manifest import done_path, try_finalize
 from kd_cache.progress import progress, quiet_library_bars
@@ -127,6 +129,7 @@ def _build_locked(cfg: BuildConfig, records: RecordSource, rank: int, world: int
         log.info("cache at %s is already complete", cfg.out)
         return _complete_manifest(out)
     _prepare_folder(cfg, out, rank, world, want)
+    tokenizer_files = save_teacher_tokenizer(processor, out)
     n_local = len(range(rank, len(records), world))
     if remote is not None:
         remote.start(n_local)
@@ -136,7 +139,7 @@ def _build_locked(cfg: BuildConfig, records: RecordSource, rank: int, world: int
         with open(done_path(out, rank, world)) as f:
             header = json.load(f).get("header")  # what the shards were written with (teacher dtype, head rows)
         if header is None:  # a done file of an older kd: rebuilt without the loaded teacher
-            header = _header(cfg, config, processor, None, records, multimodal)
+            header = _header(cfg, config, processor, None, records, multimodal, tokenizer_files=tokenizer_files)
         return _finalize(out, world, header, remote)
     if start:
         log.info("rank %d resuming at local sample %d of %d", rank, start, n_local)
@@ -155,7 +158,8 @@ def _build_locked(cfg: BuildConfig, records: RecordSource, rank: int, world: int
     load_seconds = time.perf_counter() - t_load
     if teacher.vocab_size != opts.vocab_size:
         opts = TargetOptions.from_config(cfg, teacher.vocab_size)
-    header = _header(cfg, config, processor, teacher_id_future.result(), records, multimodal, opts, teacher.dtype)
+    header = _header(cfg, config, processor, teacher_id_future.result(), records, multimodal, opts, teacher.dtype,
+                     tokenizer_files=tokenizer_files)
     encoder = Encoder(processor, teacher.image_token_id, image_root=cfg.images, max_length=cfg.max_length,
                       max_images=max_images_for(config, cfg.max_images), append_eos=cfg.append_eos)
     writer = ShardWriter(out, rank, world, start=start, shard_size=cfg.shard_size,
@@ -248,7 +252,7 @@ def _finalize(out: str, world: int, header: dict, remote: RemoteOutput | None) -
 
 
 def _header(cfg: BuildConfig, config, processor, teacher_id, records, multimodal,
-            opts: TargetOptions | None = None, dtype=None) -> dict:
+            opts: TargetOptions | None = None, dtype=None, tokenizer_files: list[dict] | None = None) -> dict:
     """Manifest fields that describe the build (identical on every rank). Without `opts` (no teacher loaded), the
     options are those of the config's vocabulary."""
     if teacher_id is None:
@@ -282,7 +286,31 @@ def _header(cfg: BuildConfig, config, processor, teacher_id, records, multimodal
         "data": {"source": records.description, "fingerprint": records.fingerprint,
                  "images": os.path.abspath(cfg.images) if cfg.images else None, "num_records": len(records)},
         "config": cfg.semantic(),
+        "tokenizer_files": tokenizer_files or [],
     }
+
+
+def save_teacher_tokenizer(processor, out: str) -> list[dict]:
+    """Write the teacher's tokenizer files (and its chat template) to `<out>/teacher_tokenizer/`, each atomically,
+    so that a student of another tokenizer decodes the cached ids without the teacher's repository. Every rank
+    writes the same bytes; returns the manifest's `tokenizer_files` entries (name, bytes, sha256)."""
+    tok = tokenizer_of(processor)
+    folder = os.path.join(out, fmt.TOKENIZER_DIR)
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="kd-tokenizer-") as tmp:
+        tok.save_pretrained(tmp)
+        template = getattr(processor, "chat_template", None)
+        if template and not os.path.exists(os.path.join(tmp, "chat_template.jinja")):
+            with open(os.path.join(tmp, "chat_template.jinja"), "w", encoding="utf-8") as f:
+                f.write(template)  # a processor's template (LLaVA's): the tokenizer's own files lack it
+        entries = []
+        for name in sorted(os.listdir(tmp)):
+            with open(os.path.join(tmp, name), "rb") as f:
+                data = f.read()
+            atomic_write_bytes(os.path.join(folder, name), data)
+            entries.append({"name": f"{fmt.TOKENIZER_DIR}/{name}", "bytes": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest()})
+    return entries
 
 
 def _fp(d: dict) -> str:

@@ -19,7 +19,8 @@ from typing import Any, ClassVar, TypedDict, Union
 import numpy as np
 import pyarrow as pa
 
-from kd_cache.format import GRAM_HI_VECTORS, LOGPROB_MAX_CODE, LOGPROB_SCALE, V1_LOGPROB_SCALE, TargetSpec
+from kd_cache.format import (GRAM_HI_VECTORS, LOGPROB_MAX_CODE, LOGPROB_SCALE, OBSERVED_COLUMN, V1_LOGPROB_SCALE,
+                             TargetSpec)
 
 ROWS = ("text", "visual")
 # decoded per-row keys of each target kind, in the order of the typed targets' arrays (logsumexp is informational)
@@ -42,6 +43,7 @@ class CachedSample(TypedDict, total=False):
     text_sample_counts: np.ndarray  # (D,) int64, each row's counts sum to the draws per row
     text_sample_row_lengths: np.ndarray  # (N,) int64: unique ids per row
     text_logsumexp: np.ndarray  # (N,) float32
+    text_observed_logprob: np.ndarray  # (N,) float32: log-prob of the observed next token (format v3)
     visual_topk_ids: np.ndarray  # the same keys for the visual rows, with M rows
     visual_topk_logprobs: np.ndarray
     visual_tail_logprob: np.ndarray
@@ -195,6 +197,18 @@ def decode_logprobs(delta: np.ndarray) -> np.ndarray:
     return (codes.astype(np.float32) * np.float32(-1.0 / LOGPROB_SCALE)).astype(np.float32)
 
 
+def encode_observed(logprobs: np.ndarray) -> np.ndarray:
+    """(N,) log-probs of the observed next tokens -> (N,) uint8 codes of 1/8 nat (|error| <= 1/16 nat down to
+    -31.9; lower ones stored as -31.875). Not delta-coded: one value per row."""
+    lp = np.asarray(logprobs, dtype=np.float64).ravel()
+    return np.clip(np.rint(-lp * LOGPROB_SCALE), 0, LOGPROB_MAX_CODE).astype(np.uint8)
+
+
+def decode_observed(codes: np.ndarray) -> np.ndarray:
+    """(N,) uint8 codes -> (N,) float32 log-probs."""
+    return (np.asarray(codes, dtype=np.float32) * np.float32(-1.0 / LOGPROB_SCALE)).astype(np.float32)
+
+
 def decode_logprobs_v1(codes: np.ndarray) -> np.ndarray:
     """v1 uint16 codes -> float32 log-probs."""
     return (np.asarray(codes, dtype=np.float32) * np.float32(-1.0 / V1_LOGPROB_SCALE)).astype(np.float32)
@@ -302,6 +316,8 @@ def encode_table(samples: list[SampleTargets], sch: pa.Schema) -> pa.Table:
             typ = sch.field(name).type.value_type
             if key == "topk_codes":
                 chunks = [encode_logprobs(d["topk_logprobs"]).ravel() for d in t]
+            elif key == OBSERVED_COLUMN:
+                chunks = [encode_observed(d["observed_logprob"]) for d in t]
             elif key == "sample_ids":
                 chunks = [ids_to_gaps(d["sample_ids"], d["sample_row_lengths"]) for d in t]
             else:
@@ -349,6 +365,8 @@ def decode_row(row: dict[str, Any], text_spec: TargetSpec, visual_spec: TargetSp
         "text_positions": tpos,
         "visual_positions": vpos,
     }
+    if f"text_{OBSERVED_COLUMN}" in row:
+        out["text_observed_logprob"] = decode_observed(row[f"text_{OBSERVED_COLUMN}"])
     for prefix, spec, n in (("text", text_spec, len(tpos)), ("visual", visual_spec, len(vpos))):
         get = lambda key: row[f"{prefix}_{key}"]  # noqa: E731
         out[f"{prefix}_logsumexp"] = np.asarray(get("logsumexp"), dtype=np.float32)

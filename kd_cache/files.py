@@ -54,10 +54,15 @@ def fsync_dir(path: str) -> None:
 def atomic_write_text(path: str, text: str) -> None:
     """Write `path` whole or not at all: `<path>.tmp.<pid>.<host>`, fsync, rename. A failed write (ENOSPC...)
     removes its temporary file; one left by a killed process is removed by the next build (`remove_stale_temps`)."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """`atomic_write_text` for bytes."""
     tmp = f"{path}.tmp.{os.getpid()}.{_safe_host()}"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -76,7 +81,7 @@ def remove_stale_temps(out_dir: str, rank: int, world_size: int) -> list[str]:
     is gone, or when they are older than ten minutes. Returns the removed paths."""
     mine = f"rank-{rank:05d}-of-{world_size:05d}."
     removed = []
-    for sub in ("", fmt.PROGRESS_DIR, fmt.SHARD_DIR):
+    for sub in ("", fmt.PROGRESS_DIR, fmt.SHARD_DIR, fmt.TOKENIZER_DIR):
         folder = os.path.join(out_dir, sub) if sub else out_dir
         try:
             names = os.listdir(folder)

@@ -20,16 +20,17 @@ from typing import Any
 
 import pyarrow as pa
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Bumped on any change a reader must know about. Readers refuse versions they do not know."""
 
-SUPPORTED_VERSIONS = (1, 2)
+SUPPORTED_VERSIONS = (1, 2, 3)
 
 MANIFEST_NAME = "manifest.json"
 CONFIG_NAME = "build_config.json"
 CARD_NAME = "README.md"
 SHARD_DIR = "shards"
 PROGRESS_DIR = "_progress"
+TOKENIZER_DIR = "teacher_tokenizer"  # v3: the teacher's tokenizer files, so a cache is read without the teacher
 
 # v1: uint16 codes, code = round(-logprob * 256): |error| <= 1/512 nat for logprob >= -255.99.
 V1_LOGPROB_SCALE = 256.0
@@ -54,9 +55,16 @@ _KIND_COLUMNS = {
 V1_TARGET_COLUMNS = ("topk_ids", "topk_logprobs", "tail_logprob", "logsumexp")
 
 
+# v3: the teacher's log-prob of the token actually observed next at each response row (it may fall outside the
+# top-k); cross-tokenizer losses merge such log-probs over a group of tokens (chain rule). Same 1/8-nat uint8 code.
+OBSERVED_COLUMN = "observed_codes"
+
+
 def row_columns(prefix: str, kind: str, version: int = FORMAT_VERSION) -> tuple[str, ...]:
     """Columns of the `prefix` ("text" / "visual") rows for a target kind, positions first."""
     cols = V1_TARGET_COLUMNS if version == 1 else _KIND_COLUMNS[kind]
+    if version >= 3 and prefix == "text":
+        cols = cols + (OBSERVED_COLUMN,)
     return (f"{prefix}_positions",) + tuple(f"{prefix}_{c}" for c in cols)
 
 
@@ -75,7 +83,7 @@ def schema(text_kind: str = "topk", visual_kind: str = "topk", vocab_size: int =
     else:
         ids = pa.list_(id_type(vocab_size))
         types = {"topk_ids": ids, "topk_codes": pa.list_(pa.uint8()), "tail_logprob": f32, "logsumexp": f32,
-                 "sample_ids": ids, "sample_counts": pa.list_(pa.uint8())}
+                 "sample_ids": ids, "sample_counts": pa.list_(pa.uint8()), OBSERVED_COLUMN: pa.list_(pa.uint8())}
         # eigenvector codes as raw little-endian bytes: Parquet would widen list<int8> to 32-bit values
         gram = [("gram", f32), ("gram_mean", f32), ("gram_eigvals", f32), ("gram_eigvec_scales", f32),
                 ("gram_eigvecs_hi", pa.binary()), ("gram_eigvecs", pa.binary())]
@@ -88,7 +96,8 @@ def schema(text_kind: str = "topk", visual_kind: str = "topk", vocab_size: int =
 
 
 # Float lists compress better split by byte plane, and so do the 2-byte ids and the delta codes.
-_BSS_SUFFIXES = ("tail_logprob", "logsumexp", "topk_ids", "topk_codes", "sample_ids", "sample_counts")
+_BSS_SUFFIXES = ("tail_logprob", "logsumexp", "topk_ids", "topk_codes", "sample_ids", "sample_counts",
+                 OBSERVED_COLUMN)
 _BSS_COLUMNS = ("gram", "gram_mean", "gram_eigvals", "gram_eigvec_scales")
 
 
@@ -266,6 +275,15 @@ class ShardEntry:
 
 
 @dataclass(frozen=True)
+class FileEntry:
+    """A file of the cache beside its shards (the teacher's tokenizer files), with its size and sha256."""
+
+    name: str  # relative path inside the cache, e.g. "teacher_tokenizer/tokenizer.json"
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A parsed, checked `manifest.json`: the one place that knows its fields and the defaults of older versions.
 
@@ -299,6 +317,13 @@ class Manifest:
     data_source: str | None  # the records the cache was built from (their description and fingerprint)
     data_fingerprint: str | None
     build: dict  # world size, wall time, per-rank timings: informational
+    tokenizer_files: tuple[FileEntry, ...] = ()  # v3: the teacher's tokenizer (empty in older caches)
+
+    @property
+    def self_contained(self) -> bool:
+        """Whether the cache carries the teacher's tokenizer (and per-row observed log-probs): what a student with
+        another tokenizer needs to learn from it."""
+        return self.version >= 3 and bool(self.tokenizer_files)
 
     @property
     def has_visual(self) -> bool:
@@ -367,6 +392,8 @@ class Manifest:
             shards=shards, skipped_total=skipped.count("total", 0), skipped_by_reason=dict(by_reason),
             data_source=data.text("source", optional=True), data_fingerprint=data.text("fingerprint", optional=True),
             build=build,
+            tokenizer_files=tuple(_file_entry(f, i, where) for i, f in enumerate(
+                m.items("tokenizer_files") if "tokenizer_files" in d else [])),
         )
 
     @classmethod
@@ -385,6 +412,17 @@ class Manifest:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ManifestError(f"{where}: not valid JSON ({e})") from None
         return cls.parse(d, where)
+
+
+def _file_entry(e: Any, i: int, where: str) -> FileEntry:
+    f = _Fields(e, f"tokenizer_files[{i}]", where)
+    name = check_relative_name(e.get("name"), f"tokenizer_files[{i}].name", where)
+    if not name.startswith(TOKENIZER_DIR + "/"):
+        raise ManifestError(f"{where}: tokenizer_files[{i}].name {name!r} must lie in {TOKENIZER_DIR}/")
+    sha = e.get("sha256")
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        raise ManifestError(f"{where}: tokenizer_files[{i}].sha256 must be 64 hexadecimal characters, got {sha!r}")
+    return FileEntry(name=name, bytes=f.count("bytes"), sha256=sha.lower())
 
 
 def _shard_entry(s: Any, i: int, where: str) -> ShardEntry:

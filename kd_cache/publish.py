@@ -22,7 +22,7 @@ from kd_cache.files import atomic_write_text
 
 log = logging.getLogger("kd_cache")
 
-UPLOADED = (fmt.CARD_NAME, fmt.MANIFEST_NAME, fmt.CONFIG_NAME, f"{fmt.SHARD_DIR}/*.parquet")
+UPLOADED = (fmt.CARD_NAME, fmt.MANIFEST_NAME, fmt.CONFIG_NAME, f"{fmt.SHARD_DIR}/*.parquet", f"{fmt.TOKENIZER_DIR}/*")
 
 
 class NotPublishable(ValueError):

@@ -9,7 +9,9 @@ downloaded once, checked against the manifest's sha256 and read locally from the
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -20,7 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 from kd_cache import format as fmt
 from kd_cache.codec import CachedSample, columns, decode_row, stored_row
 from kd_cache.errors import missing_dependency
-from kd_cache.files import sha256_stream
+from kd_cache.files import atomic_write_bytes, sha256_stream
 from kd_cache.format import Manifest, ShardEntry
 from kd_cache.shards import READ_ERRORS, CorruptShardError, open_checked
 
@@ -164,6 +166,32 @@ class Cache:
             raise
         except READ_ERRORS as e:
             raise CorruptShardError(self.shards[i].name, f"{where}: {type(e).__name__}: {e}") from e
+
+    def teacher_tokenizer_folder(self, dest: str | os.PathLike | None = None) -> str:
+        """A local folder holding the teacher's tokenizer files the cache carries (format v3), each checked against
+        the manifest's sha256: `transformers.AutoTokenizer.from_pretrained(folder)` decodes the cached ids without
+        the teacher's repository. A local cache's own folder is returned as it is; a remote one's files are
+        downloaded into `dest` (default: a new temporary folder)."""
+        files = self.manifest.tokenizer_files
+        if not files:
+            raise ValueError(f"{self.url} carries no teacher tokenizer (format v{self.version}; kd writes it from format "
+                             "v3 on): pass the teacher's tokenizer folder yourself, or rebuild the cache")
+        if isinstance(self.fs, LocalFileSystem) and dest is None:
+            folder = f"{self.root}/{fmt.TOKENIZER_DIR}"
+            for f in files:
+                got = sha256_stream(open(f"{self.root}/{f.name}", "rb"))
+                if got != f.sha256:
+                    raise ValueError(f"{f.name}: sha256 {got} differs from the manifest's {f.sha256}")
+            return folder
+        out = os.path.join(str(dest) if dest is not None else tempfile.mkdtemp(prefix="kd-teacher-tokenizer-"),
+                           fmt.TOKENIZER_DIR)
+        os.makedirs(out, exist_ok=True)
+        for f in files:
+            data = self.fs.cat_file(f"{self.root}/{f.name}")
+            if hashlib.sha256(data).hexdigest() != f.sha256:
+                raise ValueError(f"{f.name}: the copy downloaded from {self.url} differs from the manifest's sha256")
+            atomic_write_bytes(os.path.join(out, f.name.split("/", 1)[1]), data)
+        return out
 
     def decode(self, row: dict[str, Any]) -> CachedSample:
         """One stored row -> the documented sample dict of numpy arrays (dequantized, Gram dense)."""

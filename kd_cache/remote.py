@@ -297,6 +297,8 @@ class RemoteOutput:
         if manifest is None:
             shutil.rmtree(work, ignore_errors=True)
             return None
+        for entry in header.get("tokenizer_files", []):  # the teacher's tokenizer, written by every rank at its start
+            self.put(os.path.join(self.staging, entry["name"]), entry["name"])
         self.put(os.path.join(work, fmt.CARD_NAME), fmt.CARD_NAME)
         self.put(os.path.join(work, fmt.MANIFEST_NAME), fmt.MANIFEST_NAME)
         shutil.rmtree(work, ignore_errors=True)

@@ -91,6 +91,17 @@ def topk_targets(logits: torch.Tensor, k: int, *, chunk_rows: int = 256) -> RowT
     return RowTargets(torch.cat(ids), torch.cat(lps), torch.cat(tails), torch.cat(lses))
 
 
+def observed_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, chunk_rows: int = 256) -> torch.Tensor:
+    """(N,) float32 log-probs of `labels` (N,) under softmax(logits (N, V)): the teacher's probability of the token
+    actually observed next, which may fall outside the top-k (cross-tokenizer losses merge them over a group)."""
+    out = []
+    for start in range(0, logits.shape[0], chunk_rows):
+        z = logits[start: start + chunk_rows].float()
+        lab = labels[start: start + chunk_rows].to(z.device, torch.long)
+        out.append(z.gather(1, lab[:, None])[:, 0] - torch.logsumexp(z, dim=-1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float32, device=logits.device)
+
+
 def row_targets(logits: torch.Tensor, kind: str, k: int, samples: int, generator: torch.Generator | None):
     """Targets of one kind for (N, V) logits rows."""
     if kind == "topk":

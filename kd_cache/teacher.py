@@ -11,7 +11,7 @@ from kd_cache.codec import SampleTargets
 from kd_cache.data import EncodedSample, image_token_id_of
 from kd_cache.hf import (collate, head_vocab_size, load_processor_and_config, logit_transform, pad_token_id,
                          pick_device, pick_dtype, tokenizer_of)
-from kd_cache.targets import TargetOptions, gram_factors, row_targets, to_host
+from kd_cache.targets import TargetOptions, gram_factors, observed_logprobs, row_targets, to_host
 
 
 class Teacher:
@@ -67,16 +67,18 @@ class Teacher:
             zt = self.row_logits(h, head, torch.as_tensor(s.text_positions, device=self.device))
             zv = self.row_logits(h, head, torch.as_tensor(s.visual_positions, device=self.device))
             tt = row_targets(zt, opts.text_kind, opts.text_k, opts.samples, gen)
+            obs = observed_logprobs(zt, torch.as_tensor(s.input_ids[s.text_positions + 1], device=self.device))
             vt = row_targets(zv, opts.visual_kind, opts.visual_k, opts.samples, gen)
             g = None
             if opts.gram and len(s.visual_positions):
                 g = gram_factors(zv, tolerance=opts.gram_tolerance, lowrank=opts.gram_lowrank)
-            pending.append((index, s, tt, vt, g))
+            pending.append((index, s, tt, obs, vt, g))
         # all device work is queued before the first host copy
         return [SampleTargets(sample_index=index, sample_id=s.sample_id, input_ids=s.input_ids,
                               text_positions=s.text_positions, visual_positions=s.visual_positions,
-                              text=to_host(tt), visual=to_host(vt), gram=None if g is None else to_host(g))
-                for index, s, tt, vt, g in pending]
+                              text=to_host(tt) | {"observed_logprob": obs.cpu().numpy()}, visual=to_host(vt),
+                              gram=None if g is None else to_host(g))
+                for index, s, tt, obs, vt, g in pending]
 
     def close(self) -> None:
         """Release the model. `build()` calls this when the build ends (the vLLM teacher stops its engine there)."""

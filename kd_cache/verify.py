@@ -67,6 +67,7 @@ def info(path_or_url: str) -> dict:
         "column_bytes": dict(sorted(col_bytes.items())),
         "shards": shards,
         "skipped": {"total": m.skipped_total, "by_reason": m.skipped_by_reason},
+        "self_contained": m.self_contained,  # carries the teacher tokenizer + observed log-probs (other students)
         "build": {k: m.build.get(k) for k in ("world_size", "wall_seconds", "finished_at")},
     }
 
@@ -84,6 +85,9 @@ def format_info(d: dict) -> str:
         f"({_kind(d, 'visual')})   grams {d['gram_samples']:,}",
         f"bytes/row    text {fmt_b(d['bytes_per_text_row'])}   visual {fmt_b(d['bytes_per_visual_row'])}   "
         f"gram {fmt_b(d['bytes_per_gram'])} per sample   common {fmt_b(d['bytes_per_sample_common'])} per sample",
+        "tokenizer    " + ("the teacher's is stored (teacher_tokenizer/), with the observed next-token log-prob of "
+                             "every response row" if d["self_contained"] else "not stored (format before v3: no "
+                             "tokenizer files, no observed log-probs)"),
         f"skipped      {d['skipped']['total']}" + "".join(f"\n  {r:<28} {n}" for r, n in d["skipped"]["by_reason"].items()),
         "shards:",
     ]
@@ -131,6 +135,14 @@ def verify(path_or_url: str, *, checksums: bool = True) -> list[str]:
             problems.append(f"{name}: schema differs from format v{m.version} with these targets")
         problems += [f"{name}: {p}" for p in footer_problems(metadata, s, m, strict=True)]
         total += metadata.num_rows
+    for f in m.tokenizer_files:
+        path = f"{cache.root}/{f.name}"
+        if not fs.exists(path):
+            problems.append(f"{f.name}: missing")
+        elif fs.size(path) != f.bytes:
+            problems.append(f"{f.name}: size {fs.size(path)} bytes, manifest says {f.bytes}")
+        elif checksums and shard_sha256(fs, path) != f.sha256:
+            problems.append(f"{f.name}: sha256 mismatch (content changed since the build)")
     if total != m.num_samples and not any("missing" in p for p in problems):
         problems.append(f"shards hold {total} samples, manifest says {m.num_samples}")
     return problems

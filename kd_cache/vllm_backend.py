@@ -297,7 +297,8 @@ class VllmTeacher:
                 f"sample {s.sample_id!r}: vLLM's prompt differs from the cached input_ids at token {diff} "
                 f"({len(got)} vs {L} tokens): vLLM expanded the image placeholders differently from the "
                 "teacher's processor; use --backend transformers for this teacher")
-        ids, vals = _rows(r.prompt_logprobs, L, self.vocab_size if self.full else self.k_request, self._flat)
+        ids, vals, observed = _rows(r.prompt_logprobs, L, self.vocab_size if self.full else self.k_request,
+                                    self._flat)
         tpos, vpos = s.text_positions, s.visual_positions
         if self.full:
             z = torch.empty((L, self.vocab_size), dtype=torch.float32)
@@ -309,6 +310,8 @@ class VllmTeacher:
             gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + index)
             zt, zv = z[torch.as_tensor(tpos)], z[torch.as_tensor(vpos)]
             text = kd_targets.to_host(kd_targets.row_targets(zt, opts.text_kind, opts.text_k, opts.samples, gen))
+            labels = torch.as_tensor(s.input_ids[tpos + 1])
+            text["observed_logprob"] = kd_targets.observed_logprobs(zt, labels).numpy()
             visual = kd_targets.to_host(kd_targets.row_targets(zv, opts.visual_kind, opts.visual_k, opts.samples, gen))
             g = None
             if opts.gram and len(vpos):
@@ -316,6 +319,7 @@ class VllmTeacher:
                                                                lowrank=opts.gram_lowrank))
         else:
             text = self._topk_rows(ids, vals, tpos, opts.text_k)
+            text["observed_logprob"] = observed[np.asarray(tpos, dtype=np.int64)].astype(np.float32)
             if opts.visual_kind == "topk":
                 visual = self._topk_rows(ids, vals, vpos, opts.visual_k)
             else:  # a text-only teacher (a multimodal one with sampled visual rows runs in full-logits mode): no rows
@@ -352,8 +356,9 @@ def tail_from_topk(topk_logprobs: np.ndarray, vocab_size: int) -> np.ndarray:
     return tail.astype(np.float32)
 
 
-def _rows(pl, L: int, width: int, flat: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Prompt log-probs -> (ids, values), each (L, width): row t = vLLM's entry t+1, in rank order.
+def _rows(pl, L: int, width: int, flat: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prompt log-probs -> (ids, values), each (L, width): row t = vLLM's entry t+1, in rank order; and (L,) the
+    value of the token actually observed next (for raw-logit rows, that token's raw logit).
 
     vLLM puts the actual next token first in each entry, then the top-`width` ids in rank order.
     """
@@ -367,18 +372,27 @@ def _rows(pl, L: int, width: int, flat: bool) -> tuple[np.ndarray, np.ndarray]:
                              f"values, expected {width + 1})")
         lo, hi = (int(starts[0]), int(ends[-1])) if L else (0, 0)
         tok = np.asarray(pl.token_ids[lo:hi], dtype=np.int64).reshape(L, width + 1)[:, 1:]
-        val = np.asarray(pl.logprobs[lo:hi], dtype=np.float32).reshape(L, width + 1)[:, 1:]
-        return np.ascontiguousarray(tok), np.ascontiguousarray(val)
+        val = np.asarray(pl.logprobs[lo:hi], dtype=np.float32).reshape(L, width + 1)
+        return np.ascontiguousarray(tok), np.ascontiguousarray(val[:, 1:]), np.ascontiguousarray(val[:, 0])
     tok = np.empty((L, width), np.int64)
     val = np.empty((L, width), np.float32)
+    observed = np.empty(L, np.float32)
     for t in range(L):
+        observed[t] = _observed_value(pl[t + 1], t)
         entry = sorted(pl[t + 1].items(), key=lambda kv: kv[1].rank)
         top = [(i, lp.logprob) for i, lp in entry if lp.rank is not None and 1 <= lp.rank <= width][:width]
         if len(top) != width:
             raise ValueError(f"prompt row {t}: {len(top)} ranked log-probs, expected {width}")
         tok[t] = [i for i, _ in top]
         val[t] = [v for _, v in top]
-    return tok, val
+    return tok, val, observed
+
+
+def _observed_value(entry: dict, t: int) -> float:
+    """The observed next token's value in one prompt log-prob entry (vLLM's first key is that token)."""
+    if not entry:
+        raise ValueError(f"prompt row {t}: no log-probs")
+    return float(next(iter(entry.values())).logprob)
 
 
 def _fields() -> set:

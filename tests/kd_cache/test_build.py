@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,6 +75,14 @@ def assert_targets_match(sample, ref_sample, logits, k_text, k_vis, n_draws: int
     assert np.array_equal(sample["input_ids"], ref_sample.input_ids)
     assert np.array_equal(sample["text_positions"], ref_sample.text_positions)
     assert np.array_equal(sample["visual_positions"], ref_sample.visual_positions)
+    # format v3: the log-prob of the token observed next at every response row, inside the top-k or not
+    tpos = torch.tensor(sample["text_positions"], dtype=torch.long)
+    labels = torch.tensor(sample["input_ids"], dtype=torch.long)[tpos + 1]
+    want = torch.log_softmax(logits[tpos].double(), -1).gather(1, labels[:, None])[:, 0]
+    got = torch.tensor(sample["text_observed_logprob"]).double()
+    assert got.shape == want.shape
+    if len(tpos):
+        assert (got - want.clamp(min=-31.875)).abs().max() <= fmt.LOGPROB_MAX_ABS_ERROR + LOGIT_ATOL
     for prefix, k in (("text", k_text), ("visual", k_vis)):
         rows = torch.tensor(sample[f"{prefix}_positions"])
         if f"{prefix}_sample_ids" in sample:
@@ -237,6 +246,45 @@ def test_manifest_records_what_a_consumer_must_check(llava_cache):
     for s in m["shards"]:
         assert set(s) >= {"name", "rows", "bytes", "sha256"}
     assert (llava_cache / fmt.CARD_NAME).read_text().startswith("---\n")
+
+
+def test_the_cache_carries_the_teacher_tokenizer(tmp_path, llava_cache, llava_teacher):
+    """Format v3 is self-contained: the teacher's tokenizer files (with the chat template) are in the cache, listed
+    with their sha256, and load to a tokenizer with the teacher's fingerprint; verify checks them."""
+    import shutil
+
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from kd_cache.hf import tokenizer_fingerprint
+
+    cache = open_cache(str(llava_cache))
+    assert cache.manifest.self_contained and info(str(llava_cache))["self_contained"]
+    names = {f.name for f in cache.manifest.tokenizer_files}
+    assert f"{fmt.TOKENIZER_DIR}/tokenizer.json" in names and f"{fmt.TOKENIZER_DIR}/chat_template.jinja" in names
+    tok = AutoTokenizer.from_pretrained(cache.teacher_tokenizer_folder())
+    teacher = AutoProcessor.from_pretrained(str(llava_teacher))
+    want = tokenizer_fingerprint(teacher)
+    have = tokenizer_fingerprint(tok)
+    assert have["vocab_sha256"] == want["vocab_sha256"] and have["special_tokens"] == want["special_tokens"]
+    assert (Path(cache.teacher_tokenizer_folder()) / "chat_template.jinja").read_text() == teacher.chat_template
+    copy = tmp_path / "copy"
+    shutil.copytree(llava_cache, copy)
+    assert open_cache(str(copy)).teacher_tokenizer_folder(dest=tmp_path / "elsewhere").startswith(str(tmp_path))
+    with open(copy / fmt.TOKENIZER_DIR / "tokenizer.json", "a") as f:
+        f.write(" ")
+    assert any("tokenizer.json: size" in p for p in verify(str(copy)))
+    with pytest.raises(ValueError, match="sha256"):
+        open_cache(str(copy)).teacher_tokenizer_folder()
+
+
+def test_observed_logprobs_cost_at_most_two_bytes_per_text_row(tmp_path, llava_teacher, tiny_data):
+    """The v3 column's compressed bytes per response row, on one shard (tiny shards pay a page header each)."""
+    data, images = tiny_data
+    build(BuildConfig(teacher=str(llava_teacher), data=str(data), images=str(images), out=str(tmp_path / "c"),
+                      shard_size=100, progress=False))
+    d = info(str(tmp_path / "c"))
+    per_row = d["column_bytes"][f"text_{fmt.OBSERVED_COLUMN}"] / d["text_rows"]
+    assert per_row <= 2.0, per_row
 
 
 def test_target_options_clamp_k_to_the_vocabulary_and_default_like_the_build(tmp_path):

@@ -148,3 +148,36 @@ def test_version_1_caches_are_still_read(tmp_path, llava_topk_cache):
         assert np.abs(a["text_topk_logprobs"] - b["text_topk_logprobs"]).max() <= 1 / 512 + 1e-6
         assert np.allclose(a["gram"], b["gram"], rtol=1e-6)
     shutil.rmtree(tmp_path / "v1")
+
+
+def test_version_2_caches_are_still_read(tmp_path, llava_cache):
+    """A v2 cache (no teacher tokenizer files, no observed log-prob column) reads and verifies as before; it says
+    that it cannot give what another tokenizer's student needs."""
+    import pyarrow.parquet as pq
+
+    from kd_cache.verify import info, verify
+
+    dst = tmp_path / "v2"
+    shutil.copytree(llava_cache, dst)
+    shutil.rmtree(dst / fmt.TOKENIZER_DIR)
+    m = json.loads((dst / fmt.MANIFEST_NAME).read_text())
+    for s in m["shards"]:
+        path = dst / s["name"]
+        table = pq.read_table(path).drop_columns([f"text_{fmt.OBSERVED_COLUMN}"])
+        meta = pq.read_metadata(path).metadata
+        meta[b"kd.format_version"] = b"2"
+        table = table.replace_schema_metadata(meta)
+        pq.write_table(table, path, compression="zstd", write_page_checksum=True)
+        s["bytes"] = path.stat().st_size
+        s["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    m["format_version"] = 2
+    del m["tokenizer_files"]
+    (dst / fmt.MANIFEST_NAME).write_text(json.dumps(m))
+    old, new = open_cache(str(dst)), open_cache(str(llava_cache))
+    assert old.version == 2 and not old.manifest.self_contained and new.manifest.self_contained
+    assert verify(str(dst)) == [] and info(str(dst))["self_contained"] is False
+    for a, b in zip(old, new):
+        assert "text_observed_logprob" not in a and "text_observed_logprob" in b
+        assert np.array_equal(a["text_topk_ids"], b["text_topk_ids"]) and np.array_equal(a["gram"], b["gram"])
+    with pytest.raises(ValueError, match="carries no teacher tokenizer"):
+        old.teacher_tokenizer_folder()

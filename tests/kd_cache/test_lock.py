@@ -202,4 +202,4 @@ def test_a_rerun_after_a_failed_manifest_write_cleans_up_and_completes(tmp_path,
     left = [str(p.relative_to(out)) for p in out.rglob("*") if ".tmp" in p.name or is_lock_file(p.name)]
     assert left == []
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [fmt.CARD_NAME, fmt.CONFIG_NAME, fmt.MANIFEST_NAME, fmt.PROGRESS_DIR, fmt.SHARD_DIR])
+        [fmt.CARD_NAME, fmt.CONFIG_NAME, fmt.MANIFEST_NAME, fmt.PROGRESS_DIR, fmt.SHARD_DIR, fmt.TOKENIZER_DIR])

@@ -102,9 +102,11 @@ def test_publish_uploads_the_cache_and_its_card_in_one_commit(hub, cache_copy, l
     assert "12 samples in 3 shards" in upload["commit_message"]
 
     repo = hub.repo("org/tiny-kd", "v1")
-    shards = {s.name for s in open_cache(str(llava_cache)).shards}
+    m = open_cache(str(llava_cache)).manifest
+    shards, tokenizer = {s.name for s in m.shards}, {f.name for f in m.tokenizer_files}
+    assert tokenizer  # format v3: the teacher's tokenizer travels with the cache
     assert {str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()} == \
-           {fmt.CARD_NAME, fmt.MANIFEST_NAME, fmt.CONFIG_NAME, *shards}  # no journals, no stray files
+           {fmt.CARD_NAME, fmt.MANIFEST_NAME, fmt.CONFIG_NAME, *shards, *tokenizer}  # no journals, no stray files
     assert (repo / fmt.CARD_NAME).read_text() == (llava_cache / fmt.CARD_NAME).read_text()
     assert verify(str(repo)) == []
     assert [s["sample_id"] for s in open_cache(str(repo))] == [s["sample_id"] for s in open_cache(str(llava_cache))]
