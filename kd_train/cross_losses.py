@@ -44,7 +44,6 @@ invalid arguments, differentiable w.r.t. `student_logits`, nothing computed at i
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -53,6 +52,7 @@ from typing import Any
 
 import torch
 
+from kd_train.align import token_bytes as align_token_bytes
 from kd_train.losses import (
     TEACHER_LOGPROB_FLOOR,
     _check_bool,
@@ -608,83 +608,11 @@ def hybrid_loss(
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
-def _byte_level_table() -> dict[str, int]:
-    """GPT-2's byte-level alphabet: the printable character that stands for each byte, inverted."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
-
-
-def _component_types(node: Any) -> set[str]:
-    """Types of a serialised decoder / pre-tokenizer and of its `Sequence` members."""
-    if not isinstance(node, dict):
-        return set()
-    out = {str(node.get("type"))}
-    for key in ("decoders", "pretokenizers"):
-        for member in node.get(key) or []:
-            out |= _component_types(member)
-    return out
-
-
 def token_bytes(tokenizer: Any) -> list[bytes | None]:
-    """The bytes each token id covers in text, as the byte alignment counts them; None for special tokens.
-
-    Normalisation, per tokenizer kind (read from the fast tokenizer's serialised decoder / pre-tokenizer / model):
-
-    * byte-level (GPT-2, SmolLM2, Qwen, Llama-3: a `ByteLevel` decoder or pre-tokenizer): each character of the
-      token stands for one byte (`Ġ` = 0x20), so a token may hold part of a UTF-8 character;
-    * byte fallback (Llama-2, Mistral, Gemma: `<0xHH>` tokens with a `ByteFallback` decoder or a BPE model with
-      `byte_fallback`): `<0xHH>` is the byte 0xHH;
-    * anything else (Metaspace / `▁` sentencepiece, WordPiece `##`, ...): the UTF-8 bytes the tokenizer's own
-      decoder writes for the token after another token (`decode([anchor, token])` minus the anchor), so `▁the` is
-      b" the", WordPiece `the` is b" the" and `##ing` is b"ing" (WordPiece writes the space between words);
-    * added tokens: special ones have no bytes (None: they match only a special token with the same content, in
-      `vocab_map`); other added tokens are their content's UTF-8 bytes.
-
-    Args:
-        tokenizer: a transformers tokenizer backed by `tokenizers` (`backend_tokenizer`).
-
-    Returns:
-        list of length `len(tokenizer)` (or the largest id + 1): bytes or None per id; ids with no token: None.
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ValueError(
-            "token_bytes needs a tokenizer backed by the `tokenizers` library (with .backend_tokenizer), got "
-            f"{type(tokenizer).__name__}"
-        )
-    spec = json.loads(backend.to_str())
-    kinds = _component_types(spec.get("decoder")) | _component_types(spec.get("pre_tokenizer"))
-    byte_level = "ByteLevel" in kinds
-    byte_fallback = "ByteFallback" in kinds or bool((spec.get("model") or {}).get("byte_fallback"))
-    decoder = backend.decoder
-    table = _byte_level_table() if byte_level else {}
-
-    vocab = backend.get_vocab(with_added_tokens=False)
-    added = dict(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-    size = max([len(tokenizer)] + [i + 1 for i in vocab.values()] + [i + 1 for i in added])
-    out: list[bytes | None] = [None] * size
-    anchor = "a"
-    for tok, i in vocab.items():
-        m = _BYTE_FALLBACK.match(tok) if byte_fallback else None
-        if m:
-            out[i] = bytes([int(m.group(1), 16)])
-        elif byte_level and all(c in table for c in tok):
-            out[i] = bytes(table[c] for c in tok)
-        elif decoder is not None:
-            text = decoder.decode([anchor, tok])
-            out[i] = (text[len(anchor):] if text.startswith(anchor) else text).encode("utf-8")
-        else:
-            out[i] = (" " + tok).encode("utf-8")  # no decoder: tokenizers joins tokens with spaces
-    for i, tok in added.items():
-        out[int(i)] = None if getattr(tok, "special", False) else str(tok.content).encode("utf-8")
-    return out
+    """The bytes each token id covers in text (`kd_train.align.token_bytes`, the one definition the byte alignment
+    uses too); None for special tokens, which match only a special token with the same content in `vocab_map`."""
+    tb = align_token_bytes(tokenizer)
+    return [None if tb.is_special(i) else tb[i] for i in range(len(tb))]
 
 
 def _keys(tokenizer: Any) -> list[tuple[Any, int] | None]:

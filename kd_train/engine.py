@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import gc
 import itertools
 import json
 import logging
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from kd_cache.data import RecordSource
 from kd_cache.files import save_json
@@ -80,9 +82,11 @@ class StageRunner:
             trackers.append(self.jsonl)
         if "tensorboard" in cfg.tracker_list():
             trackers.append("tensorboard")
-        # cpu=True is what makes accelerate form a gloo process group from torchrun-style env on GPU-less hosts
+        # cpu=True is what makes accelerate form a gloo process group from torchrun-style env on GPU-less hosts;
+        # a collective that waits longer than KD_DIST_TIMEOUT (a peer died or hangs) fails instead of waiting forever
+        timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=collective_timeout()))
         return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp, log_with=trackers or None,
-                           project_dir=self.out)
+                           project_dir=self.out, kwargs_handlers=[timeout])
 
     def _prepare_model(self):
         """What trains (from the plan), LoRA adapters on the LLM, gradient checkpointing. Returns the LoRA tuner
@@ -353,6 +357,38 @@ class StageRunner:
             os.replace(tmp, final)
         acc.wait_for_everyone()
         acc.end_training()
+
+
+DEFAULT_COLLECTIVE_TIMEOUT = 1800
+
+
+def collective_timeout() -> float:
+    """Seconds a rank waits in a collective before failing (`KD_DIST_TIMEOUT`, default 30 min: a checkpoint of a
+    large student may keep the other ranks waiting that long)."""
+    raw = os.environ.get("KD_DIST_TIMEOUT", "")
+    try:
+        value = float(raw) if raw else DEFAULT_COLLECTIVE_TIMEOUT
+    except ValueError:
+        raise ValueError(f"KD_DIST_TIMEOUT must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"KD_DIST_TIMEOUT must be > 0, got {raw!r}")
+    return value
+
+
+def end_distributed(finished: bool = True) -> None:
+    """Tear the process group down explicitly, in an order that cannot deadlock: what holds the group (a DDP
+    model's Reducer) is released first, every rank waits for the others (only after a run every rank finished: a
+    failed rank's peers must not wait for it), then the group is destroyed. A process that exits with a live gloo
+    group can hang in the group's destructor, which joins a thread waiting for the GIL the destructor holds
+    (pytorch/pytorch#56297)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    try:
+        if finished:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def _gather_objects(acc, obj) -> list:

@@ -19,7 +19,7 @@ from kd_cache.paths import check_input_path, check_model_path, check_writable_fo
 from kd_cache.reader import Cache
 from kd_cache.remote import is_remote
 from kd_train.config import TrainConfig
-from kd_train.engine import StageRunner
+from kd_train.engine import StageRunner, end_distributed
 from kd_train.plan import StagePlan, distils, plan_stage, stage_configs
 from kd_train.stream import ensure_nonempty
 
@@ -35,16 +35,20 @@ def run(cfg: TrainConfig, report: Callable[[str, str, bool], None] | None = None
     if cfg.recipe is not None and int(os.environ.get("RANK", "0")) == 0:  # each stage saves its own; this is the
         os.makedirs(cfg.out, exist_ok=True)                                 # command as resolved
         save_json(os.path.join(cfg.out, "train_config.json"), {"recipe": cfg.recipe, "config": to_dict(cfg)})
-    outs = []
-    for preset, stage_cfg in stage_configs(cfg):
-        plan = plans.get(preset.name)
-        if plan is None:
-            log.info("stage %s already finished at %s", preset.name, os.path.join(stage_cfg.out, "final"))
-            outs.append(os.path.join(stage_cfg.out, "final"))
-        else:
-            outs.append(train_stage(plan, caches.get(stage_cfg.cache)))
-        if report is not None and int(os.environ.get("RANK", "0")) == 0:
-            report(preset.name, outs[-1], plan is not None)
+    outs, finished = [], False
+    try:
+        for preset, stage_cfg in stage_configs(cfg):
+            plan = plans.get(preset.name)
+            if plan is None:
+                log.info("stage %s already finished at %s", preset.name, os.path.join(stage_cfg.out, "final"))
+                outs.append(os.path.join(stage_cfg.out, "final"))
+            else:
+                outs.append(train_stage(plan, caches.get(stage_cfg.cache)))
+            if report is not None and int(os.environ.get("RANK", "0")) == 0:
+                report(preset.name, outs[-1], plan is not None)
+        finished = True
+    finally:
+        end_distributed(finished)  # every stage of every rank done (or this rank failed): the group goes now
     return outs
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -116,23 +117,63 @@ def smollm2_tokenizer():
 
 
 def run_in_group(cmd: list[str], *, env: dict | None = None, timeout: float = 600, cwd=None):
-    """Run a multi-process launcher in its own process group; on timeout the whole group is killed, so no rank
-    outlives a failed test. Returns the CompletedProcess (text stdout / stderr)."""
+    """Run a multi-process launcher in its own process group; on timeout the whole group is killed, and so is every
+    process the launcher started in a group of its own (torchrun starts ranks in new sessions), so no rank outlives
+    a failed test. Returns the CompletedProcess (text stdout / stderr)."""
     import signal
     import subprocess
+    import tempfile
+    import time
 
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"{' '.join(map(str, cmd[:6]))} ... ran past {timeout} s; its process group was killed\n"
-                             f"{err[-3000:]}") from None
-    finally:
-        try:  # ranks the launcher left behind (it exited, they did not)
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
+    import psutil
+
+    seen: dict[int, float] = {}  # pid -> create time of every descendant seen (orphans are reparented away)
+
+    def watch() -> None:
+        try:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                seen.setdefault(child.pid, child.create_time())
+        except psutil.Error:
             pass
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    def kill_all() -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid, created in seen.items():
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(pid)
+                if p.create_time() == created:
+                    p.kill()
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # files: no pipe an orphan holds
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=err, text=True, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while proc.poll() is None:
+                watch()
+                if time.monotonic() > deadline:
+                    kill_all()
+                    proc.wait()
+                    err.seek(0)
+                    raise AssertionError(f"{' '.join(map(str, cmd[:6]))} ... ran past {timeout} s; its processes were "
+                                         f"killed\n{err.read()[-3000:]}")
+                time.sleep(0.2)
+        finally:
+            time.sleep(0.5 if proc.returncode is not None else 0)
+            left = [pid for pid, created in seen.items() if _alive(pid, created)]
+            kill_all()
+        out.seek(0)
+        err.seek(0)
+        if left:  # a rank that outlived its launcher: a hang at exit, not a pass
+            raise AssertionError(f"processes {left} outlived the launcher (killed)\n{err.read()[-3000:]}")
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+
+
+def _alive(pid: int, created: float) -> bool:
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

@@ -24,6 +24,8 @@ from kd_cache.verify import verify
 
 pytestmark = pytest.mark.slow
 
+from tests.conftest import run_in_group
+
 
 def build_cmd(teacher, data, images, out, *extra):
     return [sys.executable, "-m", "kd_cli.main", "cache", "build", "--teacher", str(teacher), "--data", str(data),
@@ -111,7 +113,7 @@ def test_two_process_build_matches_single_process(tmp_path, llava_teacher, bigge
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kd_cli.main", "cache", "build",
            "--teacher", str(llava_teacher), "--data", str(data), "--images", str(images), "--out", str(out),
            "--shard-size", "4", "--batch-size", "2", "--quiet"]
-    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    r = run_in_group(cmd, env=env(), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / fmt.MANIFEST_NAME).read_text())
     assert m["build"]["world_size"] == 2 and {s["rank"] for s in m["shards"]} == {0, 1}

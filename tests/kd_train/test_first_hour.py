@@ -162,6 +162,6 @@ def test_two_process_dpt_with_text_only_micro_batches(tmp_path, student, mixed):
            str(images), "--out", str(out), "--batch-size", "1", "--shuffle-buffer", "0", "--quiet"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                               "MASTER_PORT")}
-    r = run_in_group(cmd, env=env | {"OMP_NUM_THREADS": "1"}, timeout=300)
+    r = run_in_group(cmd, env=env | {"OMP_NUM_THREADS": "1", "KD_DIST_TIMEOUT": "180"}, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(steps(out)) >= 6 and (out / "final" / "config.json").exists()

@@ -19,6 +19,8 @@ from kd_train.student import enable_gradient_checkpointing, load_student
 from kd_train.train import TrainConfig, run
 from tests.kd_train.test_train import child_env, ddp_train_cmd, metrics
 
+from tests.conftest import run_in_group
+
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory) -> Path:
@@ -162,7 +164,7 @@ def test_lora_two_process_ddp(tmp_path, student, tiny_data, llava_cache):
     out = tmp_path / "ddp"
     cmd = ddp_train_cmd(student, tiny_data, llava_cache, out, "--max-steps", "2", "--lora-r", "4",
                         "--gradient-checkpointing", "--loss-chunk-size", "5")
-    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600)
+    r = run_in_group(cmd, env=child_env(), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(metrics(out)) == 2
     assert json.loads((out / "final" / "kd_stage.json").read_text())["lora"]["merged"] is True

@@ -22,12 +22,15 @@ from kd_cache.build import BuildConfig, build
 from kd_eval.tiny import make_tiny_dataset, make_tiny_teacher, train_tiny_tokenizer
 from kd_train.train import TrainConfig, run
 
+from tests.conftest import run_in_group
+
 
 def child_env() -> dict:
     e = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(k, None)
     e["OMP_NUM_THREADS"] = "1"
+    e["KD_DIST_TIMEOUT"] = "180"  # a rank stuck in a collective fails within minutes, not half an hour
     return e
 
 
@@ -196,7 +199,7 @@ def ddp_train_cmd(student, tiny_data, cache, out, *extra) -> list[str]:
 def test_two_process_ddp_run(tmp_path, student, tiny_data, llava_cache):
     out = tmp_path / "ddp"
     cmd = ddp_train_cmd(student, tiny_data, llava_cache, out, "--checkpoint-every", "1")
-    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600)
+    r = run_in_group(cmd, env=child_env(), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     m = metrics(out)
     assert len(m) >= 2 and all(row["text_rows"] > 0 for row in m.values())
