@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import jinja2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -370,7 +371,13 @@ class Encoder:
         msgs = messages
         if not self.is_multimodal and self._template_takes_strings(target, template):
             msgs = _text_only(messages)
-        return target.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+        try:
+            return target.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except jinja2.TemplateError as e:  # the template refuses the conversation (e.g. it renders no images)
+            raise ValueError(f"the chat template of {type(target).__name__} cannot render this conversation "
+                             f"({type(e).__name__}: {e}); give the model a template that renders it (a multimodal "
+                             "student needs one that places the image token, e.g. --processor-from a LLaVA model)"
+                             ) from None
 
     def _template_takes_strings(self, target, template) -> bool:
         """Text-only path: give the template plain-string contents, unless it only renders content lists (the

@@ -15,6 +15,7 @@ import torch
 from kd_cache.codec import CachedSample, TargetLayout, Targets, concat_targets
 from kd_cache.data import EncodedSample, Encoder, image_token_id_of
 from kd_cache.hf import collate as collate_model_inputs, tokenizer_of
+from kd_train.cross import CrossRows, CrossTokenizer
 
 
 class CacheMismatchError(ValueError):
@@ -50,6 +51,19 @@ def training_example(encoded: EncodedSample, cached: CachedSample | None = None,
     out["visual_targets"] = layout.targets(cached, "visual")
     out["gram"] = cached["gram"]
     return out
+
+
+def cross_training_example(encoded: EncodedSample, cached: CachedSample, layout: TargetLayout,
+                           xtok: CrossTokenizer) -> dict:
+    """`training_example` for a student of another tokenizer: its own tokens, the cached response-row targets
+    regrouped by bytes (`CrossTokenizer.targets`), the visual rows' targets and Gram as cached (same vision tower:
+    the visual rows must be as many)."""
+    if len(encoded.visual_positions) != len(cached["visual_positions"]):
+        raise CacheMismatchError(f"sample {cached['sample_id']!r}: the student has {len(encoded.visual_positions)} "
+                                 f"visual rows, the cache {len(cached['visual_positions'])}; the student's vision "
+                                 "tower or image processor differs from the teacher's")
+    return {"encoded": encoded, "n_tokens": len(encoded.input_ids), "text_targets": xtok.targets(encoded, cached, layout),
+            "visual_targets": layout.targets(cached, "visual"), "gram": cached["gram"]}
 
 
 @dataclass
@@ -113,7 +127,8 @@ def make_batch(items: list[dict], pad_id: int) -> Batch:
     visual_rows = _rows([e.visual_positions for e in encs])
     text = visual = grams = None
     if "gram" in items[0]:
-        text = concat_targets([it["text_targets"] for it in items]).map(_as_tensor)
+        texts = [it["text_targets"] for it in items]
+        text = (CrossRows.concat(texts) if isinstance(texts[0], CrossRows) else concat_targets(texts)).map(_as_tensor)
         visual = concat_targets([it["visual_targets"] for it in items]).map(_as_tensor)
         grams = [torch.as_tensor(it["gram"]) for it in items]
     return Batch(model_inputs, text_rows, labels, visual_rows, [len(e.visual_positions) for e in encs], text, visual,

@@ -34,7 +34,11 @@ class IncompatibleCacheError(ValueError):
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
-        super().__init__("student is incompatible with the cache:\n- " + "\n- ".join(self.problems))
+        hint = ""
+        if any(p.startswith(("student tokenizer", "special token", "student chat template")) for p in problems):
+            hint = ("\na student with another tokenizer learns from this cache with --cross-tokenizer uld or hybrid "
+                    "(its answers aligned to the teacher's by bytes)")
+        super().__init__("student is incompatible with the cache:\n- " + "\n- ".join(self.problems) + hint)
 
 
 def _first_visual_sample(cache: Any) -> tuple[int, int, str] | None:
@@ -93,14 +97,16 @@ def _describe(image: Any) -> str:
 
 def check_compatibility(manifest: Any, processor: Any, model_config: Any, *, sample_image: Any = None,
                         cached_visual_tokens: int | None = None, cached_image_token_id: int | None = None,
-                        max_topk_id: int | None = None) -> list[str]:
+                        max_topk_id: int | None = None, same_tokenizer: bool = True) -> list[str]:
     """Every mismatch between a cache and a student, as messages naming the difference ([] = compatible).
 
     `manifest` is the cache's `Manifest`, or the opened `kd_cache.Cache`, from which the cache-derived
     facts (visual tokens per image, the teacher's image token id, and — only when the student's vocabulary
     is smaller than the teacher's LM head — the largest cached top-k id) are read. With a bare Manifest
     pass them as `cached_visual_tokens` / `cached_image_token_id` / `max_topk_id`: a check that cannot be made
-    is reported as a problem, never skipped. `sample_image` is the image the visual-token counts are compared
+    is reported as a problem, never skipped. `same_tokenizer=False` (a student of another tokenizer, aligned by
+    bytes): the tokenizer, vocabulary and image-token-id checks do not apply; the visual token count still must
+    match. `sample_image` is the image the visual-token counts are compared
     on (default: a blank image at the teacher's image size; pass a cached sample's image for processors whose
     count depends on the image size).
     """
@@ -114,6 +120,9 @@ def check_compatibility(manifest: Any, processor: Any, model_config: Any, *, sam
     problems: list[str] = []
 
     # ---- tokenizer: the cached input ids and top-k ids are ids of the teacher's tokenizer
+    if not same_tokenizer:
+        return problems + _visual_problems(manifest, cache, processor, model_config, teacher, sample_image,
+                                           cached_visual_tokens, cached_image_token_id, compare_ids=False)
     want, have = manifest.tokenizer, tokenizer_fingerprint(processor)
     if have["vocab_sha256"] != want.get("vocab_sha256"):
         problems.append(f"student tokenizer vocabulary differs from the cache's ({teacher}): student has "
@@ -147,6 +156,16 @@ def check_compatibility(manifest: Any, processor: Any, model_config: Any, *, sam
             problems.append(f"cache holds top-k id {max_topk_id} but the student LM vocabulary has only {rows} rows")
 
     # ---- images: the cached visual positions are where the teacher put its image tokens
+    return problems + _visual_problems(manifest, cache, processor, model_config, teacher, sample_image,
+                                       cached_visual_tokens, cached_image_token_id)
+
+
+def _visual_problems(manifest: Manifest, cache: Any, processor: Any, model_config: Any, teacher: str,
+                     sample_image: Any, cached_visual_tokens: int | None,
+                     cached_image_token_id: int | None, *, compare_ids: bool = True) -> list[str]:
+    """The image checks of `check_compatibility` (`compare_ids=False`: the student's image token id is its own
+    tokenizer's, not comparable with the cache's)."""
+    problems: list[str] = []
     student_mm = getattr(processor, "image_processor", None) is not None
     has_visual = manifest.has_visual
     if has_visual and not student_mm:
@@ -169,7 +188,8 @@ def check_compatibility(manifest: Any, processor: Any, model_config: Any, *, sam
         elif cfg_id is not None and cfg_id != proc_id:
             problems.append(f"student processor's image token {image_token!r} has id {proc_id} but the student "
                             f"model's image_token_id is {cfg_id}")
-        if cached_image_token_id is not None and proc_id is not None and proc_id != cached_image_token_id:
+        if (compare_ids and cached_image_token_id is not None and proc_id is not None
+                and proc_id != cached_image_token_id):
             problems.append(f"student image token {image_token!r} (id {proc_id}) differs from the cache's visual token "
                             f"id {cached_image_token_id} ({teacher})")
         if cached_visual_tokens is None:

@@ -64,6 +64,14 @@ class TrainConfig:
     visual_temperature: float | None = option(None, help="MDist temperature of the visual rows.",
                                               default_help="--temperature")
     label_smoothing: float = option(0.0, help="CE label smoothing eps in [0, 1) (a regularisation control).")
+    cross_tokenizer: str = option("off", choices=("off", "uld", "hybrid"),
+                                  help="A student whose tokenizer differs from the teacher's: its answer tokens are "
+                                       "grouped with the teacher's by the bytes they cover and the response rows "
+                                       "distilled with uld (sorted-probability distance) or hybrid (--kind over the "
+                                       "tokens both vocabularies share, ULD on the rest). off: the student must "
+                                       "share the teacher's tokenizer.")
+    teacher_tokenizer: str | None = option(None, help="With --cross-tokenizer on a cache older than format v3 (which "
+                                                      "does not carry it): the teacher's tokenizer folder.")
     use_tail: bool = option(True, flag="--tail/--no-tail",
                             help="Keep the tail bucket (mass outside the top-k); --no-tail renormalises over the top-k.")
     jsd_beta: float = option(0.5, help="JSD beta.")

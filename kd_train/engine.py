@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
+from transformers import AutoTokenizer
 
 from kd_cache.data import RecordSource
 from kd_cache.files import save_json
@@ -28,6 +29,7 @@ from kd_train.batch import encoder_for
 from kd_train.checkpoint import CHECKPOINT_DIR, STATE_NAME, latest_checkpoint, prune_checkpoints
 from kd_train.compat import require_compatible
 from kd_train.config import TrainConfig
+from kd_train.cross import CrossTokenizer
 from kd_train.objective import TERMS, Objective, RowLogits, StepCounts
 from kd_train.schedule import cosine_with_warmup
 from kd_train.sources import CacheData, OnlineData, RecordData
@@ -117,13 +119,25 @@ class StageRunner:
         online teacher, or the records alone."""
         plan, cfg = self.plan, self.cfg
         encoder = self._encoder(cfg.images)
+        self.cross = None
         if plan.source == "online":
             return self._online_data(cfg, encoder, self.pad, plan.max_length)
         if plan.source == "records":
             return RecordData(cfg, encoder, self.acc, self.pad)
         cache = cache if cache is not None else ensure_nonempty(cfg.cache)
-        require_compatible(cache, self.processor, self.model.config)
-        return CacheData(cfg, encoder, self.acc, self.pad, cache)
+        same = plan.cross_tokenizer == "off"
+        require_compatible(cache, self.processor, self.model.config, same_tokenizer=same)
+        self.cross = None if same else self._cross_tokenizer(cache)
+        return CacheData(cfg, encoder, self.acc, self.pad, cache, cross=self.cross)
+
+    def _cross_tokenizer(self, cache: Cache) -> CrossTokenizer:
+        """The student's tokenizer against the teacher's: the cache's own copy (format v3) or --teacher-tokenizer."""
+        folder = self.cfg.teacher_tokenizer or cache.teacher_tokenizer_folder()
+        teacher_tok = AutoTokenizer.from_pretrained(folder)
+        log.info("stage %s: %s across tokenizers (teacher tokenizer from %s)", self.plan.name,
+                 self.plan.cross_tokenizer, folder)
+        return CrossTokenizer(teacher_tok, tokenizer_of(self.processor), self.plan.cross_tokenizer,
+                              self.plan.manifest.vocab_size)
 
     def _count_steps(self) -> tuple[int, int]:
         """(optimizer steps per epoch, steps of the stage) from each rank's share of the data."""
@@ -153,8 +167,10 @@ class StageRunner:
         """The stage's loss; the row-chunked one applies the head outside the wrapped forward (its gradients still
         reach DDP), in the autocast dtype the wrapped forward runs in."""
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.acc.mixed_precision)
-        self.objective = Objective.for_student(self.loss_cfg, self.model, chunk_size=self.cfg.loss_chunk_size,
+        self.objective = Objective.for_student(self.loss_cfg, self.model, chunk_size=self.plan.chunk_size,
                                                amp_dtype=amp_dtype)
+        if self.cross is not None:
+            self.objective.cross = (self.cross.mode, self.cross.mapping)
 
     def _make_validation(self):
         cfg = self.cfg
@@ -356,7 +372,10 @@ class StageRunner:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         acc.wait_for_everyone()
-        acc.end_training()
+        # the trackers end here; the process group does not (`Accelerator.end_training` would destroy it, while the
+        # wrapped model still holds it, and a recipe's next stage needs it): `end_distributed` ends it after the run
+        for tracker in acc.trackers:
+            tracker.finish()
 
 
 DEFAULT_COLLECTIVE_TIMEOUT = 1800

@@ -21,6 +21,7 @@ from kd_cache.codec import SampledRows, Targets, TopKRows
 from kd_cache.hf import logit_transform
 from kd_train.batch import Batch
 from kd_train.chunked import RowTerms, chunked_row_loss, concat_row_fns
+from kd_train.cross import CrossRows, cross_loss
 from kd_train.losses import (KDLossConfig, ce_loss, gram, gram_from_hidden, mdist_loss, rdist_loss,
                              sampled_kd_loss)
 
@@ -76,10 +77,23 @@ def term_means(sums: dict[str, float], counts: StepCounts) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------- row functions
 
 
-def _mdist_rows(targets: Targets, rows: str, cfg: KDLossConfig,
-                n_rows: int) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
-    """The MDist term of one row set restricted to rows start:end: sampled-target KD for sampled targets, else
-    top-k + tail MDist with `cfg.mdist_kwargs(rows)` and the teacher's vocabulary."""
+def _mdist_rows(targets: Targets, rows: str, cfg: KDLossConfig, n_rows: int,
+                cross: tuple[str, torch.Tensor | None] | None = None) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
+    """The MDist term of one row set restricted to rows start:end: sampled-target KD for sampled targets, the
+    cross-tokenizer divergence for targets aligned to another tokenizer (`cross`: its mode and vocabulary map;
+    over all rows at once), else top-k + tail MDist with `cfg.mdist_kwargs(rows)` and the teacher's vocabulary."""
+    if isinstance(targets, CrossRows):
+        if cross is None:
+            raise ValueError("cross-tokenizer targets need the objective's cross-tokenizer mode, got none")
+        mode, mapping = cross
+        kind, jsd_beta = cfg.kind, cfg.jsd_beta
+
+        def across(z: torch.Tensor, s: int, e: int) -> torch.Tensor:
+            if (s, e) != (0, n_rows):  # a group's rows may straddle chunks: the plan turns chunking off
+                raise ValueError(f"cross-tokenizer targets are read over all {n_rows} rows at once, got rows {s}:{e}")
+            return cross_loss(z, targets, mode, mapping, kind=kind, jsd_beta=jsd_beta)
+
+        return across
     if isinstance(targets, SampledRows):
         ids, counts, lengths, draws = targets.ids, targets.counts, targets.row_lengths, targets.draws
         if tuple(lengths.shape) != (n_rows,) or ids.shape != counts.shape or ids.dim() != 1:
@@ -117,7 +131,7 @@ def _weighs(cfg: KDLossConfig, term: Term) -> bool:
 
 
 def _mdist_term(targets: Targets | None, rows: str, cfg: KDLossConfig, n_rows: int,
-                scales: dict[str, float]) -> list[tuple]:
+                scales: dict[str, float], cross: tuple | None = None) -> list[tuple]:
     """The term that reads the `rows` targets as (name, scale, per-chunk function), when there are targets, rows
     and a weight (checking that the targets cover the rows); else nothing."""
     term = _READS[f"{rows} targets"]
@@ -126,11 +140,11 @@ def _mdist_term(targets: Targets | None, rows: str, cfg: KDLossConfig, n_rows: i
     if targets.n_rows != n_rows:
         what = "labelled" if rows == "text" else "visual"
         raise ValueError(f"{rows} targets must cover the N{rows[0]}={n_rows} {what} rows, got {targets.n_rows}")
-    return [(term.name, scales[term.name], _mdist_rows(targets, rows, cfg, n_rows))]
+    return [(term.name, scales[term.name], _mdist_rows(targets, rows, cfg, n_rows, cross))]
 
 
 def text_rows_fn(labels: torch.Tensor, targets: Targets | None, cfg: KDLossConfig,
-                 scales: dict[str, float]) -> RowTerms:
+                 scales: dict[str, float], cross: tuple | None = None) -> RowTerms:
     """CE and text MDist over the Nt response rows.
 
     `labels`: (Nt,) supervised next tokens (-100 rows count 0); `targets`: the rows' teacher targets, or None;
@@ -146,7 +160,7 @@ def text_rows_fn(labels: torch.Tensor, targets: Targets | None, cfg: KDLossConfi
     if _weighs(cfg, ce):
         eps = cfg.label_smoothing
         terms.append((ce.name, scales[ce.name], lambda z, s, e: ce_loss(z, labels[s:e], label_smoothing=eps)))
-    return RowTerms(n, terms + _mdist_term(targets, "text", cfg, n, scales))
+    return RowTerms(n, terms + _mdist_term(targets, "text", cfg, n, scales, cross))
 
 
 def visual_rows_fn(n_rows: int, targets: Targets | None, cfg: KDLossConfig, scales: dict[str, float]) -> RowTerms:
@@ -246,6 +260,7 @@ class Objective:
                              "set loss_chunk_size 0")
         self.cfg, self.head, self.transform = cfg, head, transform
         self.chunk_size, self.amp_dtype, self.student_gram = chunk_size, amp_dtype, student_gram
+        self.cross: tuple[str, torch.Tensor | None] | None = None  # (mode, vocab map): a student of another tokenizer
 
     @classmethod
     def for_student(cls, cfg: KDLossConfig, model: torch.nn.Module, *, chunk_size: int = 0,
@@ -264,7 +279,7 @@ class Objective:
         text and visual rows' logits (unchunked) or the text rows' hidden states and None (chunked), and the visual
         rows' hidden states. Summed over the step's micro-batches the loss is the per-row mean of the global batch."""
         scales = loss_scales(self.cfg, counts, world_size)
-        text_fn = text_rows_fn(batch.text_labels, batch.text_targets, self.cfg, scales)
+        text_fn = text_rows_fn(batch.text_labels, batch.text_targets, self.cfg, scales, self.cross)
         visual_fn = visual_rows_fn(batch.n_visual, batch.visual_targets, self.cfg, scales)
         if self.chunked:
             total, sums = chunked_row_loss(torch.cat([text, visual_hidden]), self.head,

@@ -40,6 +40,8 @@ class StagePlan:
     max_length: int | None  # how the student encodes: the cache's rule when it reads one
     append_eos: bool
     manifest: Manifest | None  # the cache's, when source == "cache"
+    cross_tokenizer: str = "off"  # "uld" / "hybrid": the student's tokenizer differs from the teacher's
+    chunk_size: int = 0  # rows per chunk of the loss (0: none; off across tokenizers: a group spans rows)
 
     @property
     def name(self) -> str:
@@ -99,8 +101,11 @@ def plan_stage(config: TrainConfig, preset: StagePreset, manifest: Manifest | No
             raise ValueError(f"stage {preset.name} distils from a cache; pass cache (a folder or URL)")
         loss, fitted = fit_loss_to_cache(loss, config, manifest)
         notes += fitted
-        max_length = manifest.max_length
-        append_eos = cache_append_eos(manifest, config.append_eos)
+        if config.cross_tokenizer != "off":
+            loss, max_length, append_eos = _fit_cross_tokenizer(config, manifest, loss, notes)
+        else:
+            max_length = manifest.max_length
+            append_eos = cache_append_eos(manifest, config.append_eos)
     else:
         manifest = None
     return StagePlan(
@@ -109,7 +114,32 @@ def plan_stage(config: TrainConfig, preset: StagePreset, manifest: Manifest | No
         train_projector=config.setting(preset, "train_projector"),
         train_llm=config.setting(preset, "train_llm"), lr=config.setting(preset, "lr"),
         source=source, max_length=max_length, append_eos=append_eos, manifest=manifest,
+        cross_tokenizer=config.cross_tokenizer if source == "cache" else "off",
+        chunk_size=0 if source == "cache" and config.cross_tokenizer != "off" else config.loss_chunk_size,
     )
+
+
+def _fit_cross_tokenizer(config: TrainConfig, manifest: Manifest, loss, notes: list[str]):
+    """(loss, max_length, append_eos) of a stage whose student has another tokenizer than the cache's teacher; the
+    student encodes with its own rules (the cache's max_length counts teacher tokens)."""
+    import dataclasses
+
+    if manifest.text.kind != "topk":
+        raise ValueError(f"cross_tokenizer={config.cross_tokenizer} reads top-k response rows; this cache's hold "
+                         f"{manifest.text.kind} targets (rebuild it with --targets topk)")
+    if not manifest.self_contained and config.teacher_tokenizer is None:
+        raise ValueError(f"cross_tokenizer={config.cross_tokenizer} needs the teacher's tokenizer, which this cache "
+                         f"(format v{manifest.version}) does not carry: pass teacher_tokenizer (its folder)")
+    if config.temperature != 1.0:
+        raise ValueError(f"temperature={config.temperature}: the cross-tokenizer losses compare the teacher's cached "
+                         "distribution at T = 1 (leave it at 1)")
+    if loss.mdist_visual_weight:
+        notes.append("the visual rows' MDist is off across tokenizers (the cached visual-row targets are "
+                     "distributions over the teacher's vocabulary); RDist (Gram matrices) still applies")
+        loss = dataclasses.replace(loss, mdist_visual_weight=0.0)
+    if config.loss_chunk_size:
+        notes.append("the loss is not row-chunked across tokenizers (a group of tokens spans several rows)")
+    return loss, config.max_length, config.append_eos if config.append_eos is not None else True
 
 
 def stage_configs(config: TrainConfig) -> list[tuple[StagePreset, TrainConfig]]:

@@ -13,7 +13,8 @@ from kd_cache.data import RecordSource
 from kd_cache.format import TargetSpec
 from kd_cache.reader import Cache
 from kd_cache.targets import TargetOptions
-from kd_train.batch import Batch, make_batch, training_example
+from kd_train.batch import Batch, cross_training_example, make_batch, training_example
+from kd_train.cross import CrossTokenizer
 from kd_train.config import TrainConfig
 from kd_train.records import EpochSampler, RecordDataset, per_rank_count
 from kd_train.stream import TAG_KEYS, CacheStream, collate_tags, ensure_nonempty
@@ -29,7 +30,8 @@ def cache_target_layout(cache: Cache) -> TargetLayout:
 class CacheData:
     """KD stages: the cache stream joined with the data's records and images."""
 
-    def __init__(self, cfg: TrainConfig, encoder, acc, pad_id: int, cache: Cache | None = None):
+    def __init__(self, cfg: TrainConfig, encoder, acc, pad_id: int, cache: Cache | None = None,
+                 cross: CrossTokenizer | None = None):
         # the cache opened once per process (by `kd train`'s preflight); its DataLoader workers reopen it
         self.cache = ensure_nonempty(cache if cache is not None else cfg.cache)
         self.records = RecordSource(cfg.data)
@@ -37,7 +39,10 @@ class CacheData:
 
         def transform(s: dict) -> dict:
             index = int(s["sample_index"])
-            example = training_example(encoder.encode(records[index], index, images=s["images"]), s, layout)
+            encoded = encoder.encode(records[index], index, images=s["images"])
+            # a student of another tokenizer: its own tokens, the cached targets regrouped by bytes
+            example = (training_example(encoded, s, layout) if cross is None
+                       else cross_training_example(encoded, s, layout, cross))
             example.update({k: s[k] for k in s if k in TAG_KEYS})
             return example
 

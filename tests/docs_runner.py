@@ -218,6 +218,8 @@ def make_assets(folder: Path) -> Path:
     siglip = make_tiny_teacher(folder / "llava-siglip", "llava")
     make_tiny_llava15(folder / "llava15", siglip)
     make_tiny_teacher(folder / "causal-lm", "causal-lm")
+    # a student of another tokenizer (vocabulary, segmentation) with TEACHER_DIR's vision size: --cross-tokenizer
+    make_tiny_teacher(folder / "other-tokenizer", "llava", hidden_size=32, num_layers=1, vocab_size=600, seed=11)
     make_tiny_dataset(folder / "data", n=40, seed=0, kind="instruct")
     make_tiny_dataset(folder / "data", n=32, seed=1, kind="caption")
     return folder
@@ -228,6 +230,7 @@ WORLD = {
     "llava-hf/llava-1.5-7b-hf": "llava15",
     "TEACHER_DIR": "llava-siglip",
     "Qwen/Qwen2-0.5B-Instruct": "causal-lm",
+    "students/other-tokenizer": "other-tokenizer",
     "llava_v1_5_mix665k.json": "data/instruct.json",
     "instruct.json": "data/instruct.json",
     "blip_558k.json": "data/caption.json",
