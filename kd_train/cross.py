@@ -9,6 +9,7 @@ matrices, which do not depend on the vocabulary; the visual MDist is off (`kd_tr
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -21,6 +22,8 @@ from kd_train.align import AlignmentError, answer_groups, token_bytes
 from kd_train.cross_losses import MergeGroups, hybrid_loss, uld_loss, vocab_map
 
 MODES = ("uld", "hybrid")
+
+log = logging.getLogger("kd_train")
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,6 @@ class CrossTokenizer:
         self.student_bytes = token_bytes(student_tokenizer)
         self.mapping = (torch.as_tensor(vocab_map(teacher_tokenizer, student_tokenizer, teacher_size=teacher_vocab))
                         if mode == "hybrid" else None)
-        self.skipped_answers = 0
 
     def targets(self, encoded: EncodedSample, cached: CachedSample, layout: TargetLayout) -> CrossRows:
         """The cached text-row targets of `cached` regrouped for the student's encoding `encoded` of the same
@@ -85,9 +87,10 @@ class CrossTokenizer:
         try:
             groups = answer_groups(cached["input_ids"], cached["text_positions"], encoded.input_ids,
                                    encoded.text_positions, self.teacher_bytes, self.student_bytes, strict=False)
-        except AlignmentError:  # not even the answers pair up (e.g. one side truncated one away)
+        except AlignmentError as e:  # not even the answers pair up (e.g. one side truncated one away)
+            log.warning("sample %r: its answers do not pair up across the tokenizers (%s); CE only", cached["sample_id"],
+                        e)
             groups = []
-            self.skipped_answers += 1
         observed = cached.get("text_observed_logprob")
         # a group with an empty side has nothing to compare; several teacher rows need their observed log-probs
         groups = [g for g in groups if g.teacher and g.student and (observed is not None or len(g.teacher) == 1)]
