@@ -10,6 +10,7 @@ after hours of the earlier stages; `StageRunner` (kd_train/engine.py) consumes t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -122,8 +123,6 @@ def plan_stage(config: TrainConfig, preset: StagePreset, manifest: Manifest | No
 def _fit_cross_tokenizer(config: TrainConfig, manifest: Manifest, loss, notes: list[str]):
     """(loss, max_length, append_eos) of a stage whose student has another tokenizer than the cache's teacher; the
     student encodes with its own rules (the cache's max_length counts teacher tokens)."""
-    import dataclasses
-
     if manifest.text.kind != "topk":
         raise ValueError(f"cross_tokenizer={config.cross_tokenizer} reads top-k response rows; this cache's hold "
                          f"{manifest.text.kind} targets (rebuild it with --targets topk)")

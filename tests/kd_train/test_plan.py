@@ -92,3 +92,22 @@ def test_kd_train_opens_each_cache_once_per_process(tmp_path, llava_teacher, tin
     run(TrainConfig(student=str(student), out=str(tmp_path / "run"), stage="dft", cache=str(llava_cache),
                     data=str(data), images=str(images), batch_size=4, max_steps=1, progress=False))
     assert opened == [str(llava_cache)]
+
+
+def test_cross_tokenizer_plans_refuse_what_the_cache_cannot_give(tmp_path, llava_cache):
+    import dataclasses
+
+    manifest = open_cache(str(llava_cache)).manifest
+    cfg = config(tmp_path, stage="dft", cache="c", cross_tokenizer="hybrid", max_length=99)
+    plan = plan_stage(cfg, PRESETS["dft"], manifest)
+    assert plan.cross_tokenizer == "hybrid" and plan.chunk_size == 0 and plan.max_length == 99  # the student's own
+    assert plan.loss.mdist_visual_weight == 0.0 and any("visual rows' MDist is off" in n for n in plan.notes)
+    old = dataclasses.replace(manifest, tokenizer_files=())  # a cache from before format v3
+    with pytest.raises(ValueError, match="pass teacher_tokenizer"):
+        plan_stage(cfg, PRESETS["dft"], old)
+    assert plan_stage(config(tmp_path, stage="dft", cache="c", cross_tokenizer="uld", teacher_tokenizer="t"),
+                      PRESETS["dft"], old).cross_tokenizer == "uld"
+    sampled = dataclasses.replace(manifest, text=dataclasses.replace(manifest.text, kind="sampled", samples=50))
+    with pytest.raises(ValueError, match="reads top-k response rows"):
+        plan_stage(cfg, PRESETS["dft"], sampled)
+    assert plan_stage(config(tmp_path, stage="sft", cross_tokenizer="uld"), PRESETS["sft"], None).cross_tokenizer == "off"
