@@ -25,6 +25,11 @@ IMAGE_PLACEHOLDER = "<image>"
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
+class ChatTemplateError(jinja2.TemplateError, ValueError):
+    """A chat template refused a conversation (its own `raise_exception`): a ValueError (one `error:` line, exit 2)
+    that is still the jinja2 TemplateError it was."""
+
+
 class SkipSample(Exception):
     """A sample that cannot be used. `reason` is a short stable key counted in the manifest."""
 
@@ -374,7 +379,7 @@ class Encoder:
         try:
             return target.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
         except jinja2.TemplateError as e:  # the template refuses the conversation (e.g. it renders no images)
-            raise ValueError(f"the chat template of {type(target).__name__} cannot render this conversation "
+            raise ChatTemplateError(f"the chat template of {type(target).__name__} cannot render this conversation "
                              f"({type(e).__name__}: {e}); give the model a template that renders it (a multimodal "
                              "student needs one that places the image token, e.g. --processor-from a LLaVA model)"
                              ) from None
