@@ -378,7 +378,8 @@ class Encoder:
             msgs = _text_only(messages)
         try:
             return target.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
-        except jinja2.TemplateError as e:  # the template refuses the conversation (e.g. it renders no images)
+        # the template refuses the conversation (e.g. it renders no images), or crashes on a content list
+        except (jinja2.TemplateError, TypeError) as e:
             raise ChatTemplateError(f"the chat template of {type(target).__name__} cannot render this conversation "
                              f"({type(e).__name__}: {e}); give the model a template that renders it (a multimodal "
                              "student needs one that places the image token, e.g. --processor-from a LLaVA model)"

@@ -131,6 +131,48 @@ def _load_tokenizer(processor_from: str | None, llm: str) -> tuple[Any, str | No
     return tokenizer, getattr(tokenizer, "chat_template", None), getattr(tokenizer, "image_token", None) or "<image>"
 
 
+# Put in front of a text-only LLM's chat template (compose without --processor-from): content lists become strings,
+# an image item "<image>\n" before its text (LLaVA's convention), then the LLM's own template renders them.
+_IMAGE_PRELUDE = (
+    "{%- set kd_ns = namespace(msgs=[]) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['content'] is string -%}{%- set kd_ns.msgs = kd_ns.msgs + [m] -%}"
+    "{%- else -%}{%- set kd_text = namespace(s='') -%}"
+    "{%- for item in m['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{%- set kd_text.s = kd_text.s + IMAGE -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set kd_text.s = kd_text.s + item['text'] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set kd_ns.msgs = kd_ns.msgs + [{'role': m['role'], 'content': kd_text.s}] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set messages = kd_ns.msgs -%}"
+)
+
+
+def _renders_images(tokenizer: Any, template: str, image_token: str) -> bool:
+    """Whether `template` places `image_token` for an image item of a message's content list."""
+    probe = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "kd-probe"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "kd-answer"}]}]
+    try:
+        out = tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False)
+    except Exception:  # noqa: BLE001 - any failure means it does not render content lists with images
+        return False
+    return image_token in out and "kd-probe" in out and "kd-answer" in out
+
+
+def with_image_placeholder(tokenizer: Any, template: str | None, image_token: str) -> str | None:
+    """A text-only LLM's chat template made to render images: content lists are flattened to strings with
+    `image_token` + newline per image item before the LLM's own template runs (its markup, system prompt and end
+    markers unchanged). A template that already places the image token is returned as it is."""
+    if template is None or _renders_images(tokenizer, template, image_token):
+        return template
+    wrapped = _IMAGE_PRELUDE.replace("IMAGE", json.dumps(image_token + "\n")) + template
+    if not _renders_images(tokenizer, wrapped, image_token):
+        raise ValueError(f"the chat template of the llm renders no {image_token!r} for an image and kd cannot make "
+                         "it: pass --processor-from a model whose template places images")
+    return wrapped
+
+
 def _warn_if_ids_disagree(tokenizer: Any, llm: str) -> None:
     """A tokenizer that maps the LLM's tokens to other ids leaves its embeddings meaning other tokens."""
 
@@ -217,6 +259,12 @@ def compose_student(
         _warn_if_ids_disagree(tokenizer, llm)
     if image_token not in tokenizer.get_vocab():
         tokenizer.add_tokens([image_token], special_tokens=True)
+    if processor_from is None:  # the LLM's own template: most text LLMs' templates render no images
+        own = chat_template
+        chat_template = with_image_placeholder(tokenizer, chat_template, image_token)
+        if chat_template != own:
+            log.info("the chat template of %s renders no images: an image item now renders as %r before its text "
+                     "(LLaVA's convention), the rest of the template unchanged", llm, image_token + "\n")
     rows = lm.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         # Only grow: LLMs often pad their vocab (e.g. Qwen2: 151936 rows for 151646 tokens); those rows are free.

@@ -102,6 +102,38 @@ def test_compose_with_llm_tokenizer_adds_image_token(tmp_path, llava_teacher, ti
     assert model(**inputs).logits.shape[-1] == len(llm_tok) + 1
 
 
+def test_compose_with_a_text_llms_own_template_renders_images(tmp_path, llava_teacher, smollm2_tokenizer):
+    """A student of another family keeps its LLM's tokenizer and published chat template (SmolLM2's, with its default
+    system prompt); the template renders no images, so compose makes an image item render as "<image>\n" before
+    its text. Decoded: the conversation in SmolLM2's markup, the image expanded to the tower's rows, and the answer
+    plus <|im_end|> supervised."""
+    from kd_train.batch import encoder_for
+
+    llm = tmp_path / "smollm2-tiny"
+    config = transformers.LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(llm)
+    smollm2_tokenizer.save_pretrained(llm)
+    out = compose_student(tmp_path / "s", vision=str(llava_teacher), llm=str(llm))
+    model, processor = load_student(out)
+    tok = processor.tokenizer
+    record = {"id": "r", "conversations": [{"from": "human", "value": "<image>\nWhat colour is it?"},
+                                          {"from": "gpt", "value": "Red, like 🍎."}]}
+    e = encoder_for(processor, model.config, image_root=None, max_length=None).encode(record, 0, images=[_image()])
+    ids = e.input_ids.tolist()
+    assert len(e.visual_positions) == model.config.image_seq_length > 0
+    assert [ids[i] for i in e.visual_positions] == [processor.image_token_id] * len(e.visual_positions)
+    text = tok.decode(ids)
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert "<|im_start|>user\n" + "<image>" * len(e.visual_positions) + "\nWhat colour is it?<|im_end|>" in text
+    assert tok.decode(e.input_ids[e.labels_mask]) == "Red, like 🍎.<|im_end|>"
+    # the generation prompt renders too (what kd eval and vLLM use)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]}], add_generation_prompt=True,
+        tokenize=False)
+    assert prompt.endswith("<|im_start|>user\n<image>\nQ?<|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_compose_keeps_tied_embeddings(tmp_path, llava_teacher, tiny_llm):
     config = transformers.AutoConfig.from_pretrained(tiny_llm)
     config.tie_word_embeddings = True
