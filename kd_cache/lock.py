@@ -1,29 +1,37 @@
-"""One writer per cache rank: the lock `kd cache build` holds on its output folder while it writes.
+"""One writer per folder and rank: the lock `kd cache build` holds on its cache folder and `kd train` on its --out.
 
-Two builds writing the same folder (two teammates, a double-submitted job) would delete each other's temporary
-shards and interleave their journals. Each rank of a build therefore holds, for the whole build, an exclusive
-`fcntl.flock` on `<folder>/.lock-r<RANK>-of-<WORLD>` (in the staging folder for URL outputs), a file that also
-records who holds it (pid, host, start time, command line) so a second build is refused with a message naming
-the first.
+Two builds or two trainings writing the same folder (two teammates, a double-submitted job) would delete each
+other's files and interleave their journals, checkpoints and metrics. Each rank of a build or training therefore
+holds, for the whole command, an exclusive `fcntl.flock` on `<folder>/.lock-r<RANK>-of-<WORLD>` (for a build to a
+URL, in its staging folder), a file that also records who holds it (tool, pid, host, start time, command line) so a
+second command is refused with a message naming the first. `BuildLock` and `TrainLock` are `FolderLock` with
+their own wording; both use the same file names, so a build and a training in the same folder exclude each other.
 
-* **Per rank, not per folder**: the ranks of one `torchrun` / `accelerate launch` / `srun` build share the folder
-  and each writes only its own files, so they must not exclude each other; two launches of the *same* rank do.
-  A second launch of the whole build therefore fails on its first rank that is still running in the first
-  launch, and re-running one dead rank alone (`RANK=3 WORLD_SIZE=32 ...`) works while the others keep running.
-  A build with another number of ranks is refused while any rank of this one holds its lock (the configuration
-  check catches it too once `build_config.json` exists; the lock also covers two builds starting together).
+* **Per rank, not per folder**: the ranks of one `torchrun` / `accelerate launch` / `srun` launch share the folder,
+  so they must not exclude each other; two launches of the *same* rank do. A second launch therefore fails on its
+  first rank that is still running in the first launch, and re-running one dead build rank alone
+  (`RANK=3 WORLD_SIZE=32 ...`) works while the others keep running. A launch with another number of ranks is
+  refused while any rank of this one holds its lock (two launches starting together may both be refused).
+* **Taken first**: before the command writes or deletes anything in the folder (`kd train --overwrite` included),
+  and held until it ends (success, error, Ctrl-C); the lock file is then removed, and so are the folders the lock
+  created if nothing else was written there. Lock files (`is_lock_file`) are not output: the commands' "is this
+  folder empty / a run of mine" checks skip them, `--overwrite` keeps them, and nothing copies them (a training's
+  `final/` and checkpoints are subfolders; remote builds upload named files only).
 * **Stale locks**: the kernel releases a flock when its holder dies, kill -9 included, so a lock file whose lock
-  nobody holds is stale whatever it records; the next build takes it over and logs whose it was. Forked children
-  (DataLoader workers) close their copy of the descriptor, so a killed build's workers cannot keep it locked.
+  nobody holds is stale whatever it records; the next command takes it over and logs whose it was. Forked children
+  (DataLoader workers) close their copy of the descriptor, so a killed command's workers cannot keep it locked.
 * Filesystems without flock (some Lustre mounts, old NFS): the file is created with O_CREAT|O_EXCL instead and is
   stale when it names a process of this host that no longer exists; a lock of another host is never broken
   automatically (the message says which file to delete).
-* The lock file is removed when the build ends (success or error). It is never uploaded (remote builds upload
-  named files only, `kd cache publish` only the manifest, card, configuration and shards) and `kd cache verify` /
-  `info` only read what the manifest lists.
 
 The lock is local to the filesystem that holds the folder: two builds of the same `s3://` URL on two machines
-have two staging folders and are not excluded by it (nor by anything else: do not do that).
+have two staging folders and are not excluded by it. For URL outputs each rank therefore also holds a lock object
+on the URL, `<url>/.kd-lock-r<RANK>-of-<WORLD>.json` (kd_cache/remote_lock.py): created with a conditional write
+on S3 (`If-None-Match: *`), best effort elsewhere, and checked again before each shard upload and before the
+manifest, so two writers of one URL are refused at start or, at the latest, never write a manifest. It has no
+lease: a lock left by a build that died on another machine is named in the refusal for deletion by hand, while a
+rerun on the dead build's own staging folder (holding this flock) takes it over. docs/scaling.md, "Several
+writers", says which store gets which guarantee.
 """
 
 from __future__ import annotations
@@ -60,14 +68,17 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_in_child)
 
 
-class BuildLocked(ValueError):
-    """Another build holds this rank's lock; the message names it (pid, host, start time, command line).
+class FolderLocked(ValueError):
+    """Another command holds this rank's lock; the message names it (pid, host, start time, command line).
 
     A ValueError so the CLI prints it as one `error: ...` line (exit 2), like a bad --out."""
 
     def __init__(self, message: str, holder: dict | None = None):
         super().__init__(message)
         self.holder = holder or {}
+
+
+BuildLocked = FolderLocked  # the name kd cache build's callers know
 
 
 def hostname() -> str:
@@ -98,7 +109,7 @@ def lock_name(rank: int, world_size: int) -> str:
 
 
 def is_lock_file(name: str) -> bool:
-    """Whether `name` (a file name in a cache folder) is a build lock."""
+    """Whether `name` (a file name in a cache or training folder) is a lock file of this module."""
     return bool(_LOCK_RE.match(os.path.basename(name)))
 
 
@@ -123,7 +134,7 @@ def _read_info(path: str) -> dict:
 
 
 def describe_holder(info: dict) -> str:
-    """'pid 123 on host h, started 2026-01-01 10:00:00 UTC (5 min ago), command: kd cache build ...'"""
+    """'pid 123 on host h, started 2026-01-01 10:00:00 UTC (5 min ago), command: kd train ...'"""
     if not info:
         return "a process that has not recorded itself yet"
     parts = [f"pid {info.get('pid', '?')} on host {info.get('host', '?')}"]
@@ -145,12 +156,17 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-class BuildLock:
-    """This rank's lock on a cache (or staging) folder: acquired on construction, `release()` when done.
+class FolderLock:
+    """This rank's lock on a folder: acquired on construction (creating the folder), `release()` when done.
 
-    Raises BuildLocked naming the holder when another live process holds the same rank's lock, or when a build
-    with another number of ranks holds one in the same folder.
+    Raises FolderLocked naming the holder when another live process holds the same rank's lock, or when a launch
+    with another number of ranks holds one in the same folder. Subclasses name the command that locks (`tool`, also
+    recorded in the file), what a run of it is called (`noun`) and what rerunning it after a stop does (`rerun`).
     """
+
+    tool = "kd"
+    noun = kind = "command"
+    rerun = "rerunning the command then resumes where it stopped"
 
     def __init__(self, folder: str, rank: int = 0, world_size: int = 1, *, what: str = "output folder",
                  wait_seconds: float = 10.0):
@@ -160,14 +176,23 @@ class BuildLock:
         self.fd: int | None = None
         self.flock = True
         self.info = {"pid": os.getpid(), "host": hostname(), "started": round(time.time(), 3),
-                     "rank": rank, "world_size": world_size, "command": _command_line()}
-        os.makedirs(self.folder, exist_ok=True)
-        self._acquire(wait_seconds)
+                     "rank": rank, "world_size": world_size, "command": _command_line(), "tool": self.tool}
+        self.created: list[str] = []  # folders the lock made, deepest first: removed at release if still empty
+        self._make_folder()
         try:
+            self._acquire(wait_seconds)
             self._check_other_world_sizes()
         except BaseException:
             self.release()
             raise
+
+    def _make_folder(self) -> None:
+        missing, path = [], os.path.abspath(self.folder)
+        while not os.path.exists(path) and os.path.dirname(path) != path:
+            missing.append(path)
+            path = os.path.dirname(path)
+        os.makedirs(self.folder, exist_ok=True)
+        self.created += [p for p in missing if p not in self.created]
 
     # ---- acquire
     def _acquire(self, wait_seconds: float) -> None:
@@ -176,15 +201,15 @@ class BuildLock:
             holder = self._try_flock() if self.flock else self._try_exclusive_create()
             if holder is None:
                 return
-            # Held. Retried for half a second (another build probing this lock holds it for an instant), and for up
-            # to `wait_seconds` when the recorded holder is a process of this host that is gone: whatever still
-            # holds its lock is exiting (a killed build's children).
+            # Held. Retried for half a second (another command probing this lock holds it for an instant), and for
+            # up to `wait_seconds` when the recorded holder is a process of this host that is gone: whatever still
+            # holds its lock is exiting (a killed command's children).
             gone = holder.get("host") == hostname() and isinstance(holder.get("pid"), int) \
                 and not process_alive(holder["pid"])
             if time.monotonic() - t0 < (wait_seconds if gone else 0.5):
                 time.sleep(0.1)
                 continue
-            raise BuildLocked(self._locked_message(holder), holder)
+            raise FolderLocked(self._locked_message(holder), holder)
 
     def _try_flock(self) -> dict | None:
         """None when acquired, else the holder's info."""
@@ -193,6 +218,9 @@ class BuildLock:
         while True:
             try:
                 fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileNotFoundError:  # the folder was removed meanwhile (a failed rank of this launch released it)
+                self._make_folder()
+                continue
             except FileExistsError:
                 try:
                     fd, created = os.open(self.path, os.O_RDWR), False
@@ -226,8 +254,8 @@ class BuildLock:
                 continue
             previous = _read_fd(fd)
             if previous:
-                log.warning("rank %d: took over the stale build lock %s of %s: that build is gone (killed?) and "
-                            "this one resumes it", self.rank, self.path, describe_holder(previous))
+                log.warning("rank %d: took over the stale %s lock %s of %s: that %s is gone (killed?) and this one "
+                            "resumes it", self.rank, self.kind, self.path, describe_holder(previous), self.noun)
             _write_fd(fd, self.info)
             self.fd = fd
             _held_fds.add(fd)
@@ -237,12 +265,15 @@ class BuildLock:
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileNotFoundError:  # the folder was removed meanwhile (see _try_flock)
+                self._make_folder()
+                continue
             except FileExistsError:
                 holder = self._holder_info()
                 if holder.get("host") == hostname() and isinstance(holder.get("pid"), int) \
                         and not process_alive(holder["pid"]):
-                    log.warning("rank %d: removing the stale build lock %s of %s: that process is gone (killed?)",
-                                self.rank, self.path, describe_holder(holder))
+                    log.warning("rank %d: removing the stale %s lock %s of %s: that process is gone (killed?)",
+                                self.rank, self.kind, self.path, describe_holder(holder))
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(self.path)
                     continue
@@ -261,7 +292,7 @@ class BuildLock:
         return {}
 
     def _check_other_world_sizes(self) -> None:
-        """Refuse while a build with another number of ranks holds a lock here."""
+        """Refuse while a launch with another number of ranks holds a lock here."""
         try:
             names = os.listdir(self.folder)
         except OSError:
@@ -278,46 +309,68 @@ class BuildLock:
                 held = bool(holder) and not (holder.get("host") == hostname()
                                              and not process_alive(int(holder.get("pid") or 0)))
             if held:
-                raise BuildLocked(
-                    f"{self.what} {self.folder} is being built by another `kd cache build` with {int(m.group(2))} "
-                    f"rank(s) (rank {int(m.group(1))} is {describe_holder(holder)}); this one has {self.world}. "
-                    "Wait for it to finish, stop it, or choose another --out", holder)
+                raise FolderLocked(
+                    f"{self.what} {self.folder} is being written by another `{holder.get('tool') or self.tool}` with "
+                    f"{int(m.group(2))} rank(s) (rank {int(m.group(1))} is {describe_holder(holder)}); this one has "
+                    f"{self.world}. Wait for it to finish, stop it, or choose another --out", holder)
 
     def _locked_message(self, holder: dict) -> str:
         rank = f" (rank {self.rank} of {self.world})" if self.world > 1 else ""
-        hint = "Wait for it to finish or stop it (a stopped or killed build releases its lock; rerunning the " \
-               "command then resumes where it stopped), or choose another --out"
+        hint = f"Wait for it to finish or stop it (a stopped or killed {self.noun} releases its lock; {self.rerun}), " \
+               "or choose another --out"
         if not self.flock:
             hint += f"; if that process is gone, delete {self.path}"
-        return (f"{self.what} {self.folder} is already being written by another `kd cache build`{rank}: "
-                f"{describe_holder(holder)}. {hint}")
+        return (f"{self.what} {self.folder} is already being written by another `{holder.get('tool') or self.tool}`"
+                f"{rank}: {describe_holder(holder)}. {hint}")
 
     # ---- release
     def release(self) -> None:
-        """Remove the lock file (if it is still ours) and unlock. Idempotent."""
+        """Remove the lock file (if it is still ours) and unlock; remove the folders the lock created too while they
+        are empty. Idempotent."""
         fd, self.fd = self.fd, None
-        if fd is None:
-            return
-        _held_fds.discard(fd)
-        try:
-            # unlink before unlocking: a waiter that opened the old file sees its inode gone and retries
-            if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                os.remove(self.path)
-        except OSError:
-            pass  # already gone (a finished remote build removes its staging folder)
-        finally:
-            os.close(fd)
+        if fd is not None:
+            _held_fds.discard(fd)
+            try:
+                # unlink before unlocking: a waiter that opened the old file sees its inode gone and retries
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    os.remove(self.path)
+            except OSError:
+                pass  # already gone (a finished remote build removes its staging folder)
+            finally:
+                os.close(fd)
+        created, self.created = self.created, []
+        for path in created:
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                continue
+            except OSError:  # not empty: the command wrote there, or another rank's lock is in it
+                break
 
-    def __enter__(self) -> "BuildLock":
+    def __enter__(self) -> "FolderLock":
         return self
 
     def __exit__(self, *exc) -> None:
         self.release()
 
 
+class BuildLock(FolderLock):
+    """A `kd cache build` rank's lock on its cache (or staging) folder."""
+
+    tool, noun, kind = "kd cache build", "build", "build"
+    rerun = "rerunning the command then resumes where it stopped"
+
+
+class TrainLock(FolderLock):
+    """A `kd train` rank's lock on its --out folder."""
+
+    tool, noun, kind = "kd train", "run", "training"
+    rerun = "rerunning the command then resumes from its last checkpoint"
+
+
 def _flock_held(path: str) -> bool:
     """Whether some process holds the flock on `path` (probed without blocking; released at once)."""
-    import fcntl  # POSIX only (see BuildLock._try_flock)
+    import fcntl  # POSIX only (see FolderLock._try_flock)
 
     try:
         fd = os.open(path, os.O_RDONLY)
