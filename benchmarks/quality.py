@@ -6,6 +6,7 @@ repository root:
     python -m benchmarks.quality                      # setting A: 5 seeds, N = 200 (all arms) and 1000 (CE, KD)
     python -m benchmarks.quality --setting B          # then B and C (each ~20-40 min on 2 cores)
     python -m benchmarks.quality --setting all        # A, B and C in one command (about two hours)
+    python -m benchmarks.quality --setting X          # students of another tokenizer from the same cache (~45 min)
     python -m benchmarks.quality --seeds 0 1 --n 200  # a subset (finished runs are reused on a rerun)
     python -m benchmarks.quality --quick              # a smoke run of the same code paths (numbers meaningless)
 
@@ -29,7 +30,7 @@ two one-thread processes are far faster than one two-thread process):
     kd-exact  `--recipe llava-kd --online-teacher` with full-vocabulary targets (`--online-top-k 0`) and exact Gram:
               what the cache would give if it lost nothing
     kd-sampled / kd-topk-eq  sampled targets (50 draws) vs the top-k whose text row costs the same bytes
-Settings B and C: see SETTING_B / SETTING_C below.
+Settings B, C and X: see SETTING_B / SETTING_C / SETTING_X below.
 * metrics (`kd eval` on the test split): task score = exact match over the gated types; held-out
   teacher-forced answer NLL (nats/token) over the gated types. Per seed: arm - ce; mean over seeds with a 95 %
   bootstrap interval (seeds resampled); gap recovered = (arm - ce) / (teacher - ce) as a ratio of means with a
@@ -65,7 +66,9 @@ LABELS = {"ce": "CE (baseline)", "ce-es": "CE + early stopping", "ce-ls": "CE + 
           "kd-exact": "LLaVA-KD, exact online targets",
           "kd-sampled": "LLaVA-KD, sampled targets (50 draws)", "kd-topk-eq": "LLaVA-KD, top-k at the sampled bytes",
           "kd-text": "CE + response MDist", "kd-visual": "CE + visual MDist", "kd-rdist": "CE + RDist",
-          "kd-full": "LLaVA-KD (all terms)"}
+          "kd-full": "LLaVA-KD (all terms)",
+          "x-ce": "other tokenizer: CE (baseline)", "x-uld": "other tokenizer: LLaVA-KD, ULD",
+          "x-hybrid": "other tokenizer: LLaVA-KD, hybrid (GOLD-style)"}
 ALL_ARMS = tuple(LABELS)  # every arm of every setting, in report order (CE first)
 SAMPLES = 50  # draws per row of the sampled cache
 TOPK_CANDIDATES = (4, 6, 8, 12, 16, 24, 32)  # the equal-bytes top-k is the one whose text row is closest in bytes
@@ -90,9 +93,20 @@ SETTING_C = dataclasses.replace(SETTING_A, mode="study-C", patch_size=16)
 QUICK_C = dataclasses.replace(QUICK, mode="study-quick-C", patch_size=16)
 LM_PRETRAIN_STEPS = {"study-C": 600, "study-quick-C": 8}
 ARMS_C = ("ce", "kd-text", "kd-visual", "kd-rdist", "kd-full")
-N_VAL = {"study-A": 200, "study-quick": 16, "study-B": 200, "study-quick-B": 16, "study-C": 200, "study-quick-C": 16}
+N_VAL = {"study-A": 200, "study-quick": 16, "study-B": 200, "study-quick-B": 16, "study-C": 200, "study-quick-C": 16,
+         "study-X": 200, "study-quick-X": 16}
 TEACHER_SHARE = {"study-B": (2000, 3000), "study-quick-B": (96, 160)}  # (caption, instruct) records of the teacher
 ARMS_B = ("ce", "kd")
+# Setting X ("one cache, students of another tokenizer"): setting A's teacher, data and schedule; besides the
+# same-tokenizer CE and KD students (the reference), students whose LM reads its own byte-level BPE tokenizer
+# trained on the same text with X_VOCAB entries instead of 512 (fewer merges: the same answer in more, shorter
+# tokens) and learn from the same cache with `--cross-tokenizer uld|hybrid`, against their own CE baseline.
+SETTING_X = dataclasses.replace(SETTING_A, mode="study-X")
+QUICK_X = dataclasses.replace(QUICK, mode="study-quick-X")
+X_VOCAB = 384
+ARMS_X = ("ce", "kd", "x-ce", "x-uld", "x-hybrid")
+# an arm is compared with the CE student of its own tokenizer (x-ce is a baseline, not compared with ce)
+BASELINE_OF = {"x-ce": "x-ce", "x-uld": "x-ce", "x-hybrid": "x-ce"}
 
 
 # --------------------------------------------------------------------------------------------- shared steps
@@ -144,7 +158,7 @@ def prepare(out: Path, s: demo.DemoSettings, ns: list[int], progress: bool, arms
         if "kd-topk64" in arms:
             caches["vtopk"] = demo.build_caches(out / f"cache-{n}-vtopk", s, teacher, d, progress=progress,
                                                 visual_targets="topk")
-        if n == min(ns) and s.mode not in TEACHER_SHARE:  # top-k vs sampled at equal bytes: setting A's scarcest N
+        if n == min(ns) and {"kd-sampled", "kd-topk-eq"} & set(arms):  # top-k vs sampled at equal bytes
             caches.update(equal_bytes_caches(out / f"cache-{n}", s, teacher, d))
         subsets[n] = {"data": d, "caches": caches}
     llm = pretrain_llm(out / "student-llm", s, caption + train, teacher) if s.mode in LM_PRETRAIN_STEPS else None
@@ -270,6 +284,10 @@ def arm_overrides(arm: str, val: Path) -> tuple[str, dict, bool]:
         "kd-visual": ("llava-kd", {"mdist_text_weight": 0.0, "rdist_weight": 0.0}, False),
         "kd-rdist": ("llava-kd", {"mdist_text_weight": 0.0, "mdist_visual_weight": 0.0}, False),
         "kd-full": ("llava-kd", {}, False),
+        # setting X: the same cache, a student of another tokenizer
+        "x-ce": ("baseline", {}, False),
+        "x-uld": ("llava-kd", {"cross_tokenizer": "uld"}, False),
+        "x-hybrid": ("llava-kd", {"cross_tokenizer": "hybrid"}, False),
     }[arm]
 
 
@@ -287,6 +305,7 @@ def run_one(spec: dict) -> dict:
     chosen = spec["caches"] if isinstance(spec["caches"], list) else spec["caches"][CACHE_OF_ARM.get(arm, "default")]
     caches = tuple(Path(p) for p in chosen)
     recipe, overrides, online = arm_overrides(arm, Path(spec["val"]))
+    make_init = _other_tokenizer_student if arm.startswith("x-") else _student_init
     if spec.get("pretrained_llm"):  # setting C: the presets decide what trains (not the demo's train_llm=True)
         overrides = {"train_llm": None, **overrides}
     run_dir = out / f"N{n}" / f"seed-{seed}" / arm
@@ -295,8 +314,8 @@ def run_one(spec: dict) -> dict:
         return json.loads(result_path.read_text())
     t0 = time.perf_counter()
     with demo._quiet_transformers():
-        student = _student_init(out / "students" / f"seed-{seed}", s, Path(spec["teacher"]), seed,
-                                spec.get("pretrained_llm"))
+        student = make_init(out / ("students-x" if arm.startswith("x-") else "students") / f"seed-{seed}", s,
+                            Path(spec["teacher"]), seed, spec.get("pretrained_llm"))
         finals = demo.train_student(run_dir / "train", recipe, s, student, data, None if online else caches,
                                     seed=seed, online_teacher=spec["teacher"] if online else None, **overrides)
         train_seconds = time.perf_counter() - t0
@@ -324,6 +343,37 @@ def _student_init(root: Path, s: demo.DemoSettings, teacher: Path, seed: int, ll
         made = demo.make_student(tmp, s, teacher, seed=seed)
     else:
         made = compose_student(tmp / "init", vision=str(teacher), llm=llm, processor_from=str(teacher), seed=seed)
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(made, init)
+    except OSError:  # another arm of this seed got there first: its init is identical
+        pass
+    shutil.rmtree(tmp, ignore_errors=True)
+    return init
+
+
+def _other_tokenizer_student(root: Path, s: demo.DemoSettings, teacher: Path, seed: int,
+                             llm: str | None = None) -> Path:
+    """Setting X's student init (once per seed, settled by an atomic rename like `_student_init`): the teacher's
+    tower + a fresh projector + the same small random-init LM as the other students, but reading its own tokenizer:
+    byte-level BPE trained on the same text with X_VOCAB entries, whose chat template places the image token.
+    `kd student compose --processor-from` takes that tokenizer from a tiny LLaVA of that vocabulary (only its
+    tokenizer is used; the LM's random embeddings mean nothing yet either way)."""
+    from kd_eval.tiny import make_tiny_teacher
+    from kd_train.student import compose_student
+
+    if llm is not None:
+        raise ValueError("setting X composes its own student LM")
+    init = root / "init"
+    if (init / "config.json").exists():
+        return init
+    tmp = root.with_name(f"{root.name}.tmp.{os.getpid()}")
+    lm = make_tiny_teacher(tmp / "llm", "causal-lm", hidden_size=s.student_hidden, num_layers=s.student_layers,
+                           seed=seed, vocab_size=X_VOCAB, corpus=s.corpus())
+    tokenizer_from = make_tiny_teacher(tmp / "tokenizer", "llava", hidden_size=16, num_layers=1, seed=0,
+                                       vocab_size=X_VOCAB, corpus=s.corpus())
+    made = compose_student(tmp / "init", vision=str(teacher), llm=str(lm), processor_from=str(tokenizer_from),
+                           seed=seed)
     root.mkdir(parents=True, exist_ok=True)
     try:
         os.rename(made, init)
@@ -376,6 +426,14 @@ def gated_nll(ev: dict, types: list[str]) -> float:
     return sum(ev["per_type"][t]["answer_nll"] * ev["per_type"][t]["answer_tokens"] for t in types) / tok
 
 
+def answer_nats(ev: dict, types: list[str]) -> float:
+    """Teacher-forced NLL of the answers in nats per answer over the gated types: the sum over an answer's tokens of
+    -log p is -log p(answer text) whatever the tokenizer, so it compares students of different tokenizers (the
+    per-token NLL does not: another tokenizer spreads the same answer over another number of tokens)."""
+    nats = sum(ev["per_type"][t]["answer_nll"] * ev["per_type"][t]["answer_tokens"] for t in types)
+    return nats / sum(ev["per_type"][t]["n"] for t in types)
+
+
 def bootstrap_mean(xs: list[float], rng: random.Random, n_boot: int = N_BOOT) -> tuple[float, float, float]:
     """(mean, 2.5 %, 97.5 %) of the mean, seeds resampled with replacement."""
     m = sum(xs) / len(xs)
@@ -403,7 +461,7 @@ def bootstrap_gap(arm: list[float], ce: list[float], teacher: float, rng: random
 def summarise(results: list[dict], teacher_eval: dict, gated: list[str], seed_list: list[int]) -> dict:
     rng = random.Random(0)
     teacher = {"task": task_score(teacher_eval, gated), "nll": gated_nll(teacher_eval, gated),
-               "overall": teacher_eval["overall"]["accuracy"]}
+               "nats": answer_nats(teacher_eval, gated), "overall": teacher_eval["overall"]["accuracy"]}
     by = {(r["n"], r["arm"], r["seed"]): r for r in results}
     out: dict[str, Any] = {"teacher": teacher, "by_n": {}}
     for n in sorted({r["n"] for r in results}):
@@ -414,7 +472,9 @@ def summarise(results: list[dict], teacher_eval: dict, gated: list[str], seed_li
             task = [task_score(by[(n, arm, s)]["eval"], gated) for s in seeds]
             nll = [gated_nll(by[(n, arm, s)]["eval"], gated) for s in seeds]
             overall = [by[(n, arm, s)]["eval"]["overall"]["accuracy"] for s in seeds]
-            table[arm] = {"seeds": seeds, "task": task, "nll": nll, "overall": overall,
+            nats = [answer_nats(by[(n, arm, s)]["eval"], gated) for s in seeds]
+            table[arm] = {"seeds": seeds, "task": task, "nll": nll, "nats": nats, "overall": overall,
+                          "nats_mean_sd": report.mean_spread(nats),
                           "task_mean_sd": report.mean_spread(task), "nll_mean_sd": report.mean_spread(nll),
                           "per_type": {t: report.mean_spread([by[(n, arm, s)]["eval"]["per_type"][t]["accuracy"]
                                                               for s in seeds])
@@ -426,26 +486,60 @@ def summarise(results: list[dict], teacher_eval: dict, gated: list[str], seed_li
                 table[arm]["task_after_dpt_mean_sd"] = report.mean_spread(dpt)
                 table[arm]["nll_after_dpt_mean_sd"] = report.mean_spread(
                     [gated_nll(by[(n, arm, s)]["eval_dpt"], gated) for s in seeds])
-        if "ce" in table:
-            for arm in arms:
-                if arm == "ce":
-                    continue
-                seeds = [s for s in table[arm]["seeds"] if s in table["ce"]["seeds"]]
-                if len(seeds) < 2:
-                    continue
-                pick = lambda a, key: [table[a][key][table[a]["seeds"].index(s)] for s in seeds]  # noqa: E731
-                d_task = [x - y for x, y in zip(pick(arm, "task"), pick("ce", "task"))]
-                d_nll = [x - y for x, y in zip(pick(arm, "nll"), pick("ce", "nll"))]
-                vs_ce[arm] = {
-                    "seeds": seeds, "task_diff_per_seed": d_task, "nll_diff_per_seed": d_nll,
-                    "task_diff": bootstrap_mean(d_task, rng), "nll_diff": bootstrap_mean(d_nll, rng),
-                    "task_gap": bootstrap_gap(pick(arm, "task"), pick("ce", "task"), teacher["task"], rng),
-                    "nll_gap": bootstrap_gap(pick(arm, "nll"), pick("ce", "nll"), teacher["nll"], rng)}
+        for arm in arms:
+            base = BASELINE_OF.get(arm, "ce")
+            if arm == base or base not in table:
+                continue
+            seeds = [s for s in table[arm]["seeds"] if s in table[base]["seeds"]]
+            if len(seeds) < 2:
+                continue
+            pick = lambda a, key: [table[a][key][table[a]["seeds"].index(s)] for s in seeds]  # noqa: E731
+            d_task = [x - y for x, y in zip(pick(arm, "task"), pick(base, "task"))]
+            d_nll = [x - y for x, y in zip(pick(arm, "nll"), pick(base, "nll"))]
+            d_nats = [x - y for x, y in zip(pick(arm, "nats"), pick(base, "nats"))]
+            vs_ce[arm] = {
+                "baseline": base, "seeds": seeds, "task_diff_per_seed": d_task, "nll_diff_per_seed": d_nll,
+                "nats_diff_per_seed": d_nats, "nats_diff": bootstrap_mean(d_nats, rng),
+                "task_diff": bootstrap_mean(d_task, rng), "nll_diff": bootstrap_mean(d_nll, rng),
+                "task_gap": bootstrap_gap(pick(arm, "task"), pick(base, "task"), teacher["task"], rng),
+                "nll_gap": bootstrap_gap(pick(arm, "nll"), pick(base, "nll"), teacher["nll"], rng)}
         cache_vs_exact = _paired(table, "kd", "kd-exact", rng)
         out["by_n"][str(n)] = {"table": table, "vs_ce": vs_ce, "cache_vs_exact": cache_vs_exact,
                                "sampled_vs_topk": _paired(table, "kd-sampled", "kd-topk-eq", rng),
                                "sampled_vs_exact": _paired(table, "kd-sampled", "kd-exact", rng),
-                               "topk64_vs_exact": _paired(table, "kd-topk64", "kd-exact", rng)}
+                               "topk64_vs_exact": _paired(table, "kd-topk64", "kd-exact", rng),
+                               "cross_vs_same": {arm: r for arm, base in BASELINE_OF.items()
+                                                 if arm != base and (r := _gain_ratio(table, arm, rng)) is not None}}
+    return out
+
+
+def _gain_ratio(table: dict, arm: str, rng: random.Random) -> dict | None:
+    """Setting X's second target: the cross-tokenizer gain over its own CE student as a share of the same-tokenizer
+    gain (kd − ce), on the task score and on the answer NLL in nats per answer (tokenizer-independent): a ratio of
+    mean gains, with a bootstrap interval over the seeds all four arms ran (resampled jointly)."""
+    base, need = BASELINE_OF[arm], (arm, BASELINE_OF[arm], "kd", "ce")
+    if any(a not in table for a in need):
+        return None
+    seeds = [s for s in table["ce"]["seeds"] if all(s in table[a]["seeds"] for a in need)]
+    if len(seeds) < 2:
+        return None
+    pick = lambda a, key: [table[a][key][table[a]["seeds"].index(s)] for s in seeds]  # noqa: E731
+    out = {"seeds": seeds}
+    for key in ("task", "nats"):
+        cross = [x - y for x, y in zip(pick(arm, key), pick(base, key))]
+        same = [x - y for x, y in zip(pick("kd", key), pick("ce", key))]
+
+        def ratio(idx: list[int]) -> float | None:
+            s_ = sum(same[i] for i in idx)
+            return None if abs(s_) < 1e-12 else sum(cross[i] for i in idx) / s_
+
+        k = len(seeds)
+        boots = sorted(r for r in (ratio([rng.randrange(k) for _ in range(k)]) for _ in range(N_BOOT)) if r is not None)
+        point = ratio(list(range(k)))
+        out[key] = (None, None, None) if point is None or not boots else (
+            point, boots[int(0.025 * len(boots))], boots[int(0.975 * len(boots)) - 1])
+        out[f"{key}_same_gain"] = sum(same) / k
+        out[f"{key}_cross_gain"] = sum(cross) / k
     return out
 
 
@@ -477,15 +571,16 @@ def _ms(d: dict, scale: float = 100.0, digits: int = 1) -> str:
 
 
 TITLES = {"A": "Setting A: scarce labels, long schedule", "B": "Setting B: ambiguous answers, one pass over fresh records",
-          "C": "Setting C: visual terms that carry signal (16 visual tokens, text-pretrained student LM)"}
+          "C": "Setting C: visual terms that carry signal (16 visual tokens, text-pretrained student LM)",
+          "X": "Setting X: one cache, students of another tokenizer"}
 DISCUSSION = ("<!-- discussion (kept when benchmarks/quality.py rewrites this file) -->", "<!-- /discussion -->")
 
 
 def markdown(payloads: list[dict]) -> str:
     """docs/results.md from the settings' result files (each section regenerated from its JSON)."""
     lines = ["# Results: does distilling from the cache make a better student?", "",
-             "Pre-registered study of issue 11, run by `python -m benchmarks.quality --setting A|B|C|all` (every number "
-             "below is read from `benchmarks/results/quality_<setting>.json`).", "", *DISCUSSION, ""]
+             "Pre-registered studies (issue 11; setting X: issue 20), run by `python -m benchmarks.quality --setting "
+             "A|B|C|X|all` (every number below is read from `benchmarks/results/quality_<setting>.json`).", "", *DISCUSSION, ""]
     for payload in payloads:
         lines += section(payload)
     return "\n".join(lines)
@@ -523,6 +618,19 @@ def section(payload: dict) -> list[str]:
              f"* metrics: task score = {metric} over the gated types; NLL = held-out teacher-forced answer NLL over the "
              "gated types (lower is better). Differences are arm − CE per seed; brackets are 95 % bootstrap intervals "
              "over seeds. Gap recovered = (arm − CE) / (teacher − CE), ratio of the means.", ""]
+    if setting == "X":
+        lines[-1:-1] = [
+            f"* other-tokenizer students (`x-*` arms): the same tower, projector and LM sizes and seeds, but the LM reads "
+            f"its own byte-level BPE tokenizer trained on the same text with {payload.get('x_vocab', X_VOCAB)} entries "
+            f"(the teacher's has {st['vocab_size']}), so the same answer is split into other, shorter tokens; they "
+            "train from the very same cache with `--cross-tokenizer uld` or `hybrid`, and are compared with the CE "
+            "student of their own tokenizer.",
+            "* answer NLL in nats per answer (the per-token NLL summed over each answer's tokens, averaged over "
+            "answers) is the one NLL that compares students of different tokenizers; the per-token column is "
+            "comparable only within one tokenizer.",
+            "* pre-registered targets: (1) x-KD − x-CE 95 % interval above zero (NLL: below zero) on the answer NLL "
+            "and on the task score; (2) the cross-tokenizer gain at least half the same-tokenizer gain (kd − ce) on "
+            "both."]
     ent = payload.get("cached_entropy")
     if ent:
         lines += ["Entropy of the cached teacher distribution at the answer's first slot (the first answer token; "
@@ -537,14 +645,35 @@ def section(payload: dict) -> list[str]:
         lines += [f"### N = {n} records per stage", "",
                   "| arm | task score % (mean ± sd) | answer NLL (mean ± sd) | overall score % | train s/run |",
                   "|---|---:|---:|---:|---:|"]
+        nats = setting == "X"
+        if nats:
+            lines[-2:] = ["| arm | task score % (mean ± sd) | answer NLL, nats/token (mean ± sd) | answer NLL, nats/answer "
+                          "(mean ± sd) | overall score % | train s/run |", "|---|---:|---:|---:|---:|---:|"]
         for arm, row in block["table"].items():
             lines.append(f"| {LABELS[arm]} | {_ms(row['task_mean_sd'])} | {_ms(row['nll_mean_sd'], 1, 3)} | "
-                         f"{_ms(report.mean_spread(row['overall']))} | {row['train_seconds']['mean']:.0f} |")
+                         + (f"{_ms(row['nats_mean_sd'], 1, 3)} | " if nats else "")
+                         + f"{_ms(report.mean_spread(row['overall']))} | {row['train_seconds']['mean']:.0f} |")
         lines += ["", "| arm − CE | task score, points [95 % CI] | gap recovered (task) [95 % CI] | "
-                  "answer NLL [95 % CI] | gap recovered (NLL) [95 % CI] |", "|---|---:|---:|---:|---:|"]
+                  "answer NLL [95 % CI] | gap recovered (NLL) [95 % CI] |"
+                  + (" answer NLL, nats/answer [95 % CI] |" if nats else ""),
+                  "|---|---:|---:|---:|---:|" + ("---:|" if nats else "")]
         for arm, d in block["vs_ce"].items():
-            lines.append(f"| {LABELS[arm]} | {_ci(d['task_diff'])} | {_ci(d['task_gap'], 100, 0)} % | "
-                         f"{_ci(d['nll_diff'], 1, 3)} | {_ci(d['nll_gap'], 100, 0)} % |")
+            base = d.get("baseline", "ce")
+            name = LABELS[arm] + ("" if base == "ce" else f" (− {LABELS[base]})")
+            lines.append(f"| {name} | {_ci(d['task_diff'])} | {_ci(d['task_gap'], 100, 0)} % | "
+                         f"{_ci(d['nll_diff'], 1, 3)} | {_ci(d['nll_gap'], 100, 0)} % |"
+                         + (f" {_ci(d['nats_diff'], 1, 3)} |" if nats else ""))
+        for arm, g in (block.get("cross_vs_same") or {}).items():
+            d = block["vs_ce"][arm]
+            met1 = d["task_diff"][1] > 0 and d["nats_diff"][2] < 0
+            met2 = all(g[k][0] is not None and g[k][0] >= 0.5 for k in ("task", "nats"))
+            lines += ["", f"**{LABELS[arm]}** (paired over seeds {g['seeds']}): cross-tokenizer gain over its CE "
+                      f"{100 * g['task_cross_gain']:+.1f} points of task score and {g['nats_cross_gain']:+.3f} nats per "
+                      f"answer, against the same-tokenizer gain {100 * g['task_same_gain']:+.1f} points and "
+                      f"{g['nats_same_gain']:+.3f} nats: a share of {_ci(g['task'], 100, 0)} % (task) and "
+                      f"{_ci(g['nats'], 100, 0)} % (NLL). Target 1 (x-KD − x-CE above zero on both): "
+                      f"**{'met' if met1 else 'missed'}**; target 2 (share ≥ 50 % on both): "
+                      f"**{'met' if met2 else 'missed'}** (point estimates; the intervals are above)."]
         if all("task_after_dpt_mean_sd" in row for row in block["table"].values()):
             lines += ["", "Right after DPT (the projector alone trained; the pretrained LM frozen):", "",
                       "| arm | task score % after DPT | answer NLL after DPT |", "|---|---:|---:|"]
@@ -596,9 +725,10 @@ def write_docs(results: list[Path], docs_md: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--setting", choices=("A", "B", "C", "all"), default="A",
+    ap.add_argument("--setting", choices=("A", "B", "C", "X", "all"), default="A",
                     help="A: scarce labels, long schedule; B: ambiguous answers, one pass over fresh records; "
                          "C: 16 visual tokens, a text-pretrained student LM frozen in DPT, KD terms one at a time; "
+                         "X: students of another tokenizer from the same cache (--cross-tokenizer); "
                          "all: A, B, then C (about two hours on 2 cores)")
     ap.add_argument("--out", help="working folder (reused on a rerun) [default: bench-out/quality-<setting>]")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -607,6 +737,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--large-n-arms", nargs="+", choices=ALL_ARMS, default=["ce", "kd", "kd-topk64"],
                     help="arms run at the N values above the smallest (the controls matter where labels are scarce)")
     ap.add_argument("--jobs", type=int, default=2, help="single-thread processes at a time")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads for the shared steps (teacher, caches); 1 on a machine busy with other work, "
+                         "where two threads run many times slower per step")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, numbers meaningless")
     ap.add_argument("--results", help="[default: benchmarks/results/quality_<setting>.json]")
     ap.add_argument("--docs", default=str(ROOT / "docs" / "results.md"))
@@ -627,13 +760,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     t0 = time.perf_counter()
     b = args.setting == "B"
-    s = {"A": (SETTING_A, QUICK), "B": (SETTING_B, QUICK_B), "C": (SETTING_C, QUICK_C)}[args.setting][args.quick]
+    s = {"A": (SETTING_A, QUICK), "B": (SETTING_B, QUICK_B), "C": (SETTING_C, QUICK_C),
+         "X": (SETTING_X, QUICK_X)}[args.setting][args.quick]
     out = Path(args.out or ("bench-out/quality" if args.setting == "A" else f"bench-out/quality-{args.setting}"))
-    args.n = args.n or ([64] if args.quick and b else [B_POOL] if b else [200] if args.setting == "C" else [200, 1000])
-    args.arms = args.arms or list({"A": ARMS, "B": ARMS_B, "C": ARMS_C}[args.setting])
+    args.n = args.n or ([64] if args.quick and b else [B_POOL] if b else [200] if args.setting in "CX" else [200, 1000])
+    args.arms = args.arms or list({"A": ARMS, "B": ARMS_B, "C": ARMS_C, "X": ARMS_X}[args.setting])
     default_results = str(ROOT / "benchmarks" / "results" / f"quality_{args.setting}.json")
     args.results = args.results or default_results
-    with demo._cpu_threads(2):
+    with demo._cpu_threads(args.threads):
         shared = prepare(out, s, args.n, progress=False, arms=args.arms)
     print(f"[quality] teacher ready; gated types: {shared['gated']}", flush=True)
     specs = [{"settings": s.to_dict(), "out": str(out), "seed": seed, "arm": arm, "n": n,
@@ -652,13 +786,14 @@ def main(argv: list[str] | None = None) -> None:
                "settings": s.to_dict(), "gated_types": shared["gated"], "teacher_seconds": shared["teacher_seconds"],
                "teacher_eval": report.summary(shared["teacher_eval"]), "summary": summary,
                "equal_bytes": EQUAL_BYTES, "setting": args.setting, "cached_entropy": shared["entropy"],
+               "x_vocab": X_VOCAB if args.setting == "X" else None,
                "cache_targets": cache_targets(shared["subsets"][min(args.n)]["caches"]["default"][1]),
                "runs": sorted(results, key=lambda r: (r["n"], r["seed"], ALL_ARMS.index(r["arm"])))}
     if args.quick and args.results == default_results:  # a smoke run never overwrites the published study
         args.results, args.docs = str(out / "quality_quick.json"), str(out / "results_quick.md")
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-    published = [ROOT / "benchmarks" / "results" / f"quality_{x}.json" for x in ("A", "B", "C")]
+    published = [ROOT / "benchmarks" / "results" / f"quality_{x}.json" for x in ("A", "B", "C", "X")]
     write_docs([Path(args.results)] if args.results not in map(str, published) else published, Path(args.docs))
     print(f"[quality] wrote {args.results} and {args.docs} ({payload['wall_minutes']:.0f} min)")
 

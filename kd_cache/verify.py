@@ -86,8 +86,9 @@ def format_info(d: dict) -> str:
         f"bytes/row    text {fmt_b(d['bytes_per_text_row'])}   visual {fmt_b(d['bytes_per_visual_row'])}   "
         f"gram {fmt_b(d['bytes_per_gram'])} per sample   common {fmt_b(d['bytes_per_sample_common'])} per sample",
         "tokenizer    " + ("the teacher's is stored (teacher_tokenizer/), with the observed next-token log-prob of "
-                             "every response row" if d["self_contained"] else "not stored (format before v3: no "
-                             "tokenizer files, no observed log-probs)"),
+                             "every response row: serves students of other tokenizers (kd train --cross-tokenizer)"
+                             if d["self_contained"] else "not stored (format before v3: no tokenizer files, no "
+                             "observed log-probs): students of other tokenizers need --teacher-tokenizer"),
         f"skipped      {d['skipped']['total']}" + "".join(f"\n  {r:<28} {n}" for r, n in d["skipped"]["by_reason"].items()),
         "shards:",
     ]
@@ -109,7 +110,7 @@ def verify(path_or_url: str, *, checksums: bool = True) -> list[str]:
     try:
         cache = Cache(path_or_url, cache_dir="")  # checks the cache itself, never a read-through copy
     except (FileNotFoundError, ValueError) as e:
-        return [str(e)]
+        return [" ".join(str(e).split())]
     m, fs = cache.manifest, cache.fs
     problems = []
     want_schema = expected_schema(m)
@@ -145,4 +146,4 @@ def verify(path_or_url: str, *, checksums: bool = True) -> list[str]:
             problems.append(f"{f.name}: sha256 mismatch (content changed since the build)")
     if total != m.num_samples and not any("missing" in p for p in problems):
         problems.append(f"shards hold {total} samples, manifest says {m.num_samples}")
-    return problems
+    return [" ".join(p.split()) for p in problems]  # one line each (arrow's messages may hold newlines)

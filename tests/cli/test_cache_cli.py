@@ -44,6 +44,7 @@ def test_build_from_config_file_with_flag_override(tmp_path, llava_teacher, tiny
     r = runner.invoke(app, ["cache", "info", str(out)])
     assert r.exit_code == 0 and "bytes/row" in r.output
     assert "(top-8)" in r.output and "(sampled, 50 draws)" in r.output, r.output
+    assert "serves students of other tokenizers (kd train --cross-tokenizer)" in r.output and d["self_contained"]
 
     r = runner.invoke(app, ["cache", "verify", str(out)])
     assert r.exit_code == 0 and r.output.startswith("OK")

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import huggingface_hub
+import numpy as np
 import pytest
 from huggingface_hub.utils import filter_repo_objects
 from typer.testing import CliRunner
@@ -176,3 +177,42 @@ def test_hub_errors_are_one_error_line(hub, cache_copy, monkeypatch):
         lines = r.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {type(error).__name__}: ") and \
             lines[0].endswith("(log in with `hf auth login`, set HF_TOKEN or pass --token)"), r.output
+
+
+def _same_sample(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=key)
+        else:
+            assert x == y, key
+
+
+def test_the_cache_and_its_published_repo_load_as_hub_datasets(hub, cache_copy, tmp_path, monkeypatch):
+    """`datasets.load_dataset("parquet", data_files=...)` on a cache folder, and `load_dataset(<repo folder>)` on the
+    layout `kd cache publish` uploads (the card's `configs:` metadata picks the shards, not manifest.json or the
+    tokenizer files), both give every stored row; each decodes (`Cache.decode`) to the sample `open_cache` gives."""
+    datasets = pytest.importorskip("datasets")
+    from huggingface_hub import DatasetCard
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = open_cache(str(cache_copy))
+    expected = {s["sample_id"]: s for s in cache}
+    publish(cache_copy, "org/tiny-kd")
+    repo = hub.repo("org/tiny-kd")
+    card = DatasetCard.load(repo / fmt.CARD_NAME)
+    assert card.data.configs == [{"config_name": "default", "data_files": f"{fmt.SHARD_DIR}/*.parquet"}]
+    assert (repo / fmt.TOKENIZER_DIR).is_dir() and (repo / fmt.MANIFEST_NAME).is_file()  # beside the data files
+
+    for ds in (datasets.load_dataset("parquet", data_files=str(cache_copy / fmt.SHARD_DIR / "*.parquet"),
+                                     split="train", cache_dir=str(tmp_path / "hf1")),
+               datasets.load_dataset(str(repo), split="train", cache_dir=str(tmp_path / "hf2"))):
+        assert ds.num_rows == cache.manifest.num_samples == len(expected)
+        assert {"sample_id", "input_ids", "text_topk_ids", "text_logsumexp"} <= set(ds.column_names)
+        seen = set()
+        for row in ds:
+            _same_sample(cache.decode(row), expected[row["sample_id"]])
+            seen.add(row["sample_id"])
+        assert seen == set(expected)
