@@ -23,7 +23,9 @@ def synth(cfg: SynthConfig) -> None:
     with reported():
         paths = generate(cfg.out, n_caption=cfg.n_caption, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
                          seed=cfg.seed, image_size=cfg.image_size, question_types=cfg.question_type_list(),
-                         multi_turn=cfg.multi_turn)
+                         multi_turn=cfg.multi_turn, lmms_task=cfg.lmms_task)
     for name in ("caption_train", "instruct_train", "instruct_val", "instruct_test"):
         typer.echo(f"{name:<15} {getattr(paths, name)}")
     typer.echo(f"{'images':<15} {paths.image_root}")
+    if paths.lmms_task is not None:
+        typer.echo(f"{'lmms_task':<15} {paths.lmms_task} (lmms-eval --tasks kd_synth --include_path {paths.lmms_task})")

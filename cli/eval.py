@@ -19,14 +19,16 @@ from kd_eval.config import EvalConfig
 @config_command(EvalConfig)
 def eval_command(cfg: EvalConfig) -> None:
     """Greedy-decode each record's answer and print accuracy per question type after answer normalisation.
-    Evaluate several models into --out files and compare them with `kd_eval.evaluate.format_table`."""
+    Evaluate several models into --out files and compare them with `kd_eval.evaluate.format_table`.
+    `--backend vllm` generates with a vLLM engine on the folder (batched; the same prompts, greedy decoding and
+    scoring)."""
     from kd_eval.evaluate import evaluate, format_table
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with reported():
         result = evaluate(cfg.model, cfg.data, cfg.images, batch_size=cfg.batch_size,
                           max_new_tokens=cfg.max_new_tokens, device=cfg.device, limit=cfg.limit,
-                          progress=cfg.progress, dtype=cfg.dtype)
+                          progress=cfg.progress, dtype=cfg.dtype, backend=cfg.backend)
     typer.echo(format_table([result]))
     if result["skipped"]["total"]:
         typer.echo(f"skipped by reason: {json.dumps(result['skipped']['by_reason'])}")
@@ -36,3 +38,7 @@ def eval_command(cfg: EvalConfig) -> None:
         path.write_text(json.dumps({**result, "config": to_dict(cfg)}, indent=1, ensure_ascii=False) + "\n",
                         encoding="utf-8")
         typer.echo(f"results written to {path}")
+    if cfg.backend == "vllm":
+        from kd_cache.backends import end_process
+
+        end_process(cfg.backend)  # vLLM can leave a native thread that aborts the interpreter's teardown

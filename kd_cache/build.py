@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import tempfile
 import time
 
@@ -21,7 +22,7 @@ from kd_cache.files import atomic_write_bytes, atomic_write_text, remove_stale_t
 from kd_cache.hf import (load_processor_and_config, text_config, tokenizer_fingerprint, tokenizer_of,
                          weights_fingerprint)
 from kd_cache.lock import BuildLock, is_lock_file
-from kd_cache.manifest import done_path, try_finalize
+from kd_cache.manifest import done_path, read_done, try_finalize
 from kd_cache.progress import progress, quiet_library_bars
 from kd_cache.remote import RemoteOutput, is_remote
 from kd_cache.targets import TargetOptions
@@ -46,8 +47,15 @@ def _check_out_dir(out: str, want: dict, what: str = "output folder") -> str:
     cfg_path = os.path.join(out, fmt.CONFIG_NAME)
     if not os.path.exists(cfg_path):
         raise ValueError(f"{what} {out} is not empty and holds no kd cache; choose an empty folder")
-    with open(cfg_path) as f:
-        _check_same_config(json.load(f), want, f"{what} {out}")
+    with open(cfg_path, "rb") as f:
+        try:
+            saved = json.loads(f.read().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise fmt.ProgressFileError(f"{cfg_path}: not valid JSON ({type(e).__name__}); the saved build "
+                                        "configuration is damaged: restore it, or choose another folder") from None
+    if not isinstance(saved, dict):
+        raise fmt.ProgressFileError(f"{cfg_path}: must be a JSON object, got {type(saved).__name__}")
+    _check_same_config(saved, want, f"{what} {out}")
     return "complete" if os.path.exists(os.path.join(out, fmt.MANIFEST_NAME)) else "resume"
 
 
@@ -118,6 +126,8 @@ def build(cfg: BuildConfig) -> dict | None:
     try:
         return _build_locked(cfg, records, rank, world, want, out, remote, t_start, *teacher_files)
     finally:
+        if remote is not None:
+            remote.release_lock()  # its lock object on the URL, taken in _build_locked (kd_cache/remote_lock.py)
         lock.release()
 
 
@@ -131,13 +141,13 @@ def _build_locked(cfg: BuildConfig, records: RecordSource, rank: int, world: int
     _prepare_folder(cfg, out, rank, world, want)
     tokenizer_files = save_teacher_tokenizer(processor, out)
     n_local = len(range(rank, len(records), world))
-    if remote is not None:
+    if remote is not None:  # one writer of this rank's URL across machines too, before anything is uploaded
+        remote.acquire_lock()
         remote.start(n_local)
-    start = _resume_point(out, rank, world)
+    start = _resume_point(out, rank, world, n_local, check_shards=remote is None)  # remote: checked by start()
     if os.path.exists(done_path(out, rank, world)) and start >= n_local:
         log.info("rank %d already finished; finalizing", rank)
-        with open(done_path(out, rank, world)) as f:
-            header = json.load(f).get("header")  # what the shards were written with (teacher dtype, head rows)
+        header = read_done(out, rank, world).get("header")  # what the shards were written with (teacher dtype...)
         if header is None:  # a done file of an older kd: rebuilt without the loaded teacher
             header = _header(cfg, config, processor, None, records, multimodal, tokenizer_files=tokenizer_files)
         return _finalize(out, world, header, remote)
@@ -198,12 +208,23 @@ def _prepare_folder(cfg: BuildConfig, out: str, rank: int, world: int, want: dic
         atomic_write_text(cfg_path, json.dumps({**want, "run": run_settings}, indent=1, sort_keys=True))
 
 
-def _resume_point(out: str, rank: int, world: int) -> int:
-    """This rank's next local sample: after the last shard recorded in its journal (a torn tail dropped)."""
+def _resume_point(out: str, rank: int, world: int, n_local: int, check_shards: bool = True) -> int:
+    """This rank's next local sample: after the last shard recorded in its journal (checked; a torn tail dropped)
+    and, with `check_shards`, present in `out` with its recorded size (a lost or damaged shard is redone)."""
     jpath = journal_path(out, rank, world)
-    entries = read_journal(jpath)
+    entries = read_journal(jpath, rank=rank, world_size=world, n_local=n_local)
+    for i, e in enumerate(entries if check_shards else ()):
+        path = os.path.join(out, e["shard"]) if e["shard"] is not None else None
+        if path is not None and not (os.path.isfile(path) and os.path.getsize(path) == e["bytes"]):
+            log.warning("rank %d: %s is recorded in %s but missing or of another size; resuming before it (%d of "
+                        "%d entries kept)", rank, e["shard"], jpath, i, len(entries))
+            entries = entries[:i]
+            break
+    end = entries[-1]["end"] if entries else 0
+    if end < n_local and os.path.exists(done_path(out, rank, world)):  # before the journal is shortened: a
+        os.remove(done_path(out, rank, world))  # finishing rank must never pair a done file with a short journal
     atomic_write_text(jpath, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
-    return entries[-1]["end"] if entries else 0
+    return end
 
 
 def _run(cfg: BuildConfig, teacher, encoder: Encoder, opts: TargetOptions, writer: ShardWriter,
@@ -214,6 +235,7 @@ def _run(cfg: BuildConfig, teacher, encoder: Encoder, opts: TargetOptions, write
     loader = _loader(records, encoder, rank, world, start, n_local, cfg)
     bar = _progress(cfg.progress and rank == 0, n_local, start, rank)
     done_samples = skipped_here = 0
+    closed = False  # the writer, flushed and stopped (else stopped in `finally`: `_stop_writer`)
     try:
         t_prep = time.perf_counter()
         for chunk in loader:
@@ -239,11 +261,32 @@ def _run(cfg: BuildConfig, teacher, encoder: Encoder, opts: TargetOptions, write
             t_prep = time.perf_counter()
         t0 = time.perf_counter()
         writer.close()
+        closed = True
         timings["writer_wait_seconds"] += time.perf_counter() - t0
     finally:
         if bar is not None:
             bar.close()
+        if not closed:
+            _stop_writer(writer)
     return done_samples, timings
+
+
+WRITER_STOP_SECONDS = 60.0
+
+
+def _stop_writer(writer: ShardWriter, seconds: float = WRITER_STOP_SECONDS) -> None:
+    """The build failed: the writer thread writes the shards it was already handed (each whole and journaled, so
+    a rerun resumes after them; the partial one is dropped) and ends, within `seconds`. The process then never
+    exits with that daemon thread inside pyarrow, where the interpreter's teardown would stop it mid-write."""
+    deadline = time.monotonic() + seconds
+    try:
+        writer._queue.put(None, timeout=seconds)
+    except queue.Full:
+        log.warning("the shard writer did not take its stop signal within %.0f s; exiting without it", seconds)
+        return
+    writer._thread.join(max(0.0, deadline - time.monotonic()))
+    if writer._thread.is_alive():
+        log.warning("the shard writer was still writing %.0f s after the build failed; exiting without it", seconds)
 
 
 def _finalize(out: str, world: int, header: dict, remote: RemoteOutput | None) -> dict | None:

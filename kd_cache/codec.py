@@ -19,8 +19,8 @@ from typing import Any, ClassVar, TypedDict, Union
 import numpy as np
 import pyarrow as pa
 
-from kd_cache.format import (GRAM_HI_VECTORS, LOGPROB_MAX_CODE, LOGPROB_SCALE, OBSERVED_COLUMN, V1_LOGPROB_SCALE,
-                             TargetSpec)
+from kd_cache.format import (ENTROPY_COLUMN, ENTROPY_MAX_CODE, ENTROPY_SCALE, GRAM_HI_VECTORS, LOGPROB_MAX_CODE,
+                             LOGPROB_SCALE, OBSERVED_COLUMN, V1_LOGPROB_SCALE, TargetSpec)
 
 ROWS = ("text", "visual")
 # decoded per-row keys of each target kind, in the order of the typed targets' arrays (logsumexp is informational)
@@ -43,6 +43,7 @@ class CachedSample(TypedDict, total=False):
     text_sample_counts: np.ndarray  # (D,) int64, each row's counts sum to the draws per row
     text_sample_row_lengths: np.ndarray  # (N,) int64: unique ids per row
     text_logsumexp: np.ndarray  # (N,) float32
+    text_entropy: np.ndarray  # (N,) float32: the teacher's entropy H(p_T) per sampled row (format v4, kind sampled)
     text_observed_logprob: np.ndarray  # (N,) float32: log-prob of the observed next token (format v3)
     visual_topk_ids: np.ndarray  # the same keys for the visual rows, with M rows
     visual_topk_logprobs: np.ndarray
@@ -51,6 +52,7 @@ class CachedSample(TypedDict, total=False):
     visual_sample_counts: np.ndarray
     visual_sample_row_lengths: np.ndarray
     visual_logsumexp: np.ndarray
+    visual_entropy: np.ndarray
     gram: np.ndarray  # (M, M) float32 R = Z Zᵀ of the teacher's visual logits ((0, 0) without a Gram)
 
 
@@ -102,6 +104,9 @@ class SampledRows:
     counts: Any  # (D,) int64: each row's counts sum to `draws`
     row_lengths: Any  # (N,) int64: unique ids per row
     draws: int  # draws per row
+    # (N,) float32: the teacher's entropy H(p_T) per row (format v4), or None (older caches): the logged MDist of
+    # sampled rows is the cross-entropy minus it, an estimate of KL(p_T || q_S); the loss does not read it
+    entropy: Any = None
     kind: ClassVar[str] = "sampled"
 
     @property
@@ -110,7 +115,8 @@ class SampledRows:
 
     def map(self, fn: Callable[[Any], Any]) -> "SampledRows":
         """The same targets with every array passed through `fn` (to torch, to a device)."""
-        return replace(self, ids=fn(self.ids), counts=fn(self.counts), row_lengths=fn(self.row_lengths))
+        return replace(self, ids=fn(self.ids), counts=fn(self.counts), row_lengths=fn(self.row_lengths),
+                       entropy=None if self.entropy is None else fn(self.entropy))
 
 
 Targets = Union[TopKRows, SampledRows]
@@ -142,7 +148,7 @@ class TargetLayout:
         arrays = [sample[name] for name in names]  # type: ignore[literal-required]
         if spec.kind == "topk":
             return TopKRows(*arrays, vocab_size=self.vocab_size)
-        return SampledRows(*arrays, draws=spec.samples)
+        return SampledRows(*arrays, draws=spec.samples, entropy=sample.get(f"{rows}_entropy"))
 
 
 def concat_targets(parts: Sequence[Targets]) -> Targets:
@@ -161,8 +167,10 @@ def concat_targets(parts: Sequence[Targets]) -> Targets:
     if any(p.draws != first.draws for p in parts):
         raise ValueError(f"sampled targets to concatenate must share the draws per row, got "
                          f"{sorted({p.draws for p in parts})}")
+    # the teacher's entropy only when every part has it (a v4 cache's rows all do)
+    entropy = (np.concatenate([p.entropy for p in parts]) if all(p.entropy is not None for p in parts) else None)
     return SampledRows(np.concatenate([p.ids for p in parts]), np.concatenate([p.counts for p in parts]),
-                       np.concatenate([p.row_lengths for p in parts]), first.draws)
+                       np.concatenate([p.row_lengths for p in parts]), first.draws, entropy)
 
 
 def sample_from_targets(t: SampleTargets) -> CachedSample:
@@ -207,6 +215,17 @@ def encode_observed(logprobs: np.ndarray) -> np.ndarray:
 def decode_observed(codes: np.ndarray) -> np.ndarray:
     """(N,) uint8 codes -> (N,) float32 log-probs."""
     return (np.asarray(codes, dtype=np.float32) * np.float32(-1.0 / LOGPROB_SCALE)).astype(np.float32)
+
+
+def encode_entropy(entropy: np.ndarray) -> np.ndarray:
+    """(N,) teacher entropies in nats -> (N,) uint8 codes of 1/16 nat (|error| <= 1/32 nat up to 15.94 nats)."""
+    h = np.asarray(entropy, dtype=np.float64).ravel()
+    return np.clip(np.rint(h * ENTROPY_SCALE), 0, ENTROPY_MAX_CODE).astype(np.uint8)
+
+
+def decode_entropy(codes: np.ndarray) -> np.ndarray:
+    """(N,) uint8 codes -> (N,) float32 entropies in nats."""
+    return (np.asarray(codes, dtype=np.float32) * np.float32(1.0 / ENTROPY_SCALE)).astype(np.float32)
 
 
 def decode_logprobs_v1(codes: np.ndarray) -> np.ndarray:
@@ -318,6 +337,8 @@ def encode_table(samples: list[SampleTargets], sch: pa.Schema) -> pa.Table:
                 chunks = [encode_logprobs(d["topk_logprobs"]).ravel() for d in t]
             elif key == OBSERVED_COLUMN:
                 chunks = [encode_observed(d["observed_logprob"]) for d in t]
+            elif key == ENTROPY_COLUMN:
+                chunks = [encode_entropy(d["entropy"]) for d in t]
             elif key == "sample_ids":
                 chunks = [ids_to_gaps(d["sample_ids"], d["sample_row_lengths"]) for d in t]
             else:
@@ -376,6 +397,12 @@ def decode_row(row: dict[str, Any], text_spec: TargetSpec, visual_spec: TargetSp
             out[f"{prefix}_sample_ids"] = gaps_to_ids(get("sample_ids"), lengths)
             out[f"{prefix}_sample_counts"] = counts
             out[f"{prefix}_sample_row_lengths"] = lengths
+            if f"{prefix}_{ENTROPY_COLUMN}" in row:  # format v4
+                ent = decode_entropy(get(ENTROPY_COLUMN))
+                if ent.shape != (n,):
+                    raise ValueError(f"sample {row['sample_id']!r}: {prefix}_{ENTROPY_COLUMN} holds {ent.shape[0]} "
+                                     f"codes for {n} {prefix} rows")
+                out[f"{prefix}_entropy"] = ent
             continue
         out[f"{prefix}_topk_ids"] = np.asarray(get("topk_ids"), dtype=np.int64).reshape(n, spec.k)
         if version == 1:

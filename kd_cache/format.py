@@ -20,10 +20,10 @@ from typing import Any
 
 import pyarrow as pa
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """Bumped on any change a reader must know about. Readers refuse versions they do not know."""
 
-SUPPORTED_VERSIONS = (1, 2, 3)
+SUPPORTED_VERSIONS = (1, 2, 3, 4)
 
 MANIFEST_NAME = "manifest.json"
 CONFIG_NAME = "build_config.json"
@@ -59,12 +59,21 @@ V1_TARGET_COLUMNS = ("topk_ids", "topk_logprobs", "tail_logprob", "logsumexp")
 # top-k); cross-tokenizer losses merge such log-probs over a group of tokens (chain rule). Same 1/8-nat uint8 code.
 OBSERVED_COLUMN = "observed_codes"
 
+# v4: the teacher's exact entropy H(p_T) of each sampled row (text or visual), from the full logits at build time, as
+# uint8 codes of 1/16 nat (|error| <= 1/32 nat up to 15.94 nats = log of a 8.3M-id vocabulary): the trainer logs the
+# sampled cross-entropy minus it, an estimate of KL(p_T || q_S) like the top-k rows' MDist. Top-k rows have none.
+ENTROPY_COLUMN = "entropy_codes"
+ENTROPY_SCALE = 16.0
+ENTROPY_MAX_CODE = 255
+
 
 def row_columns(prefix: str, kind: str, version: int = FORMAT_VERSION) -> tuple[str, ...]:
     """Columns of the `prefix` ("text" / "visual") rows for a target kind, positions first."""
     cols = V1_TARGET_COLUMNS if version == 1 else _KIND_COLUMNS[kind]
     if version >= 3 and prefix == "text":
         cols = cols + (OBSERVED_COLUMN,)
+    if version >= 4 and kind == "sampled":
+        cols = cols + (ENTROPY_COLUMN,)
     return (f"{prefix}_positions",) + tuple(f"{prefix}_{c}" for c in cols)
 
 
@@ -83,7 +92,8 @@ def schema(text_kind: str = "topk", visual_kind: str = "topk", vocab_size: int =
     else:
         ids = pa.list_(id_type(vocab_size))
         types = {"topk_ids": ids, "topk_codes": pa.list_(pa.uint8()), "tail_logprob": f32, "logsumexp": f32,
-                 "sample_ids": ids, "sample_counts": pa.list_(pa.uint8()), OBSERVED_COLUMN: pa.list_(pa.uint8())}
+                 "sample_ids": ids, "sample_counts": pa.list_(pa.uint8()), OBSERVED_COLUMN: pa.list_(pa.uint8()),
+                 ENTROPY_COLUMN: pa.list_(pa.uint8())}
         # eigenvector codes as raw little-endian bytes: Parquet would widen list<int8> to 32-bit values
         gram = [("gram", f32), ("gram_mean", f32), ("gram_eigvals", f32), ("gram_eigvec_scales", f32),
                 ("gram_eigvecs_hi", pa.binary()), ("gram_eigvecs", pa.binary())]
@@ -97,7 +107,7 @@ def schema(text_kind: str = "topk", visual_kind: str = "topk", vocab_size: int =
 
 # Float lists compress better split by byte plane, and so do the 2-byte ids and the delta codes.
 _BSS_SUFFIXES = ("tail_logprob", "logsumexp", "topk_ids", "topk_codes", "sample_ids", "sample_counts",
-                 OBSERVED_COLUMN)
+                 OBSERVED_COLUMN, ENTROPY_COLUMN)
 _BSS_COLUMNS = ("gram", "gram_mean", "gram_eigvals", "gram_eigvec_scales")
 
 
@@ -150,17 +160,15 @@ class TargetSpec:
 
 
 def check_version(version, where: str) -> int:
-    """Raise a clear error for a format version this reader does not know."""
-    try:
-        v = int(version)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: cache format version is missing or not an integer, got {version!r}") from None
-    if v not in SUPPORTED_VERSIONS:
-        raise ValueError(
-            f"{where}: cache format version {v} is not supported by this kd (it reads {list(SUPPORTED_VERSIONS)}); "
-            "upgrade kd to read newer caches, or rebuild the cache"
+    """Raise a clear error (ManifestError, a ValueError) for a format version this reader does not know."""
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ManifestError(f"{where}: cache format version is missing or not an integer, got {version!r}")
+    if version not in SUPPORTED_VERSIONS:
+        raise ManifestError(
+            f"{where}: cache format version {version} is not supported by this kd (it reads "
+            f"{list(SUPPORTED_VERSIONS)}); upgrade kd to read newer caches, or rebuild the cache"
         )
-    return v
+    return version
 
 
 def shard_metadata(teacher_fingerprint: str, targets: dict) -> dict[bytes, bytes]:
@@ -193,8 +201,13 @@ class ManifestError(ValueError):
     """A manifest that is not valid JSON of the documented shape; the message names the file and the field."""
 
 
-def check_relative_name(name: Any, field: str, where: str) -> str:
-    """`name` as a relative path inside the cache folder, or ManifestError naming `field`."""
+class ProgressFileError(ValueError):
+    """A file `kd cache build` reads back to resume or finalize (a `_progress/` journal or done file, the saved
+    build configuration) that is not of the documented shape; the message names the file, the line and the field."""
+
+
+def check_relative_name(name: Any, field: str, where: str, error: type[ValueError] = ManifestError) -> str:
+    """`name` as a relative path inside the cache folder, or `error` (ManifestError) naming `field`."""
     problem = None
     if not isinstance(name, str) or not name:
         problem = f"must be a non-empty string, got {name!r}"
@@ -206,7 +219,7 @@ def check_relative_name(name: Any, field: str, where: str) -> str:
     elif name.startswith("/") or any(part in ("", ".", "..") for part in name.split("/")):
         problem = f"{name!r} is not a relative path inside the cache (no leading /, no empty, . or .. parts)"
     if problem:
-        raise ManifestError(f"{where}: {field} {problem}")
+        raise error(f"{where}: {field} {problem}")
     return name
 
 
@@ -366,6 +379,10 @@ class Manifest:
         names = [s.name for s in shards]
         if len(set(names)) != len(names):
             raise ManifestError(f"{where}: shards lists a shard twice")
+        rows = sum(s.rows for s in shards)
+        if rows != m.count("num_samples"):
+            raise ManifestError(f"{where}: num_samples is {m.count('num_samples')}, but the shards' rows add up to "
+                                f"{rows} (a shard entry lost or added?)")
         skipped = m.obj("skipped", optional=True)
         by_reason = skipped.d.get("by_reason", {})
         if not isinstance(by_reason, dict) or not all(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from typing import Any, Callable
@@ -15,6 +16,45 @@ from kd_cache.writer import journal_path, read_journal
 
 def done_path(out_dir: str, rank: int, world_size: int) -> str:
     return os.path.join(out_dir, fmt.PROGRESS_DIR, f"rank-{rank:05d}-of-{world_size:05d}.done.json")
+
+
+DONE_REMEDY = "the done file is damaged: delete it and rerun the build (the rank resumes from its journal)"
+
+
+def parse_done(data: bytes | str, rank: int, where: str) -> dict:
+    """A rank's done file, checked as untrusted input (docs/cache-format.md, "Resume files"): a JSON object whose
+    `rank` is this rank, `samples_this_run` an integer >= 0, `wall_seconds` a finite number >= 0, `finished_at` a
+    string and `header` (what the shards were written with) an object or absent. ProgressFileError naming `where`
+    and the field otherwise."""
+    def bad(problem: str) -> fmt.ProgressFileError:
+        return fmt.ProgressFileError(f"{where}: {problem}; {DONE_REMEDY}")
+
+    try:
+        d = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise bad(f"not valid JSON ({type(e).__name__})") from None
+    if not isinstance(d, dict):
+        raise bad(f"must be a JSON object, got {type(d).__name__}")
+    if type(d.get("rank")) is not int or d["rank"] != rank:
+        raise bad(f"rank must be {rank}, got {d.get('rank')!r}")
+    v = d.get("samples_this_run")
+    if type(v) is not int or v < 0:
+        raise bad(f"samples_this_run must be an integer >= 0, got {v!r}")
+    v = d.get("wall_seconds")
+    if type(v) not in (int, float) or not math.isfinite(v) or v < 0:
+        raise bad(f"wall_seconds must be a number >= 0, got {v!r}")
+    if not isinstance(d.get("finished_at"), str):
+        raise bad(f"finished_at must be a string, got {d.get('finished_at')!r}")
+    if d.get("header") is not None and not isinstance(d["header"], dict):
+        raise bad(f"header must be a JSON object, got {type(d['header']).__name__}")
+    return d
+
+
+def read_done(out_dir: str, rank: int, world_size: int, where: str | None = None) -> dict:
+    """`parse_done` of rank `rank`'s done file in `out_dir` (named `where` in errors, default its path)."""
+    path = done_path(out_dir, rank, world_size)
+    with open(path, "rb") as f:
+        return parse_done(f.read(), rank, where or path)
 
 
 def try_finalize(out_dir: str, world_size: int, header: dict,
@@ -30,17 +70,23 @@ def try_finalize(out_dir: str, world_size: int, header: dict,
     """
     if shard_present is None:
         shard_present = lambda name, size: os.path.exists(os.path.join(out_dir, name))  # noqa: E731
+    progress_dir = f"{where}/{fmt.PROGRESS_DIR}" if where else os.path.join(out_dir, fmt.PROGRESS_DIR)
+
+    def label(path: str) -> str:  # a file as errors name it: where it came from (the remote), else its path
+        return f"{progress_dir}/{os.path.basename(path)}" if where else path
+
     dones = []
     for r in range(world_size):
         p = done_path(out_dir, r, world_size)
         if not os.path.exists(p):
             return None
-        with open(p) as f:  # the header it carries is the manifest's top level (rank 0's is the one used)
-            dones.append({k: v for k, v in json.load(f).items() if k != "header"})
+        # the header it carries is the manifest's top level (rank 0's is the one used)
+        dones.append({k: v for k, v in read_done(out_dir, r, world_size, label(p)).items() if k != "header"})
     shards, skipped = [], []
     totals = Counter()
     for r in range(world_size):
-        entries = read_journal(journal_path(out_dir, r, world_size))
+        jpath = journal_path(out_dir, r, world_size)
+        entries = read_journal(jpath, where=label(jpath), rank=r, world_size=world_size)
         for e in entries:
             skipped.extend(e["skipped"])
             if e["shard"] is None:
@@ -72,7 +118,13 @@ def try_finalize(out_dir: str, world_size: int, header: dict,
         },
     }
     path = os.path.join(out_dir, fmt.MANIFEST_NAME)
-    typed = fmt.Manifest.parse(manifest, path)  # what readers will accept, checked before anything is written
+    try:  # what readers will accept, checked before anything is written
+        typed = fmt.Manifest.parse(manifest, path)
+    except fmt.ManifestError as e:  # its fields come from the done files' header and the journals
+        raise fmt.ProgressFileError(
+            f"{e} (the manifest to be written is made of the header in the done files and of the journals in "
+            f"{progress_dir}: one is damaged; delete the done files and rerun the build, which writes them again)"
+        ) from None
     atomic_write_text(os.path.join(out_dir, fmt.CARD_NAME), dataset_card(typed))
     atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True))
     return manifest

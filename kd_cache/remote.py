@@ -15,6 +15,12 @@ partial cache:
   may have been lost, its journal is about to be shortened): a finishing rank must never pair it with a shortened
   journal and write a short manifest.
 
+One writer per rank across machines (kd_cache/remote_lock.py): besides the flock on its staging folder, each rank
+holds the object `<url>/.kd-lock-r<RANK>-of-<WORLD>.json`, created before anything is uploaded (with a conditional
+write on S3: `If-None-Match: *`) and deleted when the build ends; a second build of the URL is refused naming the
+first. The object must still be this run's before each shard upload and before the `done` file and the manifest,
+so two writers that got past it (stores without conditional writes) never write a manifest.
+
 Resume: rerun the same command. Each rank takes its journal from staging or from the remote, whichever reaches
 further once entries whose shard is in neither place are dropped; staged shards the remote lacks are uploaded
 first. A lost staging folder (another machine, a wiped disk) therefore only costs the shards not uploaded yet.
@@ -36,7 +42,8 @@ import fsspec
 from kd_cache import format as fmt
 from kd_cache.errors import StorageError, describe, storage_errors
 from kd_cache.files import atomic_write_text
-from kd_cache.manifest import done_path, try_finalize
+from kd_cache.manifest import done_path, parse_done, try_finalize
+from kd_cache.remote_lock import RemoteLock, is_lock_object
 from kd_cache.writer import journal_path, parse_journal, read_journal
 
 log = logging.getLogger("kd_cache")
@@ -94,6 +101,28 @@ class RemoteOutput:
         self.atomic_put = bool(set(protocols) & ATOMIC_PUT_PROTOCOLS)
         self.staging = os.path.abspath(staging or default_staging(url))
         self.rank, self.world = rank, world_size
+        self.lock: RemoteLock | None = None
+
+    # ---- one writer per rank (kd_cache/remote_lock.py)
+    def acquire_lock(self) -> None:
+        """Take this rank's lock object on the URL (the caller holds the staging folder's flock); refuses, naming
+        it, another build that holds it."""
+        try:
+            self.lock = RemoteLock(self.fs, self.root, self.url, self.staging, self.rank, self.world).acquire()
+        except storage_errors() as e:
+            if isinstance(e, StorageError):
+                raise
+            raise StorageError(f"cannot create the build lock at {self.url}: {describe(e)}") from e
+
+    def release_lock(self) -> None:
+        """Delete the lock object if it is still this run's (never raises)."""
+        lock, self.lock = self.lock, None
+        if lock is not None:
+            lock.release()
+
+    def _check_lock(self, what: str) -> None:
+        if self.lock is not None:
+            self.lock.check(what)
 
     def key(self, rel: str) -> str:
         return f"{self.root}/{rel}"
@@ -117,7 +146,8 @@ class RemoteOutput:
             listed = self.fs.ls(self.root, detail=False)
         except FileNotFoundError:
             listed = []
-        if all(posixpath.basename(p.rstrip("/")) == ".gitattributes" for p in listed):  # all a new hub repo holds
+        # all a new hub repo holds, and the lock objects of builds that have not uploaded anything yet
+        if all(posixpath.basename(p.rstrip("/")) == ".gitattributes" or is_lock_object(p) for p in listed):
             return None, None
         try:
             saved = json.loads(self.fs.cat_file(self.key(fmt.CONFIG_NAME)))
@@ -175,6 +205,7 @@ class RemoteOutput:
     def shard_written(self, entry: dict) -> None:
         """ShardWriter hook (writer thread), after the journal entry: upload the shard, then the journal."""
         if entry["shard"] is not None:
+            self._check_lock(entry["shard"])
             self._put_shard(entry)
         self.put(journal_path(self.staging, self.rank, self.world), _rel_journal(self.rank, self.world))
 
@@ -182,7 +213,7 @@ class RemoteOutput:
         """Upload every shard this rank's staging journal records that the remote lacks, then the journal."""
         jpath = journal_path(self.staging, self.rank, self.world)
         sizes = self.shard_sizes()
-        for e in read_journal(jpath):
+        for e in read_journal(jpath, rank=self.rank, world_size=self.world):
             if e["shard"] is None:
                 continue
             if sizes.get(e["shard"]) == e["bytes"]:
@@ -200,9 +231,11 @@ class RemoteOutput:
         is on the remote, this rank's staging journal is the furthest usable one, and everything it records is
         uploaded."""
         jpath = journal_path(self.staging, self.rank, self.world)
-        local = read_journal(jpath)
+        local = read_journal(jpath, rank=self.rank, world_size=self.world, n_local=n_local)
+        rel = _rel_journal(self.rank, self.world)
         try:
-            remote = parse_journal(self.fs.cat_file(self.key(_rel_journal(self.rank, self.world))).decode())
+            remote = parse_journal(self.fs.cat_file(self.key(rel)), f"{self.url}/{rel}", rank=self.rank,
+                                   world_size=self.world, n_local=n_local)
         except FileNotFoundError:
             remote = []
         sizes = self.shard_sizes()
@@ -232,6 +265,7 @@ class RemoteOutput:
             if chosen is theirs and not os.path.exists(done):
                 try:
                     data = self.fs.cat_file(self.key(_rel_done(self.rank, self.world)))
+                    parse_done(data, self.rank, f"{self.url}/{_rel_done(self.rank, self.world)}")  # checked
                     atomic_write_text(done, data.decode())
                 except FileNotFoundError:
                     pass
@@ -265,6 +299,7 @@ class RemoteOutput:
         """After this rank's done file is in staging: upload what is left and, once every rank is done, the
         dataset card and then the manifest (only after checking every shard it lists is on the remote with the
         recorded size). Returns the manifest, or None while another rank is still running."""
+        self._check_lock(f"its {_rel_done(self.rank, self.world)}")
         self.sync()
         self.put(done_path(self.staging, self.rank, self.world), _rel_done(self.rank, self.world))
         work = os.path.join(self.staging, f"_finalize-r{self.rank:05d}")
@@ -297,6 +332,7 @@ class RemoteOutput:
         if manifest is None:
             shutil.rmtree(work, ignore_errors=True)
             return None
+        self._check_lock(fmt.MANIFEST_NAME)  # two writers of this rank (stores without conditional writes): no manifest
         for entry in header.get("tokenizer_files", []):  # the teacher's tokenizer, written by every rank at its start
             self.put(os.path.join(self.staging, entry["name"]), entry["name"])
         self.put(os.path.join(work, fmt.CARD_NAME), fmt.CARD_NAME)

@@ -24,6 +24,7 @@ class CorruptShardError(DataError, ValueError):
     """A shard could not be read or does not match the manifest. `shard` is its name in the cache."""
 
     def __init__(self, shard: str, detail: str, remedy: str = "rebuild or re-download the shard"):
+        detail = " ".join(str(detail).split())  # one line: arrow's messages may end in a newline
         super().__init__(f"cache shard {shard} is corrupt or unreadable ({detail}); run `kd cache verify` on the "
                          f"cache, {remedy}")
         self.shard = shard

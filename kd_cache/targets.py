@@ -116,7 +116,8 @@ def to_host(t) -> dict:
                 "tail_logprob": t.tail_logprob.cpu().numpy(), "logsumexp": t.logsumexp.cpu().numpy()}
     if isinstance(t, SampledTargets):
         return {"sample_ids": t.ids.cpu().numpy(), "sample_counts": t.counts.cpu().numpy(),
-                "sample_row_lengths": t.row_lengths.cpu().numpy(), "logsumexp": t.logsumexp.cpu().numpy()}
+                "sample_row_lengths": t.row_lengths.cpu().numpy(), "logsumexp": t.logsumexp.cpu().numpy(),
+                "entropy": t.entropy.cpu().numpy()}
     if isinstance(t, GramFactors):
         if t.dense is not None:
             return {"dense": t.dense.float().cpu().numpy()}
@@ -135,6 +136,9 @@ class SampledTargets:
     counts: torch.Tensor  # (M,) int64: how often each id was drawn (sums to n_draws per row)
     row_lengths: torch.Tensor  # (N,) int64: unique ids per row
     logsumexp: torch.Tensor  # (N,) float32
+    # (N,) float32: the teacher's exact entropy H(p_T) per row, from the full logits (format v4): the sampled
+    # cross-entropy minus it estimates KL(p_T || q_S), what the trainer logs
+    entropy: torch.Tensor
 
 
 def sampled_targets(logits: torch.Tensor, n_draws: int, *, generator: torch.Generator | None = None,
@@ -145,11 +149,14 @@ def sampled_targets(logits: torch.Tensor, n_draws: int, *, generator: torch.Gene
         logits: (N, V) raw logits; math in float32.
         generator: a seeded generator on the logits' device makes the cache reproducible.
     """
-    ids, counts, lengths, lses = [], [], [], []
+    ids, counts, lengths, lses, ents = [], [], [], [], []
     for start in range(0, logits.shape[0], chunk_rows):
         z = logits[start: start + chunk_rows].float()
         lse = torch.logsumexp(z, dim=-1)
-        draws = torch.multinomial(torch.softmax(z, dim=-1), n_draws, replacement=True, generator=generator)
+        p = torch.softmax(z, dim=-1)
+        # H = lse - sum p z (a -inf logit has p = 0: its term is 0, not nan)
+        ents.append((lse - torch.where(p > 0, p * z, torch.zeros_like(z)).sum(-1)).clamp_min(0))
+        draws = torch.multinomial(p, n_draws, replacement=True, generator=generator)
         draws, _ = torch.sort(draws, dim=-1)
         new = torch.ones_like(draws, dtype=torch.bool)
         new[:, 1:] = draws[:, 1:] != draws[:, :-1]
@@ -165,8 +172,9 @@ def sampled_targets(logits: torch.Tensor, n_draws: int, *, generator: torch.Gene
     dev = logits.device
     if not ids:
         empty = torch.zeros(0, dtype=torch.int64, device=dev)
-        return SampledTargets(empty, empty, empty, torch.zeros(0, dtype=torch.float32, device=dev))
-    return SampledTargets(torch.cat(ids), torch.cat(counts), torch.cat(lengths), torch.cat(lses))
+        none = torch.zeros(0, dtype=torch.float32, device=dev)
+        return SampledTargets(empty, empty, empty, none, none)
+    return SampledTargets(torch.cat(ids), torch.cat(counts), torch.cat(lengths), torch.cat(lses), torch.cat(ents))
 
 
 @dataclass

@@ -7,8 +7,10 @@ journal, so a crash at any point leaves either a complete, recorded shard or not
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +24,9 @@ from kd_cache.codec import encode_table
 from kd_cache.files import fsync_dir, sha256_file
 from kd_cache.errors import ShardWriterError, describe
 from kd_cache.codec import SampleTargets
+
+log = logging.getLogger("kd_cache")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _sample_bytes_estimate(s: SampleTargets) -> int:
@@ -184,27 +189,107 @@ def journal_path(out_dir: str, rank: int, world_size: int) -> str:
     return os.path.join(out_dir, fmt.PROGRESS_DIR, f"rank-{rank:05d}-of-{world_size:05d}.jsonl")
 
 
-def read_journal(path: str) -> list[dict]:
-    """Entries of a progress journal; a torn last line (crash mid-append) is ignored."""
+JOURNAL_REMEDY = "the journal is damaged: restore it, or delete it to rebuild this rank's shards from the start"
+
+
+def read_journal(path: str, *, where: str | None = None, rank: int | None = None, world_size: int | None = None,
+                 n_local: int | None = None) -> list[dict]:
+    """Entries of a progress journal, each checked (`parse_journal`); a torn last line (crash mid-append) is
+    ignored and logged. [] when the file does not exist."""
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return parse_journal(f.read())
+    with open(path, "rb") as f:
+        return parse_journal(f.read(), where or path, rank=rank, world_size=world_size, n_local=n_local)
 
 
-def parse_journal(text: str) -> list[dict]:
-    """The chained entries of a journal's text (see `read_journal`)."""
-    out = []
-    for line in text.splitlines(keepends=True):
+def parse_journal(data: bytes | str, where: str = "progress journal", *, rank: int | None = None,
+                  world_size: int | None = None, n_local: int | None = None) -> list[dict]:
+    """The entries of a journal's bytes, checked as untrusted input (docs/cache-format.md, "Resume files").
+
+    Each line is one JSON entry; entries follow each other from local sample 0 (`start` = the previous `end`),
+    name a shard under `shards/` (a relative path, each shard once) or none, and carry counts that add up
+    (`rows` + skips = `end` - `start`; skipped indices belong to this rank's range when `rank`/`world_size` are
+    given; no `end` past `n_local`). The last line only may be torn (a crash mid-append: not JSON): it is ignored
+    with a warning. Anything else raises ProgressFileError naming `where`, the line and the field."""
+    raw = data.encode() if isinstance(data, str) else bytes(data)
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    out: list[dict] = []
+    pos, shards = 0, set()
+    for n, line in enumerate(lines, start=1):
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    # keep only the contiguous prefix: entries must chain start -> end
-    chained, pos = [], out[0]["start"] if out else 0
-    for e in out:
-        if e["start"] != pos:
-            break
-        chained.append(e)
+            e = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:  # RecursionError: deeply nested garbage
+            if n == len(lines):
+                log.warning("%s: ignored 1 torn line at its end (line %d: a crash mid-append); resuming after the "
+                            "last whole entry", where, n)
+                break
+            raise fmt.ProgressFileError(f"{where} line {n}: not a JSON entry ({type(err).__name__}); "
+                                        f"{JOURNAL_REMEDY}") from None
+        except RecursionError:
+            raise fmt.ProgressFileError(f"{where} line {n}: not a journal entry (nested too deeply); "
+                                        f"{JOURNAL_REMEDY}") from None
+        out.append(_check_entry(e, f"{where} line {n}", pos, shards, rank, world_size, n_local))
         pos = e["end"]
-    return chained
+    return out
+
+
+def _check_entry(e: Any, where: str, pos: int, shards: set, rank: int | None, world: int | None,
+                 n_local: int | None) -> dict:
+    """One journal entry, checked (see `parse_journal`)."""
+    def bad(problem: str) -> fmt.ProgressFileError:
+        return fmt.ProgressFileError(f"{where}: {problem}; {JOURNAL_REMEDY}")
+
+    def count(d: dict, key: str, what: str = "") -> int:
+        v = d.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise bad(f"{what}{key} must be an integer >= 0, got {v!r}")
+        return v
+
+    if not isinstance(e, dict):
+        raise bad(f"an entry must be a JSON object, got {type(e).__name__}")
+    start, end = count(e, "start"), count(e, "end")
+    if start != pos:
+        raise bad(f"start is {start}, but the entry before ends at {pos} (entries follow each other from 0)")
+    if end <= start:
+        raise bad(f"end must be > start ({start}), got {end}")
+    if n_local is not None and end > n_local:
+        raise bad(f"end {end} is past this rank's {n_local} samples")
+    skipped = e.get("skipped")
+    if not isinstance(skipped, list):
+        raise bad(f"skipped must be a list, got {skipped!r}")
+    for j, s in enumerate(skipped):
+        if not isinstance(s, dict):
+            raise bad(f"skipped[{j}] must be a JSON object, got {s!r}")
+        index = count(s, "index", f"skipped[{j}].")
+        if world is not None and rank is not None and (index % world != rank or not start <= index // world < end):
+            raise bad(f"skipped[{j}].index {index} is not one of this rank's samples {start}-{end - 1}")
+        for key in ("sample_id", "reason"):
+            if not isinstance(s.get(key), str):
+                raise bad(f"skipped[{j}].{key} must be a string, got {s.get(key)!r}")
+        if not isinstance(s.get("detail", ""), str):
+            raise bad(f"skipped[{j}].detail must be a string, got {s.get('detail')!r}")
+    shard = e.get("shard")
+    rows = 0
+    if shard is not None:
+        try:
+            fmt.check_relative_name(shard, "shard", where, error=fmt.ProgressFileError)
+        except fmt.ProgressFileError as err:
+            raise fmt.ProgressFileError(f"{err}; {JOURNAL_REMEDY}") from None
+        if not (shard.startswith(fmt.SHARD_DIR + "/") and shard.endswith(".parquet")):
+            raise bad(f"shard {shard!r} must be a {fmt.SHARD_DIR}/*.parquet file")
+        if shard in shards:
+            raise bad(f"shard {shard!r} is recorded twice")
+        shards.add(shard)
+        for key in ("rows", "bytes", "text_rows", "visual_rows", "gram_samples"):
+            count(e, key)
+        rows = e["rows"]
+        if rows < 1:
+            raise bad(f"rows must be >= 1 for an entry with a shard, got {rows}")
+        sha = e.get("sha256")
+        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+            raise bad(f"sha256 must be 64 hexadecimal characters, got {sha!r}")
+    if rows + len(skipped) != end - start:
+        raise bad(f"rows ({rows}) + skipped ({len(skipped)}) must equal end - start ({end - start})")
+    return e

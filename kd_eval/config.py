@@ -23,6 +23,10 @@ class SynthConfig:
     question_types: str = option(",".join(QUESTION_TYPES), help="Comma list of question types to generate.")
     multi_turn: float = option(0.1, help="Fraction of train records with a second, text-only question.")
     seed: int = option(0, help="Seed: the same seed gives byte-identical files.")
+    lmms_task: str | None = option(None, help="Also write the test split as a local lmms-eval task in this folder "
+                                              "(task kd_synth: a YAML + the records saved with `datasets`, images "
+                                              "embedded; run with lmms-eval --tasks kd_synth --include_path DIR).",
+                                   default_help="none")
 
     def question_type_list(self) -> list[str]:
         return [t.strip() for t in self.question_types.split(",") if t.strip()]
@@ -37,12 +41,16 @@ class EvalConfig:
                             "turn of each record is the reference answer.")
     images: str | None = option(None, help="Root folder that image paths in the data are relative to.")
     out: str | None = option(None, help="Write the JSON results (with this config) here.")
-    batch_size: int = option(8, help="Prompts per generate call (left-padded).")
+    batch_size: int = option(8, help="Prompts per generate call (left-padded); with --backend vllm, the sequences "
+                                     "the engine runs at once.")
     max_new_tokens: int = option(32, help="Longest answer generated.")
     limit: int | None = option(None, help="Evaluate only the first N records.", default_help="all")
     device: str | None = option(None, help="cpu, cuda, cuda:N.", default_help="GPU if available, else CPU")
     dtype: str = option("auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="Weights dtype; auto is bf16 on GPU, fp32 on CPU.")
+    backend: str = option("transformers", choices=("transformers", "vllm"),
+                          help="Generation engine: transformers `generate`, or vLLM (batched; needs vLLM installed: "
+                               "pip install 'kd-offline[vllm]').")
     progress: bool = option(True, flag="--progress/--quiet", help="Show progress.")
 
     def __post_init__(self) -> None:

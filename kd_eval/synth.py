@@ -322,6 +322,7 @@ class SynthPaths:
     instruct_test: Path
     meta: Path
     counts: dict[str, int] = field(default_factory=dict)
+    lmms_task: Path | None = None  # the lmms-eval task folder of the test split, when one was asked for
 
 
 def generate(
@@ -336,6 +337,7 @@ def generate(
     question_types: Iterable[str] = QUESTION_TYPES,
     multi_turn: float = 0.1,
     caption_type: str = "describe",
+    lmms_task: str | Path | None = None,
 ) -> SynthPaths:
     """Write the caption set and the train/val/test instruction sets; output depends only on the arguments.
 
@@ -343,6 +345,7 @@ def generate(
     splits: test is drawn first, then val, train and caption, each rejecting scenes already used. Question
     types cycle in order, so every type gets the same share of each instruction split. A fraction
     `multi_turn` of train records (only) get a second, different question without an image placeholder.
+    `lmms_task`: also write the test split as a local lmms-eval task in that folder (`kd_eval.lmms_task`).
     """
     for name, value in (("n_caption", n_caption), ("n_train", n_train), ("n_val", n_val), ("n_test", n_test),
                         ("seed", seed)):
@@ -354,6 +357,8 @@ def generate(
         raise ValueError(f"caption_type must be describe or describe-any, got {caption_type!r}")
     if isinstance(multi_turn, bool) or not isinstance(multi_turn, (int, float)) or not 0 <= multi_turn <= 1:
         raise ValueError(f"multi_turn must be a fraction in [0, 1], got {multi_turn!r}")
+    if lmms_task is not None and n_test == 0:
+        raise ValueError("lmms_task needs test records to write: n_test is 0")
 
     out = Path(out_dir)
     paths = SynthPaths(
@@ -426,8 +431,15 @@ def generate(
             "instruct_test": paths.instruct_test.name,
         },
     }
+    task_folder = None
+    if lmms_task is not None:
+        from kd_eval.lmms_task import write_lmms_task
+
+        task = write_lmms_task(paths.instruct_test, lmms_task, images=paths.image_root)
+        task_folder = task.folder
+        meta["lmms_task"] = {"folder": str(task.folder), "task": task.task, "records": task.n}
     paths.meta.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    return dataclasses.replace(paths, counts=counts)
+    return dataclasses.replace(paths, counts=counts, lmms_task=task_folder)
 
 
 def _make_record(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kd_cache.config import check_choices, option
 from kd_train.stages import PRESETS, RECIPES, STAGES, StagePreset
+from kd_train.tracking import check_trackers, parse_trackers
 
 if TYPE_CHECKING:
     from kd_train.losses import KDLossConfig
@@ -94,7 +94,9 @@ class TrainConfig:
     log_every: int = option(1, help="Log metrics every N steps.")
     mixed_precision: str = option("auto", choices=("auto", "no", "bf16", "fp16"),
                                   help="auto is bf16 on GPUs that support it, else no.")
-    trackers: str = option("jsonl", help="Comma list of jsonl, tensorboard.")
+    trackers: str = option("jsonl", help="Comma list of trackers: jsonl (<out>/metrics.jsonl) and any accelerate "
+                                         "supports by name (tensorboard, wandb, mlflow, comet_ml, aim, clearml, "
+                                         "dvclive, swanlab, trackio); each must be installed.")
     # memory (docs/training.md "Training on small GPUs")
     loss_chunk_size: int = option(DEFAULT_LOSS_CHUNK_SIZE, help="Rows of student logits formed at a time for CE and "
                                                                 "MDist (0: all rows at once).")
@@ -157,13 +159,7 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        unknown = set(self.tracker_list()) - {"jsonl", "tensorboard"}
-        if unknown:
-            raise ValueError(f"trackers must be a comma list of jsonl, tensorboard; got {sorted(unknown)}")
-        if "tensorboard" in self.tracker_list():
-            if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-                raise ValueError("trackers includes tensorboard, got neither tensorboard nor tensorboardX installed "
-                                 "(pip install tensorboard)")
+        check_trackers(self.trackers)  # known to accelerate (or jsonl) and installed, before anything trains
         if self.data is None and self.dpt_data is None:
             raise ValueError("data is required: the LLaVA-format file the cache was built from (or SFT data)")
         for name in ("online_top_k", "online_visual_top_k"):
@@ -180,7 +176,7 @@ class TrainConfig:
         self.loss_config(PRESETS[self.stage or "dft"])  # validates kind/temperature/weights early
 
     def tracker_list(self) -> list[str]:
-        return [t.strip() for t in self.trackers.split(",") if t.strip()]
+        return parse_trackers(self.trackers)
 
     def lora_target_list(self) -> list[str]:
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]

@@ -6,27 +6,31 @@ import contextlib
 import datetime
 import gc
 import itertools
-import json
 import logging
 import os
 import shutil
+import sys
 import time
-from typing import Any
+import traceback
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
+from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
 from kd_cache.data import RecordSource
+from kd_cache.errors import StorageError, describe
 from kd_cache.files import save_json
 from kd_cache.hf import pad_token_id, tokenizer_fingerprint, tokenizer_of
 from kd_cache.progress import progress, quiet_library_bars
 from kd_cache.reader import Cache
 from kd_cache.teacher import Teacher
 from kd_train.batch import encoder_for
-from kd_train.checkpoint import CHECKPOINT_DIR, STATE_NAME, latest_checkpoint, prune_checkpoints
+from kd_train.checkpoint import (STATE_NAME, abort_checkpoint, begin_checkpoint, checkpoint_paths, commit_checkpoint,
+                                 complete_checkpoints, prune_checkpoints, publish_folder, read_state,
+                                 remove_partial)
 from kd_train.compat import require_compatible
 from kd_train.config import TrainConfig
 from kd_train.cross import CrossTokenizer
@@ -38,7 +42,7 @@ from kd_train.plan import StagePlan
 from kd_train.lora import add_lora, merge_lora
 from kd_train.student import (enable_gradient_checkpointing, load_student, parameter_counts, save_student,
                               set_trainable)
-from kd_train.tracking import make_tracker_class
+from kd_train.tracking import make_trackers
 from kd_train.validate import answer_nll
 
 log = logging.getLogger("kd_train")
@@ -77,13 +81,8 @@ class StageRunner:
         mp = cfg.mixed_precision
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-        trackers: list[Any] = []
-        self.jsonl = None
-        if "jsonl" in cfg.tracker_list():
-            self.jsonl = make_tracker_class()(run_name=self.plan.name, logging_dir=self.out)
-            trackers.append(self.jsonl)
-        if "tensorboard" in cfg.tracker_list():
-            trackers.append("tensorboard")
+        # jsonl (kd's own) and any tracker accelerate supports by name (kd_train/tracking.py)
+        trackers, self.jsonl = make_trackers(cfg.tracker_list(), self.plan.name, self.out)
         # cpu=True is what makes accelerate form a gloo process group from torchrun-style env on GPU-less hosts;
         # a collective that waits longer than KD_DIST_TIMEOUT (a peer died or hangs) fails instead of waiting forever
         timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=collective_timeout()))
@@ -192,32 +191,52 @@ class StageRunner:
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
-        root = os.path.join(self.out, CHECKPOINT_DIR)
-        final = os.path.join(root, f"step-{self.step:08d}")
-        tmp = final + ".tmp"
+        """`<out>/checkpoints/step-N/`, crash-safe (kd_train/checkpoint.py): written into `step-N.tmp/`, its
+        trainer_state.json last, fsynced, renamed into place; older ones pruned only after. A failed write (ENOSPC:
+        an OSError, torch's RuntimeError, a SafetensorError) removes its temporary folder and fails with one error
+        naming the checkpoint a rerun resumes from."""
+        tmp, final = checkpoint_paths(self.out, self.step)
+        try:
+            if self.acc.is_main_process:
+                begin_checkpoint(tmp)
+            self.acc.wait_for_everyone()
+            self.acc.save_state(tmp)
+            # every rank's data position: gathered so that any rank can resume its own
+            states = _gather_objects(self.acc, self.data.state())
+            if self.acc.is_main_process:
+                save_json(os.path.join(tmp, STATE_NAME), {"step": self.step, "epoch": self.epoch, "data": states,
+                                                          "total_steps": self.total_steps})
+                commit_checkpoint(tmp, final)
+        except BaseException as e:
+            if self.acc.is_main_process:
+                abort_checkpoint(tmp)
+            if not isinstance(e, (OSError, RuntimeError, SafetensorError)) or isinstance(e, StorageError):
+                raise
+            done = complete_checkpoints(self.out)
+            kept = (f"the last complete checkpoint, {done[-1][1]}, is intact and a rerun resumes from it" if done
+                    else "there is no earlier checkpoint: a rerun starts the stage over")
+            raise StorageError(f"writing checkpoint {final} failed ({describe(e)}); {kept}") from e
         if self.acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.acc.wait_for_everyone()
-        self.acc.save_state(tmp)
-        # every rank's data position: gathered so that any rank can resume its own
-        states = _gather_objects(self.acc, self.data.state())
-        if self.acc.is_main_process:
-            save_json(os.path.join(tmp, STATE_NAME), {"step": self.step, "epoch": self.epoch, "data": states,
-                                                      "total_steps": self.total_steps})
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
             prune_checkpoints(self.out, self.cfg.keep_checkpoints)
         self.acc.wait_for_everyone()
 
     def maybe_resume(self) -> None:
-        ckpt = latest_checkpoint(self.out)
-        if ckpt is None:
+        if self.acc.is_main_process:
+            for path in remove_partial(self.out):
+                log.info("removed %s, left by a checkpoint write that did not finish", path)
+        found = complete_checkpoints(self.out)  # malformed names, stray files and unreadable states are skipped
+        if not found:
             return
-        with open(os.path.join(ckpt, STATE_NAME)) as f:
-            state = json.load(f)
+        ckpt = found[-1][1]
+        state = read_state(ckpt)
+        if state is None:
+            raise ValueError(f"checkpoint {ckpt} changed while it was read; rerun")
         if state["total_steps"] != self.total_steps:
             raise ValueError(f"checkpoint {ckpt} belongs to a run of {state['total_steps']} steps, this one has "
                              f"{self.total_steps}; use another --out or the original settings")
+        if len(state["data"]) != self.acc.num_processes:
+            raise ValueError(f"checkpoint {ckpt} was written by {len(state['data'])} processes, this run has "
+                             f"{self.acc.num_processes}; resume with the original number of processes")
         self.acc.load_state(ckpt)
         self.step, self.epoch = state["step"], state["epoch"]
         self.data.load(state["data"][self.acc.process_index])
@@ -369,8 +388,7 @@ class StageRunner:
                 "kept_step": self.best[1] if self.best is not None else self.step,
                 "lora": None if self.lora is None else {"r": self.cfg.lora_r, "alpha": self.cfg.lora_alpha,
                                                         "targets": self.cfg.lora_target_list(), "merged": True}})
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            publish_folder(tmp, final)  # fsynced: a power loss cannot leave a final/ with truncated weights
         acc.wait_for_everyone()
         # the trackers end here; the process group does not (`Accelerator.end_training` would destroy it, while the
         # wrapped model still holds it, and a recipe's next stage needs it): `end_distributed` ends it after the run
@@ -395,19 +413,53 @@ def collective_timeout() -> float:
 
 
 def end_distributed(finished: bool = True) -> None:
-    """Tear the process group down explicitly, in an order that cannot deadlock: what holds the group (a DDP
-    model's Reducer) is released first, every rank waits for the others (only after a run every rank finished: a
-    failed rank's peers must not wait for it), then the group is destroyed. A process that exits with a live gloo
-    group can hang in the group's destructor, which joins a thread waiting for the GIL the destructor holds
-    (pytorch/pytorch#56297)."""
+    """Tear this rank's process group down explicitly, in an order that cannot deadlock (docs/scaling.md,
+    "Multi-process teardown"). A process that exits with a live gloo group can hang in the group's destructor,
+    which joins a thread waiting for the GIL the destructor holds (pytorch/pytorch#56297). In order:
+
+    1. after a failure (`finished` False, called while the error propagates), the frames of that error's
+       traceback are cleared: they hold the stage's runner, whose DDP model (its Reducer) holds the group;
+    2. what held the group is freed (gc: the runner, the wrapped model, optimizer and scheduler, the accelerator);
+    3. only when this rank finished its run: a barrier, so no rank destroys its end of the group while a peer
+       still uses it. A failed rank skips it and leaves at once, which ends its peers' collectives with an error
+       (gloo: "connection closed by peer"; under torchrun the launcher also stops them); a peer that hangs instead
+       fails the barrier after KD_DIST_TIMEOUT, like every collective;
+    4. the group is destroyed. After a failure, an error of the teardown itself is logged, not raised: the
+       failure is what this rank reports."""
     if not (dist.is_available() and dist.is_initialized()):
         return
+    if not finished:
+        _release_frames(sys.exc_info()[1])
     gc.collect()
+    passed = False
     try:
         if finished:
-            dist.barrier()
+            try:
+                dist.barrier()
+            except RuntimeError as e:  # gloo: "Connection closed by peer" / "Timed out waiting ...ms"
+                raise RuntimeError(f"this rank finished, but another one failed or hung (a collective waits at most "
+                                   f"KD_DIST_TIMEOUT={collective_timeout():g} s): {e}") from e
+            passed = True
     finally:
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # noqa: BLE001 - after a failure, the failure is the error to report
+            if passed:
+                raise
+            log.warning("destroying the process group after a failure: %s", describe(e))
+
+
+def _release_frames(error: BaseException | None) -> None:
+    """Clear the locals of every finished frame of `error`'s traceback, and of the errors it was raised from or
+    while handling (frames still running are left as they are)."""
+    todo, seen = [error], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        todo += [e.__cause__, e.__context__]
 
 
 def _gather_objects(acc, obj) -> list:

@@ -8,10 +8,16 @@ autograd (any head, any wrapper) and each row function runs once over its rows 0
 functions per chunk, never holding more than one chunk of (rows, V) logits. RDist is added from the student's Gram
 (`StudentGram`: H (WᵀW) Hᵀ, no logits). `TERM_TABLE` is the one table of the terms (the rows that normalise each,
 its weight, what it reads) that the loss and the logged metrics both read.
+
+Logged values are divergences whatever the target kind (docs/training.md, "Trackers and logged metrics"): top-k
+MDist is a KL already; sampled MDist is a Monte-Carlo cross-entropy H(p_T) + KL(p_T‖q_S), so where the cache stores
+the teacher's entropy per row (format v4) it is subtracted from the logged term sums and from the value returned,
+a constant for the student (gradients unchanged). Older caches log the cross-entropy, with one warning.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +30,8 @@ from kd_train.chunked import RowTerms, chunked_row_loss, concat_row_fns
 from kd_train.cross import CrossRows, cross_loss
 from kd_train.losses import (KDLossConfig, ce_loss, gram, gram_from_hidden, mdist_loss, rdist_loss,
                              sampled_kd_loss)
+
+log = logging.getLogger("kd_train")
 
 
 @dataclass(frozen=True)
@@ -261,6 +269,7 @@ class Objective:
         self.cfg, self.head, self.transform = cfg, head, transform
         self.chunk_size, self.amp_dtype, self.student_gram = chunk_size, amp_dtype, student_gram
         self.cross: tuple[str, torch.Tensor | None] | None = None  # (mode, vocab map): a student of another tokenizer
+        self._warned_entropy: set[str] = set()  # terms already warned about logging a cross-entropy
 
     @classmethod
     def for_student(cls, cfg: KDLossConfig, model: torch.nn.Module, *, chunk_size: int = 0,
@@ -300,7 +309,28 @@ class Objective:
             value = self._rdist_sum(batch, visual_hidden, visual_logits)
             total = total + scales[rdist.name] * value
             sums[rdist.name] = float(value.detach())
+        total = self._as_divergence(total, sums, scales, batch)
         return total, sums
+
+    def _as_divergence(self, total: torch.Tensor, sums: dict[str, float], scales: dict[str, float],
+                       batch: Batch) -> torch.Tensor:
+        """Sampled MDist terms as divergences: the teacher's entropy of their rows (format v4) subtracted from the
+        term sums (for logging) and from `total` (a constant for the student: the same gradients), so that the
+        logged terms and loss read as KL whatever the target kind. Without the entropy (caches of format < 4) the
+        cross-entropy is kept and logged, with one warning per term."""
+        for targets, rows in ((batch.text_targets, "text"), (batch.visual_targets, "visual")):
+            name = _READS[f"{rows} targets"].name
+            if name not in sums or not isinstance(targets, SampledRows):
+                continue
+            if targets.entropy is None:
+                if name not in self._warned_entropy:
+                    self._warned_entropy.add(name)
+                    log.warning("%s is a cross-entropy (the cache has no teacher entropy: format < 4)", name)
+                continue
+            h = float(targets.entropy.sum())
+            sums[name] -= h
+            total = total - scales[name] * h
+        return total
 
     def metrics(self, sums: dict[str, float], counts: StepCounts) -> dict[str, float]:
         """The step's term means for logging, from the term sums over all its micro-batches and ranks."""

@@ -36,6 +36,7 @@ __all__ = [
     "load_student",
     "parameter_part",
     "save_student",
+    "to_hub_layout",
     "set_trainable",
     "trainable_parameters",
     "visual_tokens_per_image",
@@ -372,7 +373,9 @@ def _unwrap(model: Any) -> Any:
 
 
 def save_student(model: Any, processor: Any, out_dir: str | Path, state_dict: dict | None = None) -> Path:
-    """Save model, processor (or tokenizer) and generation config so plain transformers loads the folder.
+    """Save model, processor (or tokenizer) and generation config so plain transformers loads the folder, and so
+    does vLLM: a LLaVA's SigLIP/CLIP tower is written in the hub layout (`to_hub_layout`), which transformers
+    loads to the same weights.
 
     `state_dict`: the full weights when they are sharded across ranks (FSDP / ZeRO-3), gathered by the caller.
     """
@@ -382,11 +385,74 @@ def save_student(model: Any, processor: Any, out_dir: str | Path, state_dict: di
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, state_dict=state_dict)
+    to_hub_layout(out, model.config)
     gen = getattr(model, "generation_config", None)
     if gen is not None:  # save_pretrained skips it for some models; the stop ids matter for `generate`
         gen.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+#: Towers whose hub checkpoints (and vLLM's loaders) nest their weights under `vision_model.`: transformers 5
+#: builds these flat (`vision_tower.embeddings...`) and saves them flat, while the llava-hf checkpoints and vLLM
+#: (0.32: `LlavaForConditionalGeneration` -> `SiglipVisionModel` / `CLIPVisionModel`, each a `.vision_model`) read
+#: `vision_tower.vision_model.embeddings...`. transformers 5 loads both layouts to the same weights.
+_NESTED_TOWERS = ("siglip_vision_model", "clip_vision_model")
+_TOWER_PREFIXES = ("vision_tower.", "model.vision_tower.")
+
+
+def _hub_key(key: str) -> str:
+    for prefix in _TOWER_PREFIXES:
+        if key.startswith(prefix):
+            rest = key[len(prefix):]
+            return key if rest.startswith("vision_model.") else prefix + "vision_model." + rest
+    return key
+
+
+def to_hub_layout(folder: str | Path, config: Any) -> int:
+    """Rename a saved LLaVA's SigLIP/CLIP tower keys to the hub layout (`vision_tower.vision_model.*`), in place.
+
+    Only the safetensors headers change (the tensor bytes are copied as they are, one shard at a time, and each
+    shard replaced atomically), plus the shard index. A no-op for other models and for folders already in the hub
+    layout. Returns the number of keys renamed."""
+    vision = getattr(config, "vision_config", None)
+    if getattr(config, "model_type", None) != "llava" or getattr(vision, "model_type", None) not in _NESTED_TOWERS:
+        return 0
+    import os
+    import shutil
+    import struct
+
+    folder = Path(folder)
+    renamed = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+            new = {k if k == "__metadata__" else _hub_key(k): v for k, v in header.items()}
+            changed = sum(1 for k in header if k != "__metadata__" and _hub_key(k) != k)
+            if not changed:
+                continue
+            blob = json.dumps(new, separators=(",", ":")).encode("utf-8")
+            blob += b" " * (-len(blob) % 8)  # data offsets are relative to the end of the header: any length works
+            tmp = path.with_name(path.name + ".kd-tmp")
+            with open(tmp, "wb") as g:
+                g.write(struct.pack("<Q", len(blob)))
+                g.write(blob)
+                shutil.copyfileobj(f, g, 16 << 20)
+                g.flush()
+                os.fsync(g.fileno())
+        os.replace(tmp, path)
+        renamed += changed
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text(encoding="utf-8"))
+        data["weight_map"] = {_hub_key(k): v for k, v in data.get("weight_map", {}).items()}
+        tmp = index.with_name(index.name + ".kd-tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, index)
+    if renamed:
+        log.debug("saved %d vision tower keys of %s in the hub layout (vision_tower.vision_model.*)", renamed, folder)
+    return renamed
 
 
 # --------------------------------------------------------------------------------------------- trainable parts

