@@ -343,10 +343,15 @@ def _student_init(root: Path, s: demo.DemoSettings, teacher: Path, seed: int, ll
         made = demo.make_student(tmp, s, teacher, seed=seed)
     else:
         made = compose_student(tmp / "init", vision=str(teacher), llm=llm, processor_from=str(teacher), seed=seed)
-    root.mkdir(parents=True, exist_ok=True)
+    return _settle(made, init, tmp)
+
+
+def _settle(made: Path, init: Path, tmp: Path) -> Path:
+    """Move a composed init into place; another arm of this seed that got there first made an identical one."""
+    init.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.rename(made, init)
-    except OSError:  # another arm of this seed got there first: its init is identical
+    except OSError:
         pass
     shutil.rmtree(tmp, ignore_errors=True)
     return init
@@ -374,13 +379,7 @@ def _other_tokenizer_student(root: Path, s: demo.DemoSettings, teacher: Path, se
                                        vocab_size=X_VOCAB, corpus=s.corpus())
     made = compose_student(tmp / "init", vision=str(teacher), llm=str(lm), processor_from=str(tokenizer_from),
                            seed=seed)
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(made, init)
-    except OSError:  # another arm of this seed got there first: its init is identical
-        pass
-    shutil.rmtree(tmp, ignore_errors=True)
-    return init
+    return _settle(made, init, tmp)
 
 
 def run_all(specs: list[dict], jobs: int) -> list[dict]:

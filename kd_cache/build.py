@@ -61,12 +61,15 @@ def _check_out_dir(out: str, want: dict, what: str = "output folder") -> str:
 
 def _empty_cache_folder(out: str) -> bool:
     """Nothing there yet, or only what a build creates before its configuration: build locks, empty `_progress/`
-    and `shards/` folders (a build stopped right at its start)."""
+    and `shards/` folders (a build stopped right at its start), and the temporary file of `build_config.json`
+    (another rank of this launch writing it at this moment)."""
     if not os.path.isdir(out):
         return not os.path.exists(out)
     for name in os.listdir(out):
         path = os.path.join(out, name)
         if is_lock_file(name) and os.path.isfile(path):
+            continue
+        if name.startswith(f"{fmt.CONFIG_NAME}.tmp.") and os.path.isfile(path):
             continue
         if name in (fmt.PROGRESS_DIR, fmt.SHARD_DIR) and os.path.isdir(path) and not os.listdir(path):
             continue

@@ -309,3 +309,20 @@ def test_max_images_rule():
     assert max_images_for(SimpleNamespace(model_type="llava")) == 1  # LLaVA-1.5: one image per sample
     assert max_images_for(SimpleNamespace(model_type="llava"), 3) == 3  # --max-images wins
     assert max_images_for(SimpleNamespace(model_type="qwen2_vl")) is None
+
+
+def test_a_folder_another_rank_is_setting_up_counts_as_new(tmp_path):
+    """The ranks of one launch check the folder while rank 0 writes build_config.json (through its temporary file):
+    that file, locks and empty `_progress/` / `shards/` are what a build creates first; anything else is refused."""
+    from kd_cache import format as fmt
+    from kd_cache.build import _check_out_dir
+
+    out = tmp_path / "cache"
+    (out / fmt.SHARD_DIR).mkdir(parents=True)
+    (out / fmt.PROGRESS_DIR).mkdir()
+    (out / ".lock-r00000-of-00002").write_text("{}")
+    (out / f"{fmt.CONFIG_NAME}.tmp.4242.host").write_text('{"teacher": "t"')  # half written
+    assert _check_out_dir(str(out), {}) == "new"
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not empty and holds no kd cache"):
+        _check_out_dir(str(out), {})

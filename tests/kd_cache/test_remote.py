@@ -4,6 +4,7 @@ and the non-atomic-store path (temporary key + move) on fsspec's memory filesyst
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,9 +27,9 @@ runner = CliRunner()
 BUCKET = "kd-caches"
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1 (free port) with one bucket; the AWS variables point every S3 client here.
+@contextlib.contextmanager
+def moto_s3(tmp_path_factory, bucket: str):
+    """A moto S3 server on 127.0.0.1 (free port) with `bucket`; the AWS variables point every S3 client here.
     Yields an s3fs filesystem for the test's own looks at the bucket."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -44,12 +45,19 @@ def s3(tmp_path_factory):
         mp.setenv("KD_STAGING_DIR", str(tmp_path_factory.mktemp("staging-default")))
         s3fs.S3FileSystem.clear_instance_cache()
         fs = s3fs.S3FileSystem()
-        fs.mkdir(BUCKET)
+        if not fs.exists(bucket):  # moto's state is per process: another module's server may have made it
+            fs.mkdir(bucket)
         try:
             yield fs
         finally:
             s3fs.S3FileSystem.clear_instance_cache()
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    with moto_s3(tmp_path_factory, BUCKET) as fs:
+        yield fs
 
 
 def build_args(teacher, tiny_data, out, *extra):

@@ -17,7 +17,8 @@ from kd_cache import format as fmt
 from kd_cache.build import build
 from kd_cache.verify import verify
 from kd_cli.main import app
-from tests.kd_cache.test_remote import assert_same_samples, build_args, config, local_files, relative_files
+from tests.kd_cache.test_remote import (assert_same_samples, build_args, config, local_files, moto_s3,
+                                       relative_files)
 
 s3fs = pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[dev]')")
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[dev]')")
@@ -29,28 +30,8 @@ LOCK = ".kd-lock-r00000-of-00001.json"
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """tests/kd_cache/test_remote.py's moto S3 server on 127.0.0.1 (free port), with this module's bucket."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as mp:
-        for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(k, raising=False)
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-        mp.setenv("KD_STAGING_DIR", str(tmp_path_factory.mktemp("staging-default")))
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs = s3fs.S3FileSystem()
-        if not fs.exists(BUCKET):
-            fs.mkdir(BUCKET)
-        try:
-            yield fs
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
-            server.stop()
+    with moto_s3(tmp_path_factory, BUCKET) as fs:
+        yield fs
 
 
 def lock_of(s3, root: str) -> dict | None:
