@@ -11,7 +11,7 @@
 
 and lmms-eval reads it offline:
 
-    lmms-eval --model llava_hf --model_args pretrained=<student final/>,device=cpu --tasks kd_synth \
+    lmms-eval --model llava_hf --model_args pretrained=<student final/>,device=cpu,device_map=cpu --tasks kd_synth \
         --include_path DIR --batch_size 1 --output_path out/
 
 The score is `kd_eval.evaluate.answer_score` (exact match after `normalize_answer`; set-F1 / membership for the
@@ -160,7 +160,7 @@ def _task_yaml(task: str, dataset_dir: Path, max_new_tokens: int) -> str:
     # json.dumps gives a YAML-safe double-quoted string for the path
     return f"""# lmms-eval task written by `kd data synth --lmms-task` (kd_eval/lmms_task.py): the records of a LLaVA-format
 # test split, asked as `kd eval` asks them and scored with kd's own scoring (kd_eval.evaluate.answer_score).
-#   lmms-eval --model llava_hf --model_args pretrained=<model>,device=cpu --tasks {task} \\
+#   lmms-eval --model llava_hf --model_args pretrained=<model>,device=cpu,device_map=cpu --tasks {task} \\
 #       --include_path {json.dumps(str(dataset_dir.parent))} --batch_size 1 --output_path <out>
 # Offline: the dataset is the folder below (datasets.load_from_disk), images embedded.
 task: {task}

