@@ -103,7 +103,10 @@ def make_trackers(names: list[str], run_name: str, out: str) -> tuple[list[Any],
         if name == "mlflow":  # this stage's store (a recipe's stages each have their own out without the variable)
             import mlflow
 
-            mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or mlflow_local_uri(out))
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow_local_uri(out)
+            if uri.startswith("file:"):  # kd's own default with mlflow-skinny: MLflow 3 refuses it unless opted in
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            mlflow.set_tracking_uri(uri)
         trackers.append(name)
     return trackers, jsonl
 

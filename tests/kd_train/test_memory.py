@@ -36,7 +36,9 @@ def cfg(student, tiny_data, cache, out, **kw) -> TrainConfig:
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    """By their transformers names (kd's exports write the SigLIP tower in the hub layout, vision_model nested)."""
+    return {k.replace("vision_tower.vision_model.", "vision_tower."): v
+            for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
 def _loss_and_grads(model, inputs) -> tuple[float, dict[str, torch.Tensor]]:
@@ -71,7 +73,9 @@ def test_chunked_objective_trains_like_the_unchunked_one(tmp_path, student, tiny
         a, b = metrics(tmp_path / f"{name}-plain"), metrics(tmp_path / f"{name}-chunk")
         for step in (1, 2, 3):
             for k in ("loss", "ce", "mdist_text", "mdist_visual", "rdist"):
-                assert b[step][k] == pytest.approx(a[step][k], rel=1e-5, abs=1e-7), (name, step, k)
+                # abs: sampled terms are logged as a KL (cross-entropy minus the cached entropy) near 0, where the
+                # float32 rounding of the ~6-nat cross-entropy (a few ulps, ~5e-7 each) is the whole difference
+                assert b[step][k] == pytest.approx(a[step][k], rel=1e-5, abs=2e-6), (name, step, k)
         wa, wb = weights(Path(plain)), weights(Path(chunk))
         assert wa.keys() == wb.keys()
         for k in wa:

@@ -69,7 +69,10 @@ def metrics(out: Path) -> dict[int, dict]:
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(next(folder.glob("*.safetensors"))))
+    """The saved tensors by their transformers names: kd's exports write the SigLIP tower in the hub layout
+    (`vision_tower.vision_model.*`, what vLLM reads), tiny models saved by transformers write it flat."""
+    saved = load_file(str(next(folder.glob("*.safetensors"))))
+    return {k.replace("vision_tower.vision_model.", "vision_tower."): v for k, v in saved.items()}
 
 
 def part(ws: dict, key: str) -> dict:
@@ -147,7 +150,9 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, student, tiny_data, l
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
     ma, mb = metrics(tmp_path / "b4")[1], metrics(tmp_path / "b2x2")[1]
     for k in ("ce", "mdist_text", "mdist_visual", "rdist", "loss"):
-        assert ma[k] == pytest.approx(mb[k], rel=1e-5)
+        # sampled terms are logged as cross-entropy minus the cached entropy: a KL near 0, so the float rounding of
+        # the ~6-nat cross-entropy (1e-6 relative) is an absolute error there
+        assert ma[k] == pytest.approx(mb[k], rel=1e-5, abs=2e-6)
 
 
 def train_cmd(student, tiny_data, cache, out, *extra):
