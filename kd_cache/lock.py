@@ -113,7 +113,8 @@ def is_lock_file(name: str) -> bool:
     return bool(_LOCK_RE.match(os.path.basename(name)))
 
 
-def _command_line() -> str:
+def command_line() -> str:
+    """This process's command line as the user typed it (`kd ...`), for a lock's holder record."""
     argv = list(sys.argv) or [sys.executable]
     if argv and argv[0].endswith(("kd_cli/main.py", "cli/main.py")):
         argv[0] = "kd"
@@ -176,7 +177,7 @@ class FolderLock:
         self.fd: int | None = None
         self.flock = True
         self.info = {"pid": os.getpid(), "host": hostname(), "started": round(time.time(), 3),
-                     "rank": rank, "world_size": world_size, "command": _command_line(), "tool": self.tool}
+                     "rank": rank, "world_size": world_size, "command": command_line(), "tool": self.tool}
         self.created: list[str] = []  # folders the lock made, deepest first: removed at release if still empty
         self._make_folder()
         try:

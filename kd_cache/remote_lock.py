@@ -35,13 +35,11 @@ import logging
 import os
 import posixpath
 import re
-import shlex
-import sys
 import time
 import uuid
 
 from kd_cache.files import atomic_write_text
-from kd_cache.lock import BuildLocked, describe_holder, hostname
+from kd_cache.lock import BuildLocked, command_line, describe_holder, hostname
 
 log = logging.getLogger("kd_cache")
 
@@ -58,13 +56,6 @@ class RemoteLocked(BuildLocked):
 
 class RemoteLockLost(BuildLocked):
     """This build's lock object was replaced or deleted while it ran: another build writes the same URL."""
-
-
-def _command_line() -> str:
-    argv = list(sys.argv) or [sys.executable]
-    if argv[0].endswith(("kd_cli/main.py", "cli/main.py")):
-        argv[0] = "kd"
-    return " ".join(shlex.quote(a) for a in argv)[:2000]
 
 
 def lock_object_name(rank: int, world_size: int) -> str:
@@ -97,7 +88,7 @@ class RemoteLock:
         self.conditional = conditional_create(fs)
         self.info = {"run_id": uuid.uuid4().hex, "pid": os.getpid(), "host": hostname(),
                      "started": round(time.time(), 3), "rank": rank, "world_size": world_size,
-                     "command": _command_line(), "staging": staging}
+                     "command": command_line(), "staging": staging}
         self.held = False
 
     @property

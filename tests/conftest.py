@@ -116,6 +116,15 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf.name)
 
 
+def saved_weights(folder: Path) -> dict:
+    """A saved model's tensors (every safetensors shard) by their transformers names: kd's exports write a LLaVA's
+    SigLIP/CLIP tower in the hub layout (`vision_tower.vision_model.*`, what vLLM reads), transformers writes it flat."""
+    from safetensors.torch import load_file
+
+    return {k.replace("vision_tower.vision_model.", "vision_tower."): v
+            for f in sorted(Path(folder).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
 def run_in_group(cmd: list[str], *, env: dict | None = None, timeout: float = 600, cwd=None):
     """Run a multi-process launcher in its own process group; on timeout the whole group is killed, and so is every
     process the launcher started in a group of its own (torchrun starts ranks in new sessions), so no rank outlives

@@ -191,23 +191,20 @@ def vllm_env(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def vllm_llava(teacher_factory, tmp_path_factory) -> Path:
-    """The tiny LLaVA teacher with its SigLIP tower keys in the hub layout (`vision_tower.vision_model.*`).
-
-    transformers 5 saves this tower as `vision_tower.*`; vLLM 0.32's loader only knows the hub layout.
-    transformers loads both to identical weights (the test compares against it, so a bad load would show)."""
+    """The tiny LLaVA teacher with its SigLIP tower keys in the hub layout (`vision_tower.vision_model.*`), as kd's
+    exports write it (`kd_train.student.to_hub_layout`): transformers 5 saves this tower as `vision_tower.*`, and
+    vLLM 0.32's loader only knows the hub layout. transformers loads both to identical weights (the test compares
+    against it, so a bad load would show)."""
     import shutil
 
-    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
+
+    from kd_train.student import to_hub_layout
 
     src = teacher_factory("llava")
     dst = tmp_path_factory.mktemp("llava-vllm") / "teacher"
     shutil.copytree(src, dst)
-    for f in dst.glob("*.safetensors"):
-        sd = load_file(str(f))
-        sd = {("vision_tower.vision_model." + k[len("vision_tower."):]
-               if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
-              for k, v in sd.items()}
-        save_file(sd, str(f), metadata={"format": "pt"})
+    assert to_hub_layout(dst, AutoConfig.from_pretrained(dst)) > 0
     return dst
 
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from kd_eval.tiny import make_tiny_teacher
 from kd_train.lora import add_lora, merge_lora
@@ -20,6 +18,7 @@ from kd_train.train import TrainConfig, run
 from tests.kd_train.test_train import child_env, ddp_train_cmd, metrics
 
 from tests.conftest import run_in_group
+from tests.conftest import saved_weights as weights
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +32,6 @@ def cfg(student, tiny_data, cache, out, **kw) -> TrainConfig:
                 images=str(images), batch_size=4, lr=1e-3, progress=False, shuffle_buffer=0, max_steps=3)
     args.update(kw)
     return TrainConfig(**args)
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    """By their transformers names (kd's exports write the SigLIP tower in the hub layout, vision_model nested)."""
-    return {k.replace("vision_tower.vision_model.", "vision_tower."): v
-            for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
 def _loss_and_grads(model, inputs) -> tuple[float, dict[str, torch.Tensor]]:

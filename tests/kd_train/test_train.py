@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from kd_cache.build import BuildConfig, build
-from kd_eval.tiny import make_tiny_dataset, make_tiny_teacher, train_tiny_tokenizer
+from kd_eval.tiny import make_tiny_dataset, make_tiny_teacher
 from kd_train.train import TrainConfig, run
 
 from tests.conftest import run_in_group
+from tests.conftest import saved_weights as weights
 
 
 def child_env() -> dict:
@@ -66,13 +66,6 @@ def metrics(out: Path) -> dict[int, dict]:
         if d.get("step") is not None:
             rows[d["step"]] = d
     return rows
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The saved tensors by their transformers names: kd's exports write the SigLIP tower in the hub layout
-    (`vision_tower.vision_model.*`, what vLLM reads), tiny models saved by transformers write it flat."""
-    saved = load_file(str(next(folder.glob("*.safetensors"))))
-    return {k.replace("vision_tower.vision_model.", "vision_tower."): v for k, v in saved.items()}
 
 
 def part(ws: dict, key: str) -> dict:
