@@ -72,5 +72,16 @@ class DemoConfig:
     out: str = option("kd-demo", help="Folder for everything the demo makes; rerun into it to reuse finished steps.")
     quick: bool = option(False, flag="--quick/--full",
                          help="Smoke run (~2 min): tiny data and few steps; the numbers are not meaningful.")
-    seed: int = option(0, help="Seed of the data, the teacher and the students.")
+    seed: int = option(0, help="Seed of the data and the teacher, and the first of the students' paired seeds.")
+    seeds: int | None = option(None, help="Paired seeds of the students: per seed, baseline and llava-kd start from "
+                                          "the same init and see the same data; the difference is reported with its "
+                                          "95 % interval over the seeds.", default_help="5; 2 with --quick")
+    jobs: int | None = option(None, help="Student runs at once, each a single-thread process.",
+                              default_help="one per CPU core")
     progress: bool = option(True, flag="--progress/--quiet", help="Step messages and progress bars.")
+
+    def __post_init__(self) -> None:
+        for name in ("seeds", "jobs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")

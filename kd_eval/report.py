@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 __all__ = [
     "LOSS_TERMS",
     "accuracy",
+    "format_seed_table",
     "gap_recovered",
     "machine_description",
     "markdown_accuracy_table",
@@ -26,6 +27,7 @@ __all__ = [
     "question_types",
     "read_metrics",
     "summary",
+    "t_interval",
 ]
 
 LOSS_TERMS = ("ce", "mdist_text", "mdist_visual", "rdist", "loss")
@@ -73,6 +75,61 @@ def gap_recovered(teacher: float | None, baseline: float | None, student: float 
     return (student - baseline) / (teacher - baseline)
 
 
+# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (the standard table).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def _t975(df: int) -> float:
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964  # Cornish-Fisher expansion around the normal quantile: within 1e-4 of the table beyond 30
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def t_interval(values: Sequence[float]) -> dict:
+    """Mean of `values` with its 95 % Student-t interval: {mean, lo, hi, sd, n} (lo/hi None for one value).
+
+    For paired seeds pass the per-seed differences. With a handful of seeds the t interval is the honest one: a
+    bootstrap over 5 values is too narrow (it cannot see beyond the 5 it has)."""
+    xs = [float(v) for v in values]
+    if not xs:
+        raise ValueError("t_interval needs at least one value")
+    ms = mean_spread(xs)
+    if len(xs) < 2:
+        return {"mean": ms["mean"], "lo": None, "hi": None, "sd": None, "n": 1}
+    half = _t975(len(xs) - 1) * ms["sd"] / math.sqrt(len(xs))
+    return {"mean": ms["mean"], "lo": ms["mean"] - half, "hi": ms["mean"] + half, "sd": ms["sd"], "n": len(xs)}
+
+
+def format_seed_table(teacher: Mapping, students: Mapping[str, Sequence[Mapping]]) -> str:
+    """Plain-text table: accuracy (%) per question type and overall, then answer NLL (nats/token); one column for
+    the teacher's result and one per student recipe, as mean ± sample sd over its seeds."""
+    cols = {"teacher": [teacher], **{name: list(rs) for name, rs in students.items()}}
+    heads = ["teacher"] + [f"{name} ({len(rs)} seed{'s' if len(rs) != 1 else ''})" for name, rs in students.items()]
+
+    def cell(vals: list[float | None], scale: float, digits: int) -> str:
+        ms = mean_spread(vals)
+        if ms["mean"] is None:
+            return "-"
+        mean = f"{scale * ms['mean']:.{digits}f}"
+        return mean if ms["n"] < 2 else f"{mean} ± {scale * ms['sd']:.{digits}f}"
+
+    types = question_types([r for rs in cols.values() for r in rs])
+    rows = [["question type", *heads]]
+    for t in types:
+        n = next((r.get("per_type", {}).get(t, {}).get("n") for r in cols["teacher"] if t != OVERALL), None)
+        n = cols["teacher"][0].get("overall", {}).get("n") if t == OVERALL else n
+        rows.append([f"{t} (n={n})", *(cell([accuracy(r, t) for r in rs], 100, 1) for rs in cols.values())])
+    rows.append(["answer NLL (nats/token)",
+                 *(cell([r.get("overall", {}).get("answer_nll") for r in rs], 1, 3) for rs in cols.values())])
+    widths = [max(len(row[c]) for row in rows) for c in range(len(heads) + 1)]
+    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
+             .rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def _pct(x: float | None, digits: int = 1) -> str:
     return "–" if x is None else f"{100 * x:.{digits}f}"
 
@@ -95,7 +152,8 @@ def markdown_accuracy_table(columns: Mapping[str, Any], *, spread: bool = False)
         for v in columns.values():
             if spread:
                 ms = mean_spread([accuracy(r, t) for r in v])
-                cells.append("–" if ms["mean"] is None else f"{_pct(ms['mean'])} ± {_pct(ms['sd'])}")
+                cells.append("–" if ms["mean"] is None else _pct(ms["mean"]) if ms["n"] < 2
+                             else f"{_pct(ms['mean'])} ± {_pct(ms['sd'])}")
             else:
                 cells.append(_pct(accuracy(v, t)))
         name = f"**{t}**" if t == OVERALL else t

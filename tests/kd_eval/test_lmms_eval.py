@@ -1,8 +1,8 @@
 """lmms-eval scores kd's students: `kd data synth --lmms-task` writes the test split as a local lmms-eval task, and
 `lmms-eval --model llava_hf` on an exported student gets the accuracy `kd eval` gets on the same records.
 
-The end-to-end test needs lmms-eval (marked `lmms`; scripts/test.sh runs it in .venv-lmms, built by
-`scripts/setup.sh lmms`) and skips where it is not installed. The other tests check the task files without it.
+The end-to-end test needs lmms-eval (marked `lmms`; scripts/test.sh runs it in .venv-vision, built by
+`scripts/setup.sh vision`) and skips where it is not installed. The other tests check the task files without it.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def _student(root: Path, data: Path, images: Path) -> Path:
 
 @pytest.mark.lmms
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_LMMS, reason="needs lmms-eval (run by scripts/test.sh in .venv-lmms)")
+@pytest.mark.skipif(not HAS_LMMS, reason="needs lmms-eval (run by scripts/test.sh in .venv-vision)")
 def test_lmms_eval_gets_kd_evals_accuracy(synth_task, tmp_path):
     t0 = time.perf_counter()
     final = _student(tmp_path, synth_task.instruct_train, synth_task.image_root)

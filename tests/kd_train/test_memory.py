@@ -157,6 +157,7 @@ def test_lora_resume_matches_an_uninterrupted_run(tmp_path, student, tiny_data, 
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_lora_two_process_ddp(tmp_path, student, tiny_data, llava_cache):
     out = tmp_path / "ddp"
     cmd = ddp_train_cmd(student, tiny_data, llava_cache, out, "--max-steps", "2", "--lora-r", "4",

@@ -184,7 +184,6 @@ def test_killed_run_resumes_onto_the_uninterrupted_loss_curve(tmp_path, student,
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-@pytest.mark.slow
 def ddp_train_cmd(student, tiny_data, cache, out, *extra) -> list[str]:
     """`kd train --stage dft` under `accelerate launch` with 2 CPU (gloo) processes."""
     data, images = tiny_data
@@ -194,6 +193,7 @@ def ddp_train_cmd(student, tiny_data, cache, out, *extra) -> list[str]:
             str(images), "--out", str(out), "--batch-size", "2", "--quiet", *extra]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_run(tmp_path, student, tiny_data, llava_cache):
     out = tmp_path / "ddp"
     cmd = ddp_train_cmd(student, tiny_data, llava_cache, out, "--checkpoint-every", "1")
