@@ -34,7 +34,7 @@ from kd_train.checkpoint import (STATE_NAME, abort_checkpoint, begin_checkpoint,
 from kd_train.compat import require_compatible
 from kd_train.config import TrainConfig
 from kd_train.cross import CrossTokenizer
-from kd_train.objective import TERMS, Objective, RowLogits, StepCounts
+from kd_train.objective import TERMS, Objective, RowLogits, StepCounts, zero_loss
 from kd_train.schedule import cosine_with_warmup
 from kd_train.sources import CacheData, OnlineData, RecordData
 from kd_train.stream import ensure_nonempty
@@ -69,6 +69,8 @@ class StageRunner:
         self.wrapped, self.optimizer, self.scheduler = self.acc.prepare(RowLogits(self.model), self.optimizer,
                                                                         self.scheduler)
         self._make_objective()
+        self.sharded = shards_parameters(self.acc)
+        self.sync_dropped = 0  # samples of micro-batches dropped on every rank to keep a sharded run's forwards equal
         self.step = 0
         self.epoch = 0
         # held-out teacher-forced answer NLL (--val-data), and the best weights so far (--keep-best)
@@ -297,9 +299,23 @@ class StageRunner:
         acc = self.acc
         device = acc.device
         group = [(None if b is None else self.data.materialize(b), t) for b, t in group]
-        local = torch.tensor([[b.n_text, b.n_visual, b.n_gram, b.n_tokens] if b is not None else [0, 0, 0, 0]
-                              for b, _ in group], dtype=torch.float64, device=device).sum(0)
-        total = acc.reduce(local, reduction="sum")
+        # per micro-batch, summed over ranks: rows and tokens (the loss denominators), and for sharded runs the
+        # ranks holding a batch, those with images, and the samples
+        local = torch.tensor([[b.n_text, b.n_visual, b.n_gram, b.n_tokens, 1, b.n_visual > 0, len(b.visual_splits)]
+                              if b is not None else [0] * 7 for b, _ in group], dtype=torch.float64, device=device)
+        per = acc.reduce(local, reduction="sum")
+        if self.sharded:
+            keep = sharded_slots(per, acc.num_processes)
+            for i in (i for i, k in enumerate(keep) if not k and per[i, 4] > 0):
+                self.sync_dropped += int(per[i, 6])
+                log.warning("stage %s: micro-batch %d dropped on every rank (%d samples, %d dropped so far): FSDP / "
+                            "ZeRO-3 gather each layer's weights inside its forward, so every rank must run the same "
+                            "modules, and %d of %d ranks held a micro-batch, %d of them with images (the vision "
+                            "tower runs only on those)", self.plan.name, i, int(per[i, 6]), self.sync_dropped,
+                            int(per[i, 4]), acc.num_processes, int(per[i, 5]))
+            group = [(b if k else None, t) for (b, t), k in zip(group, keep)]
+            per = per * torch.tensor(keep, dtype=per.dtype, device=device)[:, None]
+        total = per[:, :4].sum(0)
         if total[3] == 0:  # every sample of every micro-batch on every rank was skipped: the same call on all ranks
             for _, tags in group:
                 self.data.mark(tags)
@@ -347,7 +363,7 @@ class StageRunner:
 
     def _zero_loss(self) -> torch.Tensor:
         """0 that depends on every trainable parameter (their gradients: exact zeros)."""
-        return sum(p.sum() * 0.0 for p in self.wrapped.parameters() if p.requires_grad)
+        return zero_loss(self.wrapped)
 
     def validate(self) -> dict[str, float]:
         """Teacher-forced answer NLL on --val-data (every rank scores all of it: small, and no collective); with
@@ -383,7 +399,8 @@ class StageRunner:
             state = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
             save_student(model, self.processor, tmp, state_dict=state)
             save_json(os.path.join(tmp, "kd_stage.json"), {
-                "stage": self.preset.name, "steps": self.step, "data_stats": self.data.stats(),
+                "stage": self.preset.name, "steps": self.step,
+                "data_stats": {**self.data.stats(), "dropped_to_keep_shards_in_step": self.sync_dropped},
                 "validation": self.val_history,
                 "kept_step": self.best[1] if self.best is not None else self.step,
                 "lora": None if self.lora is None else {"r": self.cfg.lora_r, "alpha": self.cfg.lora_alpha,
@@ -394,6 +411,27 @@ class StageRunner:
         # wrapped model still holds it, and a recipe's next stage needs it): `end_distributed` ends it after the run
         for tracker in acc.trackers:
             tracker.finish()
+
+
+def shards_parameters(acc: Accelerator) -> bool:
+    """FSDP or DeepSpeed ZeRO-3 over several processes: each module's weights are gathered from every rank inside
+    its forward, so a module that runs on some ranks and not on others waits forever."""
+    from accelerate.utils import DistributedType
+
+    if acc.num_processes < 2:
+        return False
+    if acc.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    return acc.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3
+
+
+def sharded_slots(per: torch.Tensor, world_size: int) -> list[bool]:
+    """Which micro-batches of a step a sharded run (`shards_parameters`) can train on: those every rank holds, with
+    images on all of them or on none. `per` (M, 7): per micro-batch, summed over ranks, the columns of
+    `StageRunner._optimizer_step` (text, visual, gram rows, tokens, ranks holding it, ranks with images, samples).
+    Every rank gets the same `per`, hence the same answer: the others are skipped by all ranks alike."""
+    return [bool(row[4] == world_size and row[5] in (0, world_size)) for row in per.tolist()]
 
 
 DEFAULT_COLLECTIVE_TIMEOUT = 1800

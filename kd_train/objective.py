@@ -211,6 +211,17 @@ class RowLogits(torch.nn.Module):
         return zt, zv, hv
 
 
+def zero_loss(module: torch.nn.Module) -> torch.Tensor:
+    """0 that depends on every trainable parameter of `module` (their gradients: exact zeros), so that every rank's
+    backward covers the same parameters (DDP's all-reduce, FSDP's reduce-scatter) even when a micro-batch leaves
+    some unused (a text-only micro-batch and the projector). FSDP2 keeps the layers it wrapped as sharded DTensors
+    outside their forward: a shard joins through its local tensor (its zero gradient is added to the reduced one)."""
+    from torch.distributed.tensor import DTensor
+
+    return sum((p.to_local() if isinstance(p, DTensor) else p).sum() * 0.0
+               for p in module.parameters() if p.requires_grad)
+
+
 class StudentGram:
     """R_S = Z Zᵀ of the student's visual logits in the exact cheaper form H (WᵀW) Hᵀ (Z = H Wᵀ).
 
@@ -222,8 +233,14 @@ class StudentGram:
     def __init__(self, model: torch.nn.Module):
         head = model.get_output_embeddings()
         self.exact_form = getattr(head, "bias", None) is None and logit_transform(model.config) is None
-        self.weight = head.weight
+        # the head, not its weight: FSDP2 swaps the module's parameters between sharded DTensors and unsharded
+        # tensors around each forward, so a weight captured here would be a shard by the time the loss runs
+        self.head = head
         self._frozen_wtw: torch.Tensor | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight
 
     def wtw(self) -> torch.Tensor:
         w = self.weight
