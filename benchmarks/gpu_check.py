@@ -152,6 +152,7 @@ class Sizes:
     chunk_d: int
     chunk_vocab: int
     chunk_sizes: tuple  # 0: the unchunked path
+    train_chunk_sizes: tuple  # the DFT step again at these loss_chunk_size values (the default's is "dft")
     accelerate_kinds: tuple
     budget: float
 
@@ -167,7 +168,8 @@ FULL = Sizes(
     samples=320, build_batch=16, build_workers=4, rounds=2, question_tokens=30, answer_tokens=110,
     train_batch=8, warmup_steps=2, timed_steps=10,
     rdist_nv=576, rdist_d=896, rdist_vocabs=(32064, 151936), rdist_samples=8, rdist_repeats=5,
-    chunk_rows=(150, 576), chunk_d=896, chunk_vocab=151936, chunk_sizes=(0, 96, 256),
+    chunk_rows=(150, 576), chunk_d=896, chunk_vocab=151936, chunk_sizes=(0, 96, 256, 1024),
+    train_chunk_sizes=(0, 96, 256),
     accelerate_kinds=("MULTI_GPU", "FSDP", "DEEPSPEED"), budget=480.0,
 )
 SMOKE = Sizes(
@@ -180,7 +182,7 @@ SMOKE = Sizes(
     samples=8, build_batch=4, build_workers=0, rounds=1, question_tokens=8, answer_tokens=16,
     train_batch=4, warmup_steps=1, timed_steps=2,
     rdist_nv=16, rdist_d=64, rdist_vocabs=(32064, 151936), rdist_samples=2, rdist_repeats=2,
-    chunk_rows=(6, 10), chunk_d=32, chunk_vocab=512, chunk_sizes=(0, 4),
+    chunk_rows=(6, 10), chunk_d=32, chunk_vocab=512, chunk_sizes=(0, 4), train_chunk_sizes=(0,),
     accelerate_kinds=("MULTI_GPU", "FSDP"), budget=240.0,
 )
 
@@ -889,8 +891,11 @@ def phase_train(ctx: Context) -> dict:
     groups = {"sft": [(dataclasses.replace(batch, text_targets=None, visual_targets=None, grams=None),
                        {"n": len(items), "skipped": 0})],
               "dft": [(batch, {})]}
-    for name in ("sft", "dft"):
-        kw = dict(stage=name) if name == "sft" else dict(stage="dft", cache=str(ctx.cache))
+    # the DFT step at other loss_chunk_size values ("dft": the device's default, kd_train.config.loss_chunk_size_for)
+    variants = [("sft", dict(stage="sft"), "sft"), ("dft", dict(stage="dft", cache=str(ctx.cache)), "dft")]
+    variants += [(f"dft_chunk{c}", dict(stage="dft", cache=str(ctx.cache), loss_chunk_size=c), "dft")
+                 for c in s.train_chunk_sizes]
+    for name, kw, group in variants:
         free_memory(dev)
         base = mem_reset(dev)
         t0 = time.perf_counter()
@@ -898,13 +903,16 @@ def phase_train(ctx: Context) -> dict:
         runner = stage_runner(TrainConfig(out=str(out), **kw, **common))
         t_build = time.perf_counter() - t0
         runner.data.mark = lambda tags: None
-        res[name] = summary(name, steps_of(runner, groups[name]), base, batch.n_tokens, t_build, runner)
+        res[name] = summary(name, steps_of(runner, groups[group]), base, batch.n_tokens, t_build, runner)
+        res[name]["loss_chunk_size"] = runner.plan.chunk_size
         del runner
         free_memory(dev)
     sft, dft, onl = (res[k]["median_step_seconds"] for k in ("sft", "dft", "online"))
     res["dft_over_sft"] = round(dft / sft, 4)
     res["goal_dft_over_sft"] = GOALS["dft_over_sft"]
     res["online_over_dft"] = round(onl / dft, 4)
+    res["dft_over_sft_by_chunk"] = {str(res[n]["loss_chunk_size"]): round(res[n]["median_step_seconds"] / sft, 4)
+                                    for n, _, g in variants if g == "dft"}
     if is_cuda(dev):
         res["dft_peak_over_sft_peak"] = round(res["dft"]["peak_allocated_bytes"]
                                               / res["sft"]["peak_allocated_bytes"], 4)
@@ -1241,6 +1249,10 @@ def table_rows(result: dict) -> list[tuple[str, str, str, str, str]]:
              f"{t['dft']['tokens_per_second']:,.0f}", "", ""),
             ("2 DFT vs SFT", "peak GPU memory SFT / DFT", f"{_gib(t['sft']['peak_allocated_bytes'])} / "
              f"{_gib(t['dft']['peak_allocated_bytes'])}", "", ""),
+            *[("2 DFT vs SFT", f"DFT step / SFT step at loss_chunk_size {c}" + (" (unchunked)" if c == "0" else ""),
+               f"{r:.3f} (peak {_gib(t[f'dft_chunk{c}']['peak_allocated_bytes'])})", f"<= {g}",
+               "met" if r <= g else "not met")
+              for c, r in t.get("dft_over_sft_by_chunk", {}).items() if f"dft_chunk{c}" in t],
             ("3 cache vs online", "online step / DFT-from-cache step", f"{t['online_over_dft']:.2f}", "", ""),
             ("3 cache vs online", "peak GPU memory DFT-from-cache / online",
              f"{_gib(t['dft']['peak_allocated_bytes'])} / {_gib(t['online']['peak_allocated_bytes'])}"

@@ -15,9 +15,19 @@ if TYPE_CHECKING:
 SELECT_STRATEGIES = ("default", "full")  # LLaVA's vision_feature_select_strategy values
 
 
-# rows of student logits per chunk of the row-chunked objective (benchmarks/chunked_loss.py: the largest size that
-# kept the loss's activations <= 1/4 of the unchunked path's at no slower steps, Qwen2-0.5B head on CPU)
+# rows of student logits per chunk of the row-chunked objective. CPU: benchmarks/chunked_loss.py, the largest size
+# that kept the loss's activations <= 1/4 of the unchunked path's at no slower steps (Qwen2-0.5B head). GPU:
+# benchmarks/gpu_check.py on an H200, where 96-row chunks made the DFT step 1.9x the unchunked one (kernel launches
+# and per-chunk syncs) and 1024 rows cost 1.2x at 0.3 of the unchunked path's extra memory (docs/benchmarks.md)
 DEFAULT_LOSS_CHUNK_SIZE = 96
+DEFAULT_LOSS_CHUNK_SIZE_GPU = 1024
+
+
+def loss_chunk_size_for(value: int | None, cuda: bool) -> int:
+    """The chunk size a run uses: the configured one, or when unset the default of the device it trains on."""
+    if value is not None:
+        return value
+    return DEFAULT_LOSS_CHUNK_SIZE_GPU if cuda else DEFAULT_LOSS_CHUNK_SIZE
 
 
 @dataclass
@@ -98,8 +108,9 @@ class TrainConfig:
                                          "supports by name (tensorboard, wandb, mlflow, comet_ml, aim, clearml, "
                                          "dvclive, swanlab, trackio); each must be installed.")
     # memory (docs/training.md "Training on small GPUs")
-    loss_chunk_size: int = option(DEFAULT_LOSS_CHUNK_SIZE, help="Rows of student logits formed at a time for CE and "
-                                                                "MDist (0: all rows at once).")
+    loss_chunk_size: int | None = option(None, help="Rows of student logits formed at a time for CE and MDist (0: "
+                                                    f"all rows at once; unset: {DEFAULT_LOSS_CHUNK_SIZE} on CPU, "
+                                                    f"{DEFAULT_LOSS_CHUNK_SIZE_GPU} on a GPU).")
     gradient_checkpointing: bool = option(False, help="Recompute the student LLM's (and a training vision tower's) "
                                                       "activations in backward instead of keeping them.")
     lora_r: int = option(0, help="LoRA rank for the student LLM in SFT/DFT (0: full fine-tuning); the projector "
@@ -135,6 +146,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         for name in ("loss_chunk_size", "lora_r"):
             v = getattr(self, name)
+            if name == "loss_chunk_size" and v is None:  # the device's default (`loss_chunk_size_for`)
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         if not self.lora_alpha > 0:

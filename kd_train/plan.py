@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kd_cache.format import Manifest
-from kd_train.config import TrainConfig
+from kd_train.config import TrainConfig, loss_chunk_size_for
 from kd_train.stages import PRESETS, StagePreset, recipe_stages
 
 if TYPE_CHECKING:
@@ -116,8 +116,16 @@ def plan_stage(config: TrainConfig, preset: StagePreset, manifest: Manifest | No
         train_llm=config.setting(preset, "train_llm"), lr=config.setting(preset, "lr"),
         source=source, max_length=max_length, append_eos=append_eos, manifest=manifest,
         cross_tokenizer=config.cross_tokenizer if source == "cache" else "off",
-        chunk_size=0 if source == "cache" and config.cross_tokenizer != "off" else config.loss_chunk_size,
+        chunk_size=0 if source == "cache" and config.cross_tokenizer != "off"
+        else loss_chunk_size_for(config.loss_chunk_size, _cuda()),
     )
+
+
+def _cuda() -> bool:
+    """Whether the stage trains on a GPU (the engine's accelerator takes one whenever torch sees one)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _fit_cross_tokenizer(config: TrainConfig, manifest: Manifest, loss, notes: list[str]):
@@ -136,7 +144,7 @@ def _fit_cross_tokenizer(config: TrainConfig, manifest: Manifest, loss, notes: l
         notes.append("the visual rows' MDist is off across tokenizers (the cached visual-row targets are "
                      "distributions over the teacher's vocabulary); RDist (Gram matrices) still applies")
         loss = dataclasses.replace(loss, mdist_visual_weight=0.0)
-    if config.loss_chunk_size:
+    if config.loss_chunk_size != 0:
         notes.append("the loss is not row-chunked across tokenizers (a group of tokens spans several rows)")
     return loss, config.max_length, config.append_eos if config.append_eos is not None else True
 

@@ -35,6 +35,19 @@ def test_the_plan_takes_the_caches_rules_and_the_flags_over_the_preset(tmp_path,
     assert no_kd.source == "records" and no_kd.manifest is None  # no KD term: the cache is not read
 
 
+def test_the_loss_chunk_size_defaults_to_the_training_devices(tmp_path, monkeypatch):
+    """Unset: 96 rows on a CPU, 1024 on a GPU (96-row chunks doubled the DFT step on an H200); a given size, 0
+    included, is kept on both."""
+    import kd_train.plan as plan_module
+
+    for cuda, default in ((False, 96), (True, 1024)):
+        monkeypatch.setattr(plan_module, "_cuda", lambda cuda=cuda: cuda)
+        assert plan_stage(config(tmp_path, stage="sft"), PRESETS["sft"], None).chunk_size == default
+        for given in (0, 7):
+            assert plan_stage(config(tmp_path, stage="sft", loss_chunk_size=given), PRESETS["sft"],
+                              None).chunk_size == given
+
+
 def test_a_cache_without_the_gram_turns_the_presets_rdist_off_with_a_note(tmp_path, llava_cache):
     import dataclasses
 
