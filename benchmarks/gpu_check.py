@@ -54,15 +54,15 @@ Phases (each a ratio measured in this run, plus absolute figures; a failing phas
 2. DFT vs SFT: kd_train's engine (`StageRunner._optimizer_step`: forward at the loss rows, objective, backward,
    clipping, AdamW, schedule; bf16 autocast, fp32 master weights) on the same micro-batch (batch 8), the way
    benchmarks/train_cost.py (a) measures it; step time, tokens/s, peak GPU memory (each stage in its own runner,
-   peak stats reset before it is built).
+   peak stats reset before it is built); the DFT step again at other loss_chunk_size values.
 3. DFT from the cache vs the online teacher (`TrainConfig(online_teacher=...)`, teacher in GPU memory): step
    time and peak GPU memory (the online runner holds the teacher; the offline runners run after it is freed).
 4. RDist: `kd_train.losses.gram` (naive Z Zᵀ, per sample) vs `gram_from_hidden` (H WᵀW Hᵀ, WᵀW precomputed as
    `StudentGram` does for a frozen head, or formed per step for a trainable one) at V = 32,064 and 151,936,
    D = 896, Nv = 576, 8 samples per step, fp32: forward time, forward + backward time, extra peak memory.
 4b. the loss of one DFT micro-batch (150 response rows, top-64; 576 visual rows, 50 sampled draws; V = 151,936,
-   D = 896, bf16 autocast): all (rows, V) logits at once vs the row-chunked objective (kd_train/chunked.py) at 96
-   and 256 rows, forward + backward time and extra peak memory (the chunked
+   D = 896, bf16 autocast): all (rows, V) logits at once vs the row-chunked objective (kd_train/chunked.py) at 96,
+   256 and 1024 rows, forward + backward time and extra peak memory (the chunked
    objective's goal: <= 1/4 memory at <= 1.10x time).
 5. accelerate: one `kd train --stage dft --max-steps 1` per config in configs/accelerate, as
    `python -m accelerate.commands.launch --config_file <copy> --num_processes 1 --num_machines 1 -m kd_cli.main
