@@ -196,8 +196,26 @@ class GramFactors:
         return 0 if self.eigvals is None else int(self.eigvals.shape[0])
 
 
-def _cos_gap(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(1.0 - (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-300))
+def _passing_ranks(u: torch.Tensor, evals: torch.Tensor, rc: torch.Tensor, m: torch.Tensor, vocab: int,
+                   tolerance: float) -> torch.Tensor:
+    """For every rank r = 1..t at once: whether R̂_c(r) = Σ_{i<r} λ_i u_i u_iᵀ (u: the dequantized eigenvectors,
+    (Nv, t) float64) has 1 − cos ≤ `tolerance` against R_c and, with the exact mean part V m mᵀ added, against R.
+    (t,) bool on the device.
+
+    Prefix sums instead of forming R̂_c(r) per rank: ⟨R̂_c(r), A⟩ = Σ_{i<r} λ_i u_iᵀ A u_i, and
+    ‖R̂_c(r)‖² = Σ_{i,j<r} λ_i λ_j (u_iᵀ u_j)² (the quantized vectors are not exactly orthogonal)."""
+    lam = evals
+    c_rc = (lam * ((u.T @ rc) * u.T).sum(1)).cumsum(0)  # ⟨R̂_c(r), R_c⟩
+    c_mm = (lam * vocab * (u.T @ m) ** 2).cumsum(0)  # ⟨R̂_c(r), V m mᵀ⟩
+    g = (lam[:, None] * lam[None, :]) * (u.T @ u) ** 2
+    nn_hat = g.cumsum(0).cumsum(1).diagonal()  # ‖R̂_c(r)‖²
+    nn_rc = (rc * rc).sum()
+    rc_mm = vocab * (m @ rc @ m)  # ⟨R_c, V m mᵀ⟩
+    nn_mm = (vocab * (m @ m)) ** 2
+    gap_c = 1.0 - c_rc / (nn_hat * nn_rc).sqrt().clamp_min(1e-300)
+    gap_r = 1.0 - (c_rc + c_mm + rc_mm + nn_mm) / ((nn_hat + 2 * c_mm + nn_mm) * (nn_rc + 2 * rc_mm + nn_mm)
+                                                   ).sqrt().clamp_min(1e-300)
+    return (gap_c <= tolerance) & (gap_r <= tolerance)
 
 
 def gram_factors(logits: torch.Tensor, *, tolerance: float = 1e-4, lowrank: bool = True) -> GramFactors:
@@ -206,7 +224,8 @@ def gram_factors(logits: torch.Tensor, *, tolerance: float = 1e-4, lowrank: bool
 
     92–97 % of ‖R‖² is the row-mean part, so 1 − cos on R alone says little; requiring it on R_c too keeps the
     structure RDist compares. Falls back to the dense matrix when no rank beats it in bytes (e.g. tiny or
-    random-weight teachers, whose R_c is full-rank). All math on the logits' device, eigh in float64.
+    random-weight teachers, whose R_c is full-rank). All math on the logits' device, eigh in float64; every rank's
+    test is computed at once (`_passing_ranks`) and read with one host sync.
     """
     z = logits.float()
     n, vocab = z.shape
@@ -218,28 +237,21 @@ def gram_factors(logits: torch.Tensor, *, tolerance: float = 1e-4, lowrank: bool
     rc = (zc @ zc.T).double()
     evals, evecs = torch.linalg.eigh(rc)
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
-    mm = float(vocab) * torch.outer(m.double(), m.double())
-    r64 = rc + mm
-
-    def build(rank: int):
-        q, scales = quantize_eigvecs(evecs[:, :rank])
-        uq = q * scales
-        rc_hat = (uq * evals[:rank]) @ uq.T
-        ok = _cos_gap(rc_hat, rc) <= tolerance and _cos_gap(rc_hat + mm, r64) <= tolerance
-        return ok, q, scales
-
     max_rank = int((2 * n * (n + 1) - 4 * n) // (n + 8))  # beyond this the dense upper triangle is smaller
-    lo, hi, best = 1, min(max_rank, n), None
+    top = min(max_rank, n)
+    # quantized per column, so rank r's codes and scales are the first r columns of these
+    q, scales = quantize_eigvecs(evecs[:, :top])
+    ok = _passing_ranks(q * scales, evals[:top], rc, m.double(), vocab, tolerance).tolist()
+    lo, hi, rank = 1, top, None
     while lo <= hi:  # smallest passing rank (quantization noise makes the test nearly, not strictly, monotone)
         mid = (lo + hi) // 2
-        ok, q, scales = build(mid)
-        if ok:
-            best, hi = (mid, q, scales), mid - 1
+        if ok[mid - 1]:
+            rank, hi = mid, mid - 1
         else:
             lo = mid + 1
-    if best is None:
+    if rank is None:
         return GramFactors(dense=r_full)
-    rank, q, scales = best
-    return GramFactors(mean=m, eigvals=evals[:rank].float(), scales=scales.float(), eigvecs=q.to(torch.int16))
+    return GramFactors(mean=m, eigvals=evals[:rank].float(), scales=scales[:rank].float(),
+                       eigvecs=q[:, :rank].to(torch.int16))
 
 

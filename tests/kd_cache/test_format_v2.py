@@ -41,6 +41,36 @@ def test_gram_lowrank_meets_the_tolerance_on_raw_and_centred():
     assert stored < 0.15 * 4 * n * (n + 1) / 2  # 12 % here; the ratio falls as Nv grows (3 % at 728)
 
 
+@pytest.mark.parametrize("n,d,noise,tol", [(40, 6, 0.0, 1e-4), (90, 24, 1e-2, 1e-4), (120, 60, 3e-3, 1e-4),
+                                            (64, 64, 0.2, 1e-3)])
+def test_the_rank_test_for_every_rank_at_once_equals_forming_each_approximation(n, d, noise, tol):
+    """`_passing_ranks` (prefix sums, one host sync) against the dense reference: R̂_c(r) formed from the first r
+    dequantized eigenvectors, 1 − cos taken against R_c and, with V m mᵀ added, against R, for every r."""
+    from kd_cache.codec import quantize_eigvecs
+    from kd_cache.targets import _passing_ranks
+
+    g = torch.Generator().manual_seed(n + d)
+    v = 2000
+    z = (torch.randn(n, d, generator=g) @ torch.randn(v, d, generator=g).T) * 0.4 + torch.randn(n, 1, generator=g) * 6
+    z = z + noise * z.std() * torch.randn(n, v, generator=g)
+    m = z.double().mean(-1)
+    zc = z.double() - m[:, None]
+    rc = zc @ zc.T
+    evals, evecs = torch.linalg.eigh(rc)
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    q, scales = quantize_eigvecs(evecs)
+    u = q * scales
+    mm = v * torch.outer(m, m)
+    want = []
+    for r in range(1, n + 1):
+        hat = (u[:, :r] * evals[:r]) @ u[:, :r].T
+        want.append(cos_gap(hat, rc) <= tol and cos_gap(hat + mm, rc + mm) <= tol)
+    got = _passing_ranks(u, evals, rc, m, v, tol).tolist()
+    assert got == want and any(want) and not all(want)
+    factors = gram_factors(z, tolerance=tol)
+    assert factors.dense is not None or want[factors.rank - 1]
+
+
 def test_gram_falls_back_to_dense_when_nothing_smaller_meets_the_tolerance():
     torch.manual_seed(1)
     z = torch.randn(64, 4096)  # full-rank, no structure
