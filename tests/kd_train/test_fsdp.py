@@ -90,3 +90,43 @@ def test_which_runs_are_sharded():
     assert not shards_parameters(acc(DistributedType.DEEPSPEED, stage=2))
     assert not shards_parameters(acc(DistributedType.MULTI_GPU))
     assert not shards_parameters(acc(DistributedType.FSDP, n=1))  # no peer to wait for
+
+
+@pytest.mark.slow
+def test_micro_batches_not_every_rank_runs_alike_are_dropped_on_every_rank(tmp_path, llava_teacher, tiny_data):
+    """The engine's sharded-run rule through `kd train` on 2 gloo ranks: DDP stands in for FSDP (accelerate runs
+    FSDP on GPUs only) with `shards_parameters` answering yes. Shard A holds 4 image records, shard B alternates
+    text-only and image records, one shard per rank: micro-batches 0 and 2 have an image on one rank only, so both
+    ranks drop them (4 samples, counted), train on 1 and 3, and end."""
+    import json
+
+    from kd_cache.build import BuildConfig, build
+    from tests.conftest import write_records
+
+    data, images = tiny_data
+    pictures = [r for r in json.loads(Path(data).read_text()) if r.get("image")][:6]
+    text_only = [{"id": f"text-{i}", "conversations": [{"from": "human", "value": f"Say the number {i}."},
+                                                       {"from": "gpt", "value": f"{i}"}]} for i in range(2)]
+    records = pictures[:4] + [text_only[0], pictures[4], text_only[1], pictures[5]]
+    path = write_records(tmp_path / "d", records)
+    cache = tmp_path / "cache"
+    build(BuildConfig(teacher=str(llava_teacher), data=str(path), images=str(images), out=str(cache), shard_size=4,
+                      progress=False))
+    launcher = tmp_path / "kd_sharded.py"
+    launcher.write_text("import sys\nimport kd_train.engine as engine\n"
+                        "engine.shards_parameters = lambda acc: acc.num_processes > 1\n"
+                        "from kd_cli.main import main\nsys.exit(main())\n")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(launcher), "train",
+           "--stage", "dpt", "--student", str(llava_teacher), "--cache", str(cache), "--data", str(path), "--images",
+           str(images), "--out", str(out), "--batch-size", "1", "--shuffle-buffer", "0", "--quiet"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    r = run_in_group(cmd, env=env | {"OMP_NUM_THREADS": "1", "KD_DIST_TIMEOUT": "180", "PYTHONPATH": str(REPO)},
+                     timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stage = json.loads((out / "final" / "kd_stage.json").read_text())
+    assert stage["data_stats"]["dropped_to_keep_shards_in_step"] == 4
+    assert stage["steps"] == 2
+    assert r.stderr.count("dropped on every rank") >= 2  # micro-batches 0 and 2, said by each rank that logs
