@@ -196,15 +196,14 @@ class GramFactors:
         return 0 if self.eigvals is None else int(self.eigvals.shape[0])
 
 
-def _passing_ranks(u: torch.Tensor, evals: torch.Tensor, rc: torch.Tensor, m: torch.Tensor, vocab: int,
+def _passing_ranks(u: torch.Tensor, lam: torch.Tensor, rc: torch.Tensor, m: torch.Tensor, vocab: int,
                    tolerance: float) -> torch.Tensor:
     """For every rank r = 1..t at once: whether R̂_c(r) = Σ_{i<r} λ_i u_i u_iᵀ (u: the dequantized eigenvectors,
-    (Nv, t) float64) has 1 − cos ≤ `tolerance` against R_c and, with the exact mean part V m mᵀ added, against R.
-    (t,) bool on the device.
+    (Nv, t) float64; `lam`: the eigenvalues λ (t,)) has 1 − cos ≤ `tolerance` against R_c and, with the exact mean
+    part V m mᵀ added, against R. (t,) bool on the device.
 
     Prefix sums instead of forming R̂_c(r) per rank: ⟨R̂_c(r), A⟩ = Σ_{i<r} λ_i u_iᵀ A u_i, and
     ‖R̂_c(r)‖² = Σ_{i,j<r} λ_i λ_j (u_iᵀ u_j)² (the quantized vectors are not exactly orthogonal)."""
-    lam = evals
     c_rc = (lam * ((u.T @ rc) * u.T).sum(1)).cumsum(0)  # ⟨R̂_c(r), R_c⟩
     c_mm = (lam * vocab * (u.T @ m) ** 2).cumsum(0)  # ⟨R̂_c(r), V m mᵀ⟩
     g = (lam[:, None] * lam[None, :]) * (u.T @ u) ** 2

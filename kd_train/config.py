@@ -17,8 +17,8 @@ SELECT_STRATEGIES = ("default", "full")  # LLaVA's vision_feature_select_strateg
 
 # rows of student logits per chunk of the row-chunked objective. CPU: benchmarks/chunked_loss.py, the largest size
 # that kept the loss's activations <= 1/4 of the unchunked path's at no slower steps (Qwen2-0.5B head). GPU:
-# benchmarks/gpu_check.py on an H200, where 96-row chunks made the DFT step 1.9x the unchunked one (kernel launches
-# and per-chunk syncs) and 1024 rows cost 1.2x at 0.3 of the unchunked path's extra memory (docs/benchmarks.md)
+# benchmarks/gpu_check.py on an H200, where 96-row chunks made the DFT step 1.6x the unchunked one (many small
+# kernels, a sync per chunk) and 1024 rows ran within 2 % of it at 1.7 GiB less peak memory (docs/benchmarks.md)
 DEFAULT_LOSS_CHUNK_SIZE = 96
 DEFAULT_LOSS_CHUNK_SIZE_GPU = 1024
 

@@ -330,7 +330,7 @@ class StageRunner:
             ctx = acc.no_sync(self.wrapped) if not last else contextlib.nullcontext()
             with ctx:
                 if batch is None:  # every sample of this micro-batch was skipped: keep DDP in step with a zero loss
-                    loss, parts = self._zero_loss(), {}
+                    loss, parts = zero_loss(self.wrapped), {}
                 else:
                     batch = batch.to(device)
                     with acc.autocast():  # chunked: hidden states at the text rows; the head runs chunk by chunk
@@ -341,7 +341,7 @@ class StageRunner:
                         # a loss that reaches no (or not every) trainable parameter: a text-only micro-batch while
                         # only the projector trains. Every trainable parameter joins the graph with a zero, so
                         # backward runs and, under DDP, every rank's all-reduce covers the same parameters.
-                        loss = loss + self._zero_loss()
+                        loss = loss + zero_loss(self.wrapped)
                 acc.backward(loss)
             loss_value += float(loss.detach()) / acc.num_processes
             for k, v in parts.items():
@@ -360,10 +360,6 @@ class StageRunner:
         metrics["tokens"] = float(total[3])
         metrics["text_rows"], metrics["visual_rows"] = counts.text, counts.visual
         return metrics
-
-    def _zero_loss(self) -> torch.Tensor:
-        """0 that depends on every trainable parameter (their gradients: exact zeros)."""
-        return zero_loss(self.wrapped)
 
     def validate(self) -> dict[str, float]:
         """Teacher-forced answer NLL on --val-data (every rank scores all of it: small, and no collective); with

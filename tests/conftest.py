@@ -125,6 +125,14 @@ def saved_weights(folder: Path) -> dict:
             for f in sorted(Path(folder).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
+def launcher_env(**extra: str) -> dict:
+    """This process's environment for a child launcher: without torchrun's rank variables (a test run under a
+    launcher must not make its children join that group), one torch thread per process, then `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    return env | {"OMP_NUM_THREADS": "1"} | extra
+
+
 def run_in_group(cmd: list[str], *, env: dict | None = None, timeout: float = 600, cwd=None):
     """Run a multi-process launcher in its own process group; on timeout the whole group is killed, and so is every
     process the launcher started in a group of its own (torchrun starts ranks in new sessions), so no rank outlives

@@ -15,7 +15,6 @@ import functools
 import gc
 import http.server
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_in_group
+from tests.conftest import launcher_env, run_in_group
 
 TRAININGS = 20  # consecutive 2-process `kd train` launches (every 5th with the online teacher)
 BUILDS = 10  # consecutive 2-process `kd cache build` launches
@@ -39,11 +38,7 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--
 
 
 def child_env(dist_timeout: float = 60) -> dict:
-    e = {k: v for k, v in os.environ.items()
-         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    e.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-             KD_DIST_TIMEOUT=str(dist_timeout))
-    return e
+    return launcher_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", KD_DIST_TIMEOUT=str(dist_timeout))
 
 
 @pytest.fixture(scope="module")

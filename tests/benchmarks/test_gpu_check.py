@@ -8,12 +8,13 @@ the two RDist forms, and `accelerate launch ... -m kd_cli.main train` through th
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import launcher_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,9 +25,7 @@ def _number(x) -> bool:
 
 @pytest.mark.slow
 def test_smoke_run_reports_every_phase(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                              "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    env = launcher_env(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--out", str(out),
                         "--work", str(tmp_path / "work")], cwd=str(REPO), env=env, capture_output=True, text=True,

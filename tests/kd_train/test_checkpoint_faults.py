@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from kd_eval.tiny import make_tiny_teacher
 from kd_train import checkpoint as ck
 
-from tests.conftest import run_in_group
+from tests.conftest import launcher_env, run_in_group
 
 STEPS, EVERY = 12, 4  # 12 steps of batch 1 on the 12-record tiny cache; checkpoints at 4 and 8 (not at the end)
 SEED = 21  # picks the random kill points
@@ -125,9 +125,9 @@ main()
 
 
 def child_env(**extra) -> dict:
-    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                          "MASTER_PORT", "KD_TEST_FAULT_PLAN")}
-    e.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
+    e = launcher_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
+    if "KD_TEST_FAULT_PLAN" not in extra:  # a fault plan reaches only the run it is given to
+        e.pop("KD_TEST_FAULT_PLAN", None)
     return e
 
 

@@ -5,7 +5,6 @@ visual rows with RDist; the export loads and generates."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from typer.testing import CliRunner
 
 from kd_cli.main import app
 from kd_eval.tiny import make_tiny_teacher
-from tests.conftest import run_in_group
+from tests.conftest import launcher_env, run_in_group
 
 runner = CliRunner()
 
@@ -68,9 +67,7 @@ def test_every_stage_of_the_recipe_across_tokenizers_two_processes(tmp_path, oth
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kd_cli.main", "train",
            "--recipe", "llava-kd", "--student", str(other_student), "--cache", str(llava_cache), "--data", str(data),
            "--images", str(images), "--out", str(out), "--batch-size", "2", "--cross-tokenizer", "hybrid", "--quiet"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                              "MASTER_PORT")}
-    r = run_in_group(cmd, env=env | {"OMP_NUM_THREADS": "1", "KD_DIST_TIMEOUT": "180"}, timeout=600)
+    r = run_in_group(cmd, env=launcher_env(KD_DIST_TIMEOUT="180"), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     for stage in ("dpt", "sft", "dft"):
         assert (out / stage / "final" / "config.json").exists()

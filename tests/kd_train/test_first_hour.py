@@ -149,10 +149,9 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, student, tiny_data, llava_c
 def test_two_process_dpt_with_text_only_micro_batches(tmp_path, student, mixed):
     """Under DDP one rank's micro-batch may have no image while the other's has: both ranks still run backward
     over the same parameters (a rank that skipped it would hang the all-reduce), and the run ends."""
-    import os
     import sys
 
-    from tests.conftest import run_in_group
+    from tests.conftest import launcher_env, run_in_group
 
     data, images, cache = mixed
     out = tmp_path / "ddp"
@@ -160,8 +159,6 @@ def test_two_process_dpt_with_text_only_micro_batches(tmp_path, student, mixed):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kd_cli.main", "train",
            "--stage", "dpt", "--student", str(student), "--cache", str(cache), "--data", str(data), "--images",
            str(images), "--out", str(out), "--batch-size", "1", "--shuffle-buffer", "0", "--quiet"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                              "MASTER_PORT")}
-    r = run_in_group(cmd, env=env | {"OMP_NUM_THREADS": "1", "KD_DIST_TIMEOUT": "180"}, timeout=300)
+    r = run_in_group(cmd, env=launcher_env(KD_DIST_TIMEOUT="180"), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(steps(out)) >= 6 and (out / "final" / "config.json").exists()

@@ -8,14 +8,13 @@ was built, a sharded DTensor by the time the loss ran ("aten.mm.default got mixe
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import run_in_group
+from tests.conftest import launcher_env, run_in_group
 from tests.kd_train.fsdp_worker import CHUNKS, LOSS, make_batch, prepare, step_counts
 from kd_train.objective import Objective, RowLogits, zero_loss
 
@@ -25,9 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_fsdp2_sharded_student_gets_the_unsharded_gradients(tmp_path, llava_teacher):
     out = tmp_path / "fsdp.pt"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                              "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    env = launcher_env(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "tests/kd_train/fsdp_worker.py"), str(llava_teacher), str(out)]
     r = run_in_group(cmd, env=env, timeout=300, cwd=str(REPO))
@@ -121,10 +118,7 @@ def test_micro_batches_not_every_rank_runs_alike_are_dropped_on_every_rank(tmp_p
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(launcher), "train",
            "--stage", "dpt", "--student", str(llava_teacher), "--cache", str(cache), "--data", str(path), "--images",
            str(images), "--out", str(out), "--batch-size", "1", "--shuffle-buffer", "0", "--quiet"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                              "MASTER_PORT")}
-    r = run_in_group(cmd, env=env | {"OMP_NUM_THREADS": "1", "KD_DIST_TIMEOUT": "180", "PYTHONPATH": str(REPO)},
-                     timeout=300)
+    r = run_in_group(cmd, env=launcher_env(KD_DIST_TIMEOUT="180", PYTHONPATH=str(REPO)), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     stage = json.loads((out / "final" / "kd_stage.json").read_text())
     assert stage["data_stats"]["dropped_to_keep_shards_in_step"] == 4

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import http.server
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -21,17 +20,13 @@ from kd_cache.build import BuildConfig, build
 from kd_eval.tiny import make_tiny_dataset, make_tiny_teacher
 from kd_train.train import TrainConfig, run
 
-from tests.conftest import run_in_group
+from tests.conftest import launcher_env, run_in_group
 from tests.conftest import saved_weights as weights
 
 
 def child_env() -> dict:
-    e = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
-    e["OMP_NUM_THREADS"] = "1"
-    e["KD_DIST_TIMEOUT"] = "180"  # a rank stuck in a collective fails within minutes, not half an hour
-    return e
+    # a rank stuck in a collective fails within minutes, not half an hour
+    return launcher_env(KD_DIST_TIMEOUT="180")
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from kd_cache.lock import FolderLocked, TrainLock, is_lock_file, lock_name
 from kd_cli.main import app
 from kd_eval.tiny import make_tiny_teacher
 from kd_train.train import TrainConfig, launch_rank, run
-from tests.conftest import run_in_group
+from tests.conftest import launcher_env, run_in_group
 
 runner = CliRunner()
 HOLD_SECONDS = 300  # a holder the test forgets (it should not) exits by itself
@@ -38,10 +38,7 @@ def student(tmp_path_factory) -> Path:
 
 
 def child_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", KD_DIST_TIMEOUT="180", PYTHONPATH=os.getcwd())
-    return env
+    return launcher_env(KD_DIST_TIMEOUT="180", PYTHONPATH=os.getcwd())
 
 
 class Holder:
