@@ -253,7 +253,9 @@ class StageRunner:
         if acc.is_main_process:
             save_json(os.path.join(self.out, "train_config.json"),
                       {"stage": self.preset.name, "preset": self.preset.__dict__, "config": cfg.__dict__,
-                       "loss": self.loss_cfg.__dict__, "total_steps": self.total_steps})
+                       "loss": self.loss_cfg.__dict__, "total_steps": self.total_steps,
+                       # what an unset option resolved to on this machine (`kd_train.config.loss_chunk_size_for`)
+                       "loss_chunk_size": self.plan.chunk_size})
         acc.init_trackers(f"kd-{self.preset.name}", config={"stage": self.preset.name, **{
             k: v for k, v in cfg.__dict__.items() if isinstance(v, (int, float, str, bool))}})
         self.maybe_resume()

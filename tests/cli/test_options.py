@@ -273,6 +273,23 @@ def test_train_saves_every_flag(tmp_path, llava_topk_cache, llava_teacher, tiny_
     assert any("val_nll" in row for row in logged)  # --val-data was scored
 
 
+def test_train_saves_what_an_unset_loss_chunk_size_resolved_to(tmp_path, llava_teacher, tiny_data):
+    """Unset `--loss-chunk-size` is saved as unset (a rerun elsewhere resolves it for its own device) beside the
+    size this run used: 96 rows here (no GPU), the given size when one is given."""
+    import torch
+
+    data, images = tiny_data
+    for given, want in ((None, 1024 if torch.cuda.is_available() else 96), ("0", 0)):
+        out = tmp_path / f"run-{given}"
+        args = ["train", "--student", str(llava_teacher), "--out", str(out), "--stage", "sft", "--data", str(data),
+                "--images", str(images), "--max-steps", "1", "--quiet"]
+        r = runner.invoke(app, args + ([] if given is None else ["--loss-chunk-size", given]))
+        assert r.exit_code == 0, r.output
+        saved = json.loads((out / "train_config.json").read_text())
+        assert saved["config"]["loss_chunk_size"] == (None if given is None else int(given))
+        assert saved["loss_chunk_size"] == want
+
+
 def test_compose_synth_and_eval_save_every_flag(tmp_path, llava_teacher):
     from kd_eval.tiny import make_tiny_teacher
 
